@@ -1,0 +1,34 @@
+"""Packaging: environment.yml lists exactly pyproject's dependencies; CI calls the README's test command."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted |= set(extra)
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert set(pip) - {"-e ."} == wanted
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^```bash\n(.+?)\n```", readme, flags=re.M | re.S)
+    assert len(commands) == 2, "the README gives exactly two commands"
+    ci = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert ci == [commands[1].strip()]
+
+
+def test_embedded_model_is_small():
+    weights = ROOT / "visedit/models/embedded/model.safetensors"
+    assert weights.exists() and weights.stat().st_size <= 30 * 2**20

@@ -1,0 +1,89 @@
+"""Command line: ``python -m visedit <command> …``. Every command that reports numbers has ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train_tiny(args) -> int:
+    import yaml
+
+    from .models.tiny import TinyConfig
+    from .models.train import TrainConfig, train_tiny
+
+    overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    if not isinstance(overrides, dict):
+        raise SystemExit(f"error: {args.config} must hold a YAML mapping with 'train' and/or 'tiny' keys")
+    unknown = sorted(set(overrides) - {"train", "tiny"})
+    if unknown:
+        raise SystemExit(f"error: unknown top-level key(s) {unknown} in {args.config}; use 'train' and 'tiny'")
+    cfg = TrainConfig.from_dict({**(overrides.get("train") or {}), **({"seed": args.seed} if args.seed is not None else {})})
+    tiny = TinyConfig.from_dict(overrides.get("tiny") or {})
+    record = train_tiny(args.out, cfg, tiny, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "wall_seconds": record["wall_seconds"],
+                      "final_loss": record["final_loss"]}, indent=1))
+    return 0
+
+
+def _model_card(args) -> int:
+    from .models import load_vllm
+    from .models.card import model_card
+
+    card = model_card(load_vllm(args.model), seed=args.seed, renders=args.renders, progress=not args.json)
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=1))
+    else:
+        print(card.table().to_string())
+        for check, ok in card.passes().items():
+            print(f"{'PASS' if ok else 'FAIL'}  {check}")
+    return 0
+
+
+def _make_dataset(args) -> int:
+    from .world import DatasetSpec, load_mmedit, make_edit_dataset
+
+    out = make_edit_dataset(args.out, DatasetSpec(seed=args.seed), progress=True)
+    counts = {s: len(load_mmedit(out / f"{s}.json")) for s in ("train", "eval")}
+    print(json.dumps({"out": str(out), **counts}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tiny", help="train the embedded tiny VLLM from scratch (seeded)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--config", help="YAML file with optional 'train:' and 'tiny:' overrides")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_tiny)
+
+    p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--renders", type=int, default=1, help="renderings per entity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_model_card)
+
+    p = sub.add_parser("make-dataset", help="write the world's MMEdit-schema edit dataset")
+    p.add_argument("--out", type=Path, default=Path("data/world"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The only place that registers hooks. Every hook lives inside a context manager that removes exactly
+the handles it created, in ``finally`` — never a module's whole hook dictionary (transformers registers
+hooks of its own).
+
+- :class:`Trace` — record the input and/or output of named modules during a forward pass.
+- :func:`edit_output` / :func:`edit_input` — replace a module's output / first positional input.
+- :func:`stop_after` — end a forward pass early once a module has run (raises :class:`StopForward`,
+  caught by the context manager).
+- :func:`hook_count` — how many hooks a model carries (for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+def _main(x: Any) -> torch.Tensor:
+    """The main tensor of a module's output (first element of a tuple output)."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _replace_main(x: Any, new: torch.Tensor) -> Any:
+    if isinstance(x, tuple):
+        return (new,) + tuple(x[1:])
+    if isinstance(x, list):
+        return [new] + list(x[1:])
+    return new
+
+
+def hook_count(model: nn.Module) -> int:
+    """Total number of forward (pre-)hooks registered on ``model`` and its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _handles() -> Iterator[list]:
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Record inputs/outputs of ``modules`` (name → module) during forward passes inside the block.
+
+    ``trace.outputs[name]`` / ``trace.inputs[name]`` hold the main tensor of the last call
+    (detached unless ``detach=False``).
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], *, inputs: bool = False, outputs: bool = True,
+                 detach: bool = True):
+        self.modules = dict(modules)
+        self.want_inputs, self.want_outputs, self.detach = inputs, outputs, detach
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._stack = contextlib.ExitStack()
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if self.detach else t
+
+    def __enter__(self) -> "Trace":
+        handles = self._stack.enter_context(_handles())
+        try:
+            for name, module in self.modules.items():
+                if self.want_inputs:
+                    def pre(mod, args, kwargs, _n=name):
+                        x = args[0] if args else kwargs.get("hidden_states")
+                        self.inputs[_n] = self._keep(x)
+                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                if self.want_outputs:
+                    def post(mod, args, out, _n=name):
+                        self.outputs[_n] = self._keep(_main(out))
+                    handles.append(module.register_forward_hook(post))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``module``'s (main) output is replaced by ``fn(output)``."""
+    with _handles() as handles:
+        handles.append(module.register_forward_hook(lambda mod, args, out: _replace_main(out, fn(_main(out)))))
+        yield
+
+
+@contextlib.contextmanager
+def edit_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``module``'s first input (``hidden_states``) is replaced by ``fn(input)``."""
+
+    def pre(mod, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    with _handles() as handles:
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        yield
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_after` to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Run forward passes inside the block only until ``module`` has produced its output."""
+
+    def post(mod, args, out):
+        raise StopForward
+
+    with _handles() as handles:
+        handles.append(module.register_forward_hook(post))
+        try:
+            yield
+        except StopForward:
+            pass

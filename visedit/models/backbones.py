@@ -1,0 +1,143 @@
+"""Backbone adapters: one per transformers architecture class, registered by class.
+
+An adapter maps canonical site names to the modules of one architecture and knows where its visual
+tokens sit. Callers never look at a model's class or name; they ask the adapter.
+
+Canonical sites (``L`` = number of LLM layers):
+
+====================  =====================================================
+``llm.embed``          token embedding
+``llm.layers.{l}``     decoder layer ``l`` (0 ≤ l < L); its output is the residual stream after l
+``llm.layers.{l}.attn``  self-attention of layer ``l`` (output = the attention module's output)
+``llm.layers.{l}.mlp``   MLP of layer ``l``
+``llm.norm``           final norm before the head
+``lm_head``            unembedding
+``vision_tower``       vision encoder
+``projector``          multimodal projector
+====================  =====================================================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[type, type["BackboneAdapter"]] = {}
+
+
+def register_backbone(model_class: type) -> Callable[[type["BackboneAdapter"]], type["BackboneAdapter"]]:
+    """Class decorator: use the decorated adapter for models that are instances of ``model_class``."""
+
+    def wrap(adapter: type[BackboneAdapter]) -> type[BackboneAdapter]:
+        _REGISTRY[model_class] = adapter
+        return adapter
+
+    return wrap
+
+
+def adapter_for(model: nn.Module) -> "BackboneAdapter":
+    """The registered adapter for ``model``'s architecture class (nearest class in its MRO)."""
+    for cls in type(model).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls](model)
+    known = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+    raise ValueError(f"unknown backbone {type(model).__name__}: no adapter registered for it (known: {known}). "
+                     "Add one with @visedit.models.register_backbone(YourModelClass).")
+
+
+class BackboneAdapter:
+    """Maps canonical site names to modules. Subclasses fill :meth:`_sites` and the visual-token facts."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- to implement per architecture --------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _fixed_sites(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def visual_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """(rows, cols) of the patch grid for ``n_tokens`` visual tokens, or None if not spatial."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers())
+
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` if it indexes an LLM layer; negative values count from the end."""
+        n = self.n_layers
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+            raise ValueError(f"layer {layer!r} is out of range: this model has {n} LLM layers (0…{n - 1})")
+        return layer % n
+
+    def site(self, name: str) -> nn.Module:
+        """The module behind a canonical site name (see the module docstring)."""
+        match = re.fullmatch(r"llm\.layers\.(-?\d+)(?:\.(attn|mlp))?", name)
+        if match:
+            layer = self.layers()[self.check_layer(int(match.group(1)))]
+            return layer if match.group(2) is None else self._layer_sites(layer)[match.group(2)]
+        fixed = self._fixed_sites()
+        if name in fixed:
+            return fixed[name]
+        raise ValueError(f"unknown site {name!r}; sites are {', '.join(fixed)}, llm.layers.{{l}}, "
+                         "llm.layers.{l}.attn, llm.layers.{l}.mlp")
+
+    def site_names(self) -> list[str]:
+        names = list(self._fixed_sites())
+        for l in range(self.n_layers):
+            names += [f"llm.layers.{l}", f"llm.layers.{l}.attn", f"llm.layers.{l}.mlp"]
+        return names
+
+
+def _llava_class():
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+@register_backbone(_llava_class())
+class LlavaAdapter(BackboneAdapter):
+    """LLaVA (``LlavaForConditionalGeneration``): CLIP-style tower → projector → decoder-only LLM."""
+
+    def _lm(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def layers(self) -> nn.ModuleList:
+        return self._lm().layers
+
+    def _fixed_sites(self) -> dict[str, nn.Module]:
+        return {"llm.embed": self._lm().embed_tokens, "llm.norm": self._lm().norm, "lm_head": self.model.lm_head,
+                "vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}
+
+    def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
+        return {"attn": layer.self_attn, "mlp": layer.mlp}
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def visual_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        vc = self.model.config.vision_config
+        size = vc.image_size if isinstance(vc.image_size, (tuple, list)) else (vc.image_size, vc.image_size)
+        patch = vc.patch_size
+        grid = (size[0] // patch, size[1] // patch)
+        return grid if grid[0] * grid[1] == n_tokens else None
+
+
+def unembed(adapter: BackboneAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """Logit lens: ``lm_head(final_norm(hidden))``; shape (..., d) → (..., vocab)."""
+    return adapter.site("lm_head")(adapter.site("llm.norm")(hidden))

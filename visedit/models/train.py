@@ -1,0 +1,238 @@
+"""Training the embedded tiny VLLM from scratch on the world (``python -m visedit train-tiny``).
+
+Two stages, both seeded:
+
+1. *Dense vision pre-training* (short): the vision tower learns, for every patch, whether it shows
+   the object and, if so, the object's colour, shape and pattern.
+2. *Visual instruction tuning* (all weights): sequences of several question–answer turns about one
+   rendered image, mixed with text-only sequences of questions about named entities. The loss is
+   cross-entropy on answer tokens (and the end-of-answer token) only.
+
+Training images come from a seed stream that neither the edit dataset nor the model card uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io import atomic_path
+from ..world import FACTS, TEXT_FACTS, TRAIN_TEMPLATES, World, make_world, render, text_question
+from ..world.entities import COLOURS, PATTERNS, SHAPES
+from .tiny import TinyConfig, build_model, build_processor
+
+#: Offset that keeps training renderings disjoint from dataset (0–9) and model-card (10) streams.
+TRAIN_STREAM = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the tiny model is trained. ``steps`` × ``batch_images`` images are rendered on the fly."""
+
+    seed: int = 0
+    world_seed: int = 0
+    n_entities: int = 70
+    vision_steps: int = 400
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+    steps: int = 2400
+    batch_images: int = 24
+    batch_text: int = 8
+    qa_per_image: int = 3
+    qa_per_text: int = 4
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    bf16: bool = True
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.qa_per_image < 1 or self.qa_per_image > len(FACTS):
+            raise ValueError(f"qa_per_image must be in 1…{len(FACTS)}, got {self.qa_per_image}")
+        for name in ("steps", "batch_images", "batch_text", "qa_per_text", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+class _Batcher:
+    """Builds token sequences directly from word ids (the word-level tokenizer is compositional)."""
+
+    def __init__(self, processor, world: World, n_visual: int):
+        self.tok = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.world = world
+        self.n_visual = n_visual
+        vocab = self.tok.get_vocab()
+        self.bos, self.eos, self.pad = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.pad_token_id
+        self.img = vocab["<image>"]
+        self._cache: dict[str, list[int]] = {}
+
+    def words(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def turn(self, question: str, answer: str, first_image: bool) -> tuple[list[int], list[int]]:
+        ids = self.words("user :") + ([self.img] * self.n_visual if first_image else []) + self.words(question)
+        ids += self.words("assistant :")
+        ans = self.words(answer) + [self.eos]
+        return ids + ans, [-100] * len(ids) + ans
+
+    def sequence(self, turns: list[tuple[str, str]], with_image: bool) -> tuple[list[int], list[int]]:
+        ids, labels = [self.bos], [-100]
+        for k, (q, a) in enumerate(turns):
+            i, l = self.turn(q, a, with_image and k == 0)
+            ids += i
+            labels += l
+        return ids, labels
+
+    def collate(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(s[0]) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad)
+        labels = torch.full((len(seqs), width), -100)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (i, l) in enumerate(seqs):
+            ids[b, : len(i)] = torch.tensor(i)
+            labels[b, : len(l)] = torch.tensor(l)
+            mask[b, : len(i)] = 1
+        return ids, labels, mask
+
+    def pixels(self, images) -> torch.Tensor:
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _patch_targets(mask: np.ndarray, patch: int, entity) -> np.ndarray:
+    """Per-patch labels (colour, shape, pattern), −100 on patches that are mostly background."""
+    g = mask.shape[0] // patch
+    frac = mask.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
+    obj = frac >= 0.25
+    out = np.full((g * g, 4), -100, dtype=np.int64)
+    out[:, 0] = obj.astype(np.int64)
+    out[obj, 1] = list(COLOURS).index(entity.colour)
+    out[obj, 2] = SHAPES.index(entity.shape)
+    out[obj, 3] = PATTERNS.index(entity.pattern)
+    return out
+
+
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConfig = TinyConfig(), *,
+               progress: bool = True, log_every: int = 200, snapshot_every: int = 0) -> dict:
+    """Train the tiny model and write it (weights, config, processor, ``training.json``) to ``out``.
+
+    Returns the training record (config, wall time, losses). The folder appears atomically.
+    ``snapshot_every`` > 0 also saves the weights so far to ``<out>.snapshot`` (for watching a long run).
+    """
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    world = make_world(cfg.world_seed, cfg.n_entities)
+    processor = build_processor(world, tiny)
+    model = build_model(processor.tokenizer, tiny, seed=cfg.seed)
+    model.train()
+    n_visual = (tiny.image_size // tiny.patch_size) ** 2
+    batcher = _Batcher(processor, world, n_visual)
+    py_rng = random.Random(cfg.seed)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    t0 = time.time()
+    record: dict = {"train_config": dataclasses.asdict(cfg), "tiny_config": dataclasses.asdict(tiny), "log": []}
+
+    # ---- stage 1: dense vision pre-training --------------------------------------------------------
+    tower = model.model.vision_tower
+    heads = torch.nn.ModuleList([torch.nn.Linear(tiny.vision_hidden, n) for n in (2, len(COLOURS), len(SHAPES),
+                                                                                  len(PATTERNS))])
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_lr)
+    bar = tqdm(range(cfg.vision_steps), desc="vision pre-training", disable=not progress)
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 0, step])
+        ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.vision_batch)]
+        rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
+        targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.vision_steps, cfg.warmup // 2, cfg.vision_lr)
+        with autocast:
+            feats = tower(batcher.pixels([r.image for r in rends])).last_hidden_state[:, 1:]
+            loss = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
+                       for k, h in enumerate(heads))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    record["vision_loss"] = round(loss.item(), 4)
+
+    # ---- stage 2: visual instruction tuning --------------------------------------------------------
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    bar = tqdm(range(cfg.steps), desc="instruction tuning", disable=not progress)
+    running = None
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 1, step])
+        ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.batch_images)]
+        images = [render(e, seed=rng, size=tiny.image_size).image for e in ents]
+        seqs = []
+        for e in ents:
+            facts = py_rng.sample(FACTS, cfg.qa_per_image)
+            seqs.append(batcher.sequence([(py_rng.choice(TRAIN_TEMPLATES[f]), e.fact(f)) for f in facts], True))
+        for _ in range(cfg.batch_text):
+            turns = []
+            for _ in range(cfg.qa_per_text):
+                e, f = py_rng.choice(world.entities), py_rng.choice(TEXT_FACTS)
+                turns.append((text_question(e, f, py_rng.randrange(2)), e.fact(f)))
+            seqs.append(batcher.sequence(turns, False))
+        ids, labels, mask = batcher.collate(seqs)
+        pixels = batcher.pixels(images)
+        # text-only rows carry no image tokens; LLaVA takes pixel_values only for rows that need them
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        if log_every and (step + 1) % log_every == 0:
+            record["log"].append({"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - t0, 1)})
+            if not progress:
+                print(json.dumps(record["log"][-1]), flush=True)
+        if snapshot_every and (step + 1) % snapshot_every == 0:
+            snap = Path(str(out) + ".snapshot")
+            model.save_pretrained(snap)
+            processor.save_pretrained(snap)
+    record["final_loss"] = round(float(running), 4)
+    record["wall_seconds"] = round(time.time() - t0, 1)
+    record["threads"] = cfg.threads
+    model.eval()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record

@@ -1,0 +1,269 @@
+"""The model interface every other module uses: ``load_vllm()`` and :class:`VLLM`.
+
+``VLLM`` wraps a transformers model + processor + backbone adapter and offers three things:
+building inputs from (image, question[, target]) with the visual-token span and target positions,
+named sites, and two ways to read the model (greedy answers; teacher-forced target scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ..io import load_image
+from .backbones import BackboneAdapter, adapter_for
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+#: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
+DEFAULT_TEMPLATE = "USER: {image}{question} ASSISTANT:"
+
+ImageLike = "str | os.PathLike | Image.Image | None"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Model inputs for a batch of B items (right-padded) and where things are in each sequence.
+
+    ``tensors``: ``input_ids`` (B, S), ``attention_mask`` (B, S) and, when any item has an image,
+    ``pixel_values`` (B_img, 3, H, W). ``visual_spans[b]``: (start, stop) of item b's visual tokens or
+    None; ``last_prompt``: position T of each item's last prompt token (it predicts the answer's first
+    token); ``target_positions[b]``: positions of item b's target tokens (empty without a target);
+    ``target_ids[b]``: those tokens' ids.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    visual_spans: tuple[tuple[int, int] | None, ...]
+    last_prompt: tuple[int, ...]
+    target_positions: tuple[tuple[int, ...], ...]
+    target_ids: tuple[tuple[int, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.last_prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Teacher-forced reading of one target: per-token log-probs, argmaxes and accuracies."""
+
+    target: str
+    logprobs: tuple[float, ...]
+    argmax_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(a == t for a, t in zip(self.argmax_ids, self.target_ids)) / len(self.target_ids)
+
+    @property
+    def exact(self) -> bool:
+        return tuple(self.argmax_ids) == tuple(self.target_ids)
+
+
+class VLLM:
+    """A vision-language LLM behind one interface, whatever its architecture.
+
+    Use :func:`load_vllm` to get one. ``model``, ``processor``, ``tokenizer`` and ``adapter`` are public.
+    """
+
+    def __init__(self, model, processor, *, template: str = DEFAULT_TEMPLATE, name: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.adapter: BackboneAdapter = adapter_for(model)
+        self.template = template
+        self.name = name or type(model).__name__
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # --- facts ----------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_token(self) -> str:
+        return self.processor.image_token
+
+    def site(self, name: str) -> torch.nn.Module:
+        """The module behind a canonical site name, e.g. ``"llm.layers.3.attn"`` (see ``backbones``)."""
+        return self.adapter.site(name)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"VLLM({self.name}, {self.n_layers} LLM layers, {n / 1e6:.1f}M parameters)"
+
+    # --- inputs ---------------------------------------------------------------------------------------
+    def format_prompt(self, question: str, *, has_image: bool) -> str:
+        """Put ``question`` in the model's conversation frame; with an image, add the image token."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the prompt is empty: pass a non-empty question, e.g. 'what colour is this creature ?'")
+        if self.image_token in question:
+            if not has_image:
+                raise ValueError(f"the prompt contains the image token {self.image_token!r} but no image was "
+                                 "given: pass image=… or remove the token")
+            return question
+        return self.template.format(image=self.image_token + "\n" if has_image else "", question=question.strip())
+
+    def encode_target(self, target: str) -> list[int]:
+        """Token ids of ``target`` as it follows a prompt (with a leading space); errors if unencodable."""
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError("the target is empty: pass the answer text, e.g. 'red'")
+        ids = self.tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+        if not ids or self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+            raise ValueError(f"the tokenizer cannot encode the target {target!r} (it maps to the unknown token); "
+                             "choose words from the model's vocabulary (vllm.tokenizer.get_vocab())")
+        return ids
+
+    def inputs(self, items: Sequence[tuple[ImageLike, str] | tuple[ImageLike, str, str | None]], *,
+               add_eos: bool = False) -> Inputs:
+        """Build right-padded inputs for (image, question[, target]) items.
+
+        ``image`` may be a path, a PIL image or None (text-only). Targets are appended after the prompt;
+        with ``add_eos`` the end-of-sequence token is appended to each target as well.
+        """
+        if len(items) == 0:
+            raise ValueError("no items given: pass at least one (image, question[, target]) tuple")
+        rows, images, spans, lasts, tpos, tids = [], [], [], [], [], []
+        img_id = self.adapter.image_token_id
+        for item in items:
+            image, question, target = (tuple(item) + (None,))[:3]
+            img = load_image(image) if image is not None else None
+            prompt = self.format_prompt(question, has_image=img is not None)
+            enc = self.processor(text=[prompt], images=[img] if img is not None else None, return_tensors="pt")
+            ids = enc["input_ids"][0].tolist()
+            if img is not None:
+                images.append(enc["pixel_values"][0])
+            target_ids = self.encode_target(target) if target is not None else []
+            if add_eos and target is not None:
+                target_ids = target_ids + [self.tokenizer.eos_token_id]
+            positions = [i for i, t in enumerate(ids) if t == img_id]
+            spans.append((positions[0], positions[-1] + 1) if positions else None)
+            if positions and positions[-1] - positions[0] + 1 != len(positions):
+                raise ValueError("visual tokens are not contiguous in the prompt; use one image per prompt")
+            lasts.append(len(ids) - 1)
+            tpos.append(tuple(range(len(ids), len(ids) + len(target_ids))))
+            tids.append(tuple(target_ids))
+            rows.append(ids + target_ids)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        tensors = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if images:
+            tensors["pixel_values"] = torch.stack(images).to(self.device, self.model.dtype)
+        return Inputs(tensors, tuple(spans), tuple(lasts), tuple(tpos), tuple(tids))
+
+    # --- reading the model ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, inputs: Inputs) -> torch.Tensor:
+        """Full forward pass; returns logits (B, S, vocab) in float32."""
+        return self.model(**inputs.tensors).logits.float()
+
+    @torch.no_grad()
+    def score(self, image: ImageLike, question: str, target: str, *, add_eos: bool = False) -> Score:
+        """Teacher-forced score of ``target`` after (image, question)."""
+        return self.score_batch([(image, question, target)], add_eos=add_eos)[0]
+
+    @torch.no_grad()
+    def score_batch(self, items, *, add_eos: bool = False) -> list[Score]:
+        """Teacher-forced scores for many (image, question, target) items in one forward pass."""
+        if any(len(it) < 3 or it[2] is None for it in items):
+            raise ValueError("score_batch needs (image, question, target) items with a target")
+        inputs = self.inputs(items, add_eos=add_eos)
+        logp = self.logits(inputs).log_softmax(-1)
+        out = []
+        for b, item in enumerate(items):
+            pos = torch.tensor(inputs.target_positions[b]) - 1
+            ids = torch.tensor(inputs.target_ids[b])
+            lp = logp[b, pos.to(logp.device)]
+            out.append(Score(item[2], tuple(lp.gather(-1, ids[:, None].to(lp.device))[:, 0].tolist()),
+                             tuple(lp.argmax(-1).tolist()), inputs.target_ids[b]))
+        return out
+
+    @torch.no_grad()
+    def answer(self, image: ImageLike, question: str, *, max_new_tokens: int = 8) -> str:
+        """Greedy answer to ``question`` about ``image`` (None for a text-only question)."""
+        return self.answer_batch([(image, question)], max_new_tokens=max_new_tokens)[0]
+
+    @torch.no_grad()
+    def answer_batch(self, items, *, max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers for many (image, question) items (no KV cache; fine for short answers)."""
+        inputs = self.inputs([(it[0], it[1]) for it in items])
+        ids = inputs.tensors["input_ids"]
+        mask = inputs.tensors["attention_mask"]
+        lengths = mask.sum(1)
+        extra = {k: v for k, v in inputs.tensors.items() if k == "pixel_values"}
+        eos = self.tokenizer.eos_token_id
+        done = torch.zeros(len(items), dtype=torch.bool, device=ids.device)
+        generated: list[list[int]] = [[] for _ in items]
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
+            mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
+            logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **extra).logits
+            nxt = logits[torch.arange(len(items)), lengths - 1].argmax(-1)
+            for b in range(len(items)):
+                if not done[b]:
+                    if nxt[b].item() == eos:
+                        done[b] = True
+                    else:
+                        generated[b].append(int(nxt[b]))
+            if bool(done.all()):
+                break
+            ids[torch.arange(len(items)), lengths] = nxt
+            mask[torch.arange(len(items)), lengths] = 1
+            lengths = lengths + 1
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+
+
+def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", local_files_only: bool = True) -> VLLM:
+    """Load a vision-language LLM.
+
+    With no argument: the embedded tiny LLaVA shipped inside the package. Otherwise a local folder
+    or a hub id already in the local cache (``local_files_only=False`` lets transformers download).
+    The backbone adapter is chosen by the model's architecture class.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if path_or_id is None:
+        path = EMBEDDED_DIR
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"the embedded model is missing from {path}; reinstall visedit or "
+                                    "rebuild it with `python -m visedit train-tiny --out "
+                                    f"{path}`")
+        name = "visedit-tiny"
+    else:
+        path = Path(path_or_id)
+        name = str(path_or_id)
+        if not path.exists() and (os.sep in str(path_or_id).strip("/") and str(path_or_id).count("/") != 1
+                                  or str(path_or_id).startswith((".", "/"))):
+            raise FileNotFoundError(f"no checkpoint folder at {path_or_id!s}: pass a folder holding config.json "
+                                    "and weights, or a hub id such as 'llava-hf/llava-1.5-7b-hf'")
+    source = str(path) if path.exists() else str(path_or_id)
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {str(err).splitlines()[0]} — pass a "
+                                "local folder with config.json, weights and processor files (or a hub id that "
+                                "is already downloaded; this machine cannot download)") from err
+    vllm = VLLM(model.to(device), processor, name=name)
+    return vllm

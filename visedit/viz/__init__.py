@@ -1,0 +1,12 @@
+"""Figures (plotly / seaborn) and ipywidgets explorers. Functions return figures; they never show them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .explorers import answer_explorer
+from .figures import gallery, outline, training_curve
+
+__all__ = ["answer_explorer", "gallery", "outline", "training_curve"]

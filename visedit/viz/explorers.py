@@ -1,0 +1,34 @@
+"""ipywidgets explorers for live sessions. Built books show a static figure beside each one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def answer_explorer(vllm, world, *, seed: int = 0):
+    """Pick an entity, a question and a rendering; see the image and the model's greedy answer."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    from ..world import FACTS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, render
+
+    fact_of = {q: f for f in FACTS for q in TRAIN_TEMPLATES[f] + HELDOUT_TEMPLATES[f]}
+    questions = list(fact_of)
+    entity = w.Dropdown(options=[e.name for e in world.entities], description="entity")
+    question = w.Dropdown(options=questions, description="question", layout=w.Layout(width="480px"))
+    rendering = w.IntSlider(value=0, min=0, max=20, description="rendering")
+    out = w.Output()
+
+    def update(*_):
+        e = world.by_name(entity.value)
+        r = render(e, seed=np.random.default_rng([seed, 99, rendering.value]))
+        answer = vllm.answer(r.image, question.value)
+        out.clear_output(wait=True)
+        with out:
+            display(r.image.resize((192, 192)))
+            print(f"Q: {question.value}\nA: {answer}   (truth: {e.fact(fact_of[question.value])})")
+
+    for control in (entity, question, rendering):
+        control.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([entity, rendering]), question, out])

@@ -1,0 +1,52 @@
+"""Static plotly figures shared by the chapters."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def outline(image: Image.Image, mask: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:
+    """RGB array of ``image`` with the boundary of ``mask`` (H, W bool) drawn in ``colour``."""
+    arr = np.asarray(image.convert("RGB")).copy()
+    m = mask.astype(bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    arr[m & ~inner] = colour
+    return arr
+
+
+def gallery(images: Sequence[Image.Image], titles: Sequence[str], masks: Sequence[np.ndarray] | None = None, *,
+            cols: int = 6, size: int = 150):
+    """A grid of images (with mask outlines when ``masks`` is given) and a title under each."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    rows = -(-len(images) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.01,
+                        vertical_spacing=0.08)
+    for k, img in enumerate(images):
+        arr = outline(img, masks[k]) if masks is not None else np.asarray(img.convert("RGB"))
+        fig.add_trace(go.Image(z=arr, hoverinfo="skip"), row=k // cols + 1, col=k % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_annotations(font_size=10)
+    fig.update_layout(height=rows * size + 40, width=cols * size, margin=dict(l=5, r=5, t=30, b=5))
+    return fig
+
+
+def training_curve(record: dict):
+    """Loss over training steps from a ``training.json`` record."""
+    import plotly.graph_objects as go
+
+    log = record["log"]
+    fig = go.Figure(go.Scatter(x=[r["step"] for r in log], y=[r["loss"] for r in log], mode="lines"))
+    fig.update_layout(xaxis_title="instruction-tuning step", yaxis_title="answer-token loss (smoothed)",
+                      yaxis_type="log", height=300, margin=dict(l=40, r=10, t=30, b=40),
+                      title="Training the tiny model")
+    return fig
