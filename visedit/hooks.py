@@ -50,7 +50,8 @@ class Trace(contextlib.AbstractContextManager):
     """Record inputs/outputs of ``modules`` (name → module) during forward passes inside the block.
 
     ``trace.outputs[name]`` / ``trace.inputs[name]`` hold the main tensor of the last call
-    (detached unless ``detach=False``).
+    (detached unless ``detach=False``); ``trace.kwargs[name]`` the keyword arguments of that call
+    (recorded with ``inputs=True``; e.g. an attention module's ``position_embeddings``).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], *, inputs: bool = False, outputs: bool = True,
@@ -59,6 +60,7 @@ class Trace(contextlib.AbstractContextManager):
         self.want_inputs, self.want_outputs, self.detach = inputs, outputs, detach
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.kwargs: dict[str, dict] = {}
         self._stack = contextlib.ExitStack()
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,7 @@ class Trace(contextlib.AbstractContextManager):
                     def pre(mod, args, kwargs, _n=name):
                         x = args[0] if args else kwargs.get("hidden_states")
                         self.inputs[_n] = self._keep(x)
+                        self.kwargs[_n] = dict(kwargs)
                     handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 if self.want_outputs:
                     def post(mod, args, out, _n=name):

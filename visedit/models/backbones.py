@@ -130,6 +130,41 @@ class LlavaAdapter(BackboneAdapter):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
+    def attention_terms(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
+        """Exact per-head, per-source decomposition of layer ``layer``'s attention output at ``query``.
+
+        ``hidden``: the attention module's input (1, S, d); ``kwargs``: its keyword arguments (with
+        ``position_embeddings``). Returns (heads, query+1, d): term[h, j] = a[h, query, j]·v_j^h·W_O^h.
+        Their sum over heads and sources, plus ``o_proj.bias`` if any, is the module's output at ``query``.
+        """
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = self.layers()[self.check_layer(layer)].self_attn
+        hd = attn.head_dim
+        x = hidden[:, : query + 1]
+        q = attn.q_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rotary_pos_emb(q, k, cos[:, : query + 1], sin[:, : query + 1])
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        weights = (q[:, :, -1:] @ k.transpose(-1, -2) * attn.scaling).softmax(-1)[0, :, 0]  # (H, query+1)
+        w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, hd)  # (d, H, hd)
+        per_head = torch.einsum("hjk,dhk->hjd", v[0], w_o)  # value_j of head h through W_O^h
+        return weights[:, :, None] * per_head
+
+    def attention_output_bias(self, layer: int) -> torch.Tensor | None:
+        """The bias added after the attention heads are summed (None when there is none)."""
+        return self.layers()[self.check_layer(layer)].self_attn.o_proj.bias
+
+    def final_norm_scale(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm as a per-position linear map: norm(x) = scale ⊙ x at this residual ``resid``."""
+        norm = self._lm().norm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        rms = resid.float().pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+        return norm.weight * rms
+
     def visual_grid(self, n_tokens: int) -> tuple[int, int] | None:
         vc = self.model.config.vision_config
         size = vc.image_size if isinstance(vc.image_size, (tuple, list)) else (vc.image_size, vc.image_size)

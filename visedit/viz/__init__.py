@@ -7,6 +7,6 @@ from typing import Sequence
 import numpy as np
 
 from .explorers import answer_explorer
-from .figures import gallery, outline, training_curve
+from .figures import gallery, heatmap_overlay, outline, training_curve
 
-__all__ = ["answer_explorer", "gallery", "outline", "training_curve"]
+__all__ = ["answer_explorer", "gallery", "heatmap_overlay", "outline", "training_curve"]

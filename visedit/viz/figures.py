@@ -50,3 +50,31 @@ def training_curve(record: dict):
                       yaxis_type="log", height=300, margin=dict(l=40, r=10, t=30, b=40),
                       title="Training the tiny model")
     return fig
+
+
+def heatmap_overlay(values: np.ndarray, *, image: Image.Image | None = None, mask: np.ndarray | None = None,
+                    title: str = "", diverging: bool = True, size: int = 300):
+    """A (rows, cols) heatmap over visual tokens, upsampled onto ``image`` with ``mask`` outlined.
+
+    Without an image (or for a 1×N strip of query tokens) the heatmap is drawn on its own.
+    """
+    import plotly.graph_objects as go
+
+    values = np.asarray(values, dtype=float)
+    fig = go.Figure()
+    zmax = float(np.abs(values).max()) or 1.0
+    scale = dict(colorscale="RdBu_r", zmid=0.0) if diverging else dict(colorscale="Viridis", zmin=0, zmax=zmax)
+    if image is not None and values.shape[0] > 1:
+        arr = outline(image, mask) if mask is not None else np.asarray(image.convert("RGB"))
+        h, w = arr.shape[:2]
+        up = np.kron(values, np.ones((h // values.shape[0], w // values.shape[1])))
+        fig.add_trace(go.Image(z=arr, hoverinfo="skip"))
+        fig.add_trace(go.Heatmap(z=up, opacity=0.55, showscale=True, **scale))
+        fig.update_yaxes(autorange="reversed")
+    else:
+        fig.add_trace(go.Heatmap(z=values, **scale))
+        fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, width=size + 80, height=size, margin=dict(l=5, r=5, t=40, b=5))
+    return fig

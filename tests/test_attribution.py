@@ -1,0 +1,113 @@
+"""Attribution I on tiny random LLaVAs: oracles (DLA sums to the logit, allocation sums to the module
+output), Captum convergence, hook hygiene, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visedit.attribution import (contribution_profile, integrated_gradients, module_contributions,
+                                 token_allocation, token_baseline)
+from visedit.hooks import hook_count
+from visedit.world import image_question, render
+
+
+@pytest.fixture(scope="module")
+def img(world):
+    return render(world.entities[0], seed=0, size=32).image
+
+
+def test_dla_sums_to_the_final_logit(tiny_random, img):
+    mc = module_contributions(tiny_random, img, image_question("colour"))
+    assert len(mc.attn) == len(mc.mlp) == len(mc.dla_attn) == tiny_random.n_layers
+    assert mc.dla_total == pytest.approx(mc.logit, abs=1e-4)
+    assert max(abs(c) for c in mc.attn + mc.mlp) <= 1.0 + 1e-6
+    assert mc.predicted == mc.target  # y* is the model's own prediction by default
+
+
+def test_paper_formula_matches_a_hand_computation(tiny_random, img):
+    from visedit.hooks import Trace
+    from visedit.models import unembed
+
+    v = tiny_random
+    mc = module_contributions(v, img, image_question("shape"), target="star")
+    inputs = v.inputs([(img, image_question("shape"))])
+    T = inputs.last_prompt[0]
+    with Trace({"m": v.site("llm.layers.1.mlp")}) as tr:
+        v.logits(inputs)
+    z = unembed(v.adapter, tr.outputs["m"][0, T])
+    y = v.tokenizer.convert_tokens_to_ids("star")
+    vals = []
+    with Trace({f"{k}{l}": v.site(f"llm.layers.{l}.{k}") for k in ("attn", "mlp") for l in range(v.n_layers)}) as tr2:
+        v.logits(inputs)
+    M = max(abs(float(unembed(v.adapter, o[0, T])[y])) for o in tr2.outputs.values())
+    val = float(z[y])
+    expected = (1 if val > 0 else -1) * (abs(val) / M) ** 0.5 * float(z.softmax(-1)[y]) ** 0.5
+    assert mc.mlp[1] == pytest.approx(expected, rel=1e-4)
+    assert mc.target == "star"
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_allocation_sums_to_the_module_projection(tiny_random, img, layer):
+    al = token_allocation(tiny_random, img, image_question("habitat"), layer=layer)
+    assert al.max_error <= 1e-4
+    assert len(al.visual) == 16 and al.grid == (4, 4) and al.heatmap().shape == (4, 4)
+    assert sum(al.visual) + al.text + al.bias == pytest.approx(al.module_projection, abs=1e-4)
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_integrated_gradients_converge(tiny_random, img, layer):
+    res = integrated_gradients(tiny_random, img, image_question("name"), layer=layer, n_steps=48)
+    assert res.relative_delta <= 0.05
+    assert len(res.visual) == 16
+    # completeness: attributions sum to f(input) − f(baseline), up to the convergence delta
+    assert abs(sum(res.visual) - res.output_difference) <= 0.05 * abs(res.output_difference) + 1e-4
+
+
+def test_no_hook_survives_an_error_inside_captum(tiny_random, img, monkeypatch):
+    v = tiny_random
+    v.logits(v.inputs([(img, "what colour is this creature ?")]))
+    before = hook_count(v.model)
+    calls = {"n": 0}
+    real = v.model.forward
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(v.model, "forward", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        integrated_gradients(v, img, image_question("colour"), layer=1, n_steps=8)
+    monkeypatch.undo()
+    assert hook_count(v.model) == before
+
+
+def test_token_baseline_keeps_image_ids():
+    ids = torch.tensor([[1, 5, 9, 9, 9, 7, 8]])
+    base = token_baseline(ids, image_token_id=9, fill_id=0, keep=(1,))
+    assert base.tolist() == [[1, 0, 9, 9, 9, 0, 0]]
+
+
+def test_bad_input(tiny_random, img, world):
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        token_allocation(tiny_random, img, image_question("colour"), layer=7)
+    with pytest.raises(ValueError, match="no visual tokens"):
+        token_allocation(tiny_random, None, "what colour is the mablok ?", layer=0)
+    with pytest.raises(ValueError, match="no visual tokens"):
+        integrated_gradients(tiny_random, None, "what colour is the mablok ?", layer=0)
+    with pytest.raises(ValueError, match="cannot encode the target 'volcano'"):
+        module_contributions(tiny_random, img, image_question("habitat"), target="volcano")
+
+
+def test_profile_has_intervals(tiny_random, tmp_path):
+    from visedit.world import DatasetSpec, load_world_split
+
+    recs = load_world_split("eval", DatasetSpec(seed=1, n_entities=8, edits_per_pair=1, image_size=32),
+                            root=tmp_path / "w")[:6]
+    prof = contribution_profile(tiny_random, recs, only_correct=False, n_boot=200, progress=False)
+    assert prof.n == 6 and len(prof.mean["attn"]) == tiny_random.n_layers
+    for k in ("attn", "mlp", "dla_attn", "dla_mlp"):
+        assert all(lo <= m + 1e-9 and m <= hi + 1e-9 for lo, m, hi in zip(prof.low[k], prof.mean[k], prof.high[k]))
+    assert prof.plot().data

@@ -1,0 +1,48 @@
+"""Integration: the shipped tiny model meets its model card on renderings it has never seen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from visedit.cli import main
+from visedit.models.card import model_card
+
+
+@pytest.fixture(scope="module")
+def heldout_card(embedded):
+    # seed 7: renderings and swap partners that neither training nor the book's card uses
+    return model_card(embedded, seed=7, progress=False)
+
+
+def test_model_card_thresholds_hold_on_a_heldout_sample(heldout_card):
+    card = heldout_card
+    assert card.visual_accuracy >= 0.95
+    assert all(v["visual"] >= 0.90 for v in card.per_fact.values()), card.per_fact
+    assert card.paraphrase_accuracy >= 0.90
+    assert card.text_accuracy >= 0.98
+    assert card.swap_accuracy <= 0.10
+    assert card.n["visual"] == 70 * 6 * 3 and card.n["paraphrase"] == 70 * 6 * 2
+
+
+def test_answers_follow_the_image(embedded, world):
+    from visedit.world import image_question, render
+
+    a, b = world.entities[0], next(e for e in world.entities if e.habitat != world.entities[0].habitat)
+    q = image_question("habitat")
+    assert embedded.answer_batch([(render(a, seed=5).image, q), (render(b, seed=6).image, q)]) == [a.habitat, b.habitat]
+
+
+def test_model_card_cli_json(capsys):
+    assert main(["model-card", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("visual_accuracy", "paraphrase_accuracy", "text_accuracy", "swap_accuracy", "per_fact", "n", "seed"):
+        assert key in out
+    assert set(out["per_fact"]) == {"colour", "shape", "pattern", "name", "habitat", "diet"}
+
+
+def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
+    assert main(["model-card", "--model", str(tmp_path / "nope" / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no checkpoint folder at") and "\n" not in err

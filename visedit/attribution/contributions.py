@@ -1,0 +1,174 @@
+"""Module contributions: which layers, and which sub-module (attention vs MLP), push towards the answer.
+
+Two readings of each module's output ``o`` at the last prompt token T, for the answer's first token y*:
+
+* **Paper (logit lens on one module)** — z = lm_head(final_norm(o)), v = z[y*], p = softmax(z)[y*];
+  per sample c = sign(v)·(|v|/M)^(1−α)·p^α with M = max |v| over all layers and modules, α = 0.5.
+* **Direct logit attribution (DLA)** — o through the final norm's *scale taken from the full residual
+  stream* at T, then the unembedding row of y*. DLA is exact: the embedding's DLA plus every module's DLA
+  sums to the final logit of y*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..hooks import Trace
+from ..models import VLLM, unembed
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleContributions:
+    """Per-layer contributions for one (image, question). Lists have one entry per LLM layer."""
+
+    target: str
+    target_id: int
+    attn: tuple[float, ...]
+    mlp: tuple[float, ...]
+    dla_attn: tuple[float, ...]
+    dla_mlp: tuple[float, ...]
+    dla_embed: float
+    logit: float
+    predicted: str
+    alpha: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def dla_total(self) -> float:
+        """Embedding + every module's DLA; equals :attr:`logit` up to float error."""
+        return self.dla_embed + sum(self.dla_attn) + sum(self.dla_mlp)
+
+    def plot(self, *, method: str = "paper"):
+        return layer_bars({"attention": self.attn if method == "paper" else self.dla_attn,
+                           "MLP": self.mlp if method == "paper" else self.dla_mlp}, method=method)
+
+
+def _target_id(vllm: VLLM, logits_t: torch.Tensor, target: str | None) -> int:
+    if target is None:
+        return int(logits_t.argmax())
+    return vllm.encode_target(target)[0]
+
+
+@torch.no_grad()
+def module_contributions(vllm: VLLM, image, question: str, *, target: str | None = None,
+                         alpha: float = 0.5) -> ModuleContributions:
+    """Contribution of every layer's attention and MLP output to the answer's first token.
+
+    ``target``: the answer to attribute (default: the model's own prediction y*).
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    inputs = vllm.inputs([(image, question)])
+    L = vllm.n_layers
+    sites = {f"attn{l}": vllm.site(f"llm.layers.{l}.attn") for l in range(L)}
+    sites |= {f"mlp{l}": vllm.site(f"llm.layers.{l}.mlp") for l in range(L)}
+    sites["norm"] = vllm.site("llm.norm")
+    sites["embed"] = vllm.site("llm.layers.0")
+    T = inputs.last_prompt[0]
+    with Trace(sites, inputs=True) as tr:
+        logits = vllm.logits(inputs)[0, T]
+    y = _target_id(vllm, logits, target)
+    outs = torch.stack([tr.outputs[f"{k}{l}"][0, T] for k in ("attn", "mlp") for l in range(L)]).float()
+    z = unembed(vllm.adapter, outs.to(vllm.model.dtype)).float()
+    v = z[:, y]
+    p = z.softmax(-1)[:, y]
+    M = v.abs().max().clamp_min(1e-12)
+    c = torch.sign(v) * (v.abs() / M).pow(1 - alpha) * p.pow(alpha)
+    direction = vllm.adapter.final_norm_scale(tr.inputs["norm"][0, T]).float() * vllm.site("lm_head").weight[y].float()
+    dla = outs @ direction
+    embed = float(tr.inputs["embed"][0, T].float() @ direction)
+    return ModuleContributions(
+        target=vllm.tokenizer.decode([y]).strip(), target_id=y, attn=tuple(c[:L].tolist()), mlp=tuple(c[L:].tolist()),
+        dla_attn=tuple(dla[:L].tolist()), dla_mlp=tuple(dla[L:].tolist()), dla_embed=embed,
+        logit=float(logits[y]), predicted=vllm.tokenizer.decode([int(logits.argmax())]).strip(), alpha=alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContributionProfile:
+    """Mean per-layer contributions over a dataset with bootstrap 95% intervals.
+
+    ``mean[key]`` and ``low[key]``/``high[key]`` are lists of length L for key in
+    ``attn, mlp, dla_attn, dla_mlp``.
+    """
+
+    mean: dict[str, list[float]]
+    low: dict[str, list[float]]
+    high: dict[str, list[float]]
+    n: int
+    n_total: int
+    only_correct: bool
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def peak(self, key: str) -> int:
+        """Layer with the largest mean contribution for ``key``."""
+        return int(np.argmax(self.mean[key]))
+
+    def plot(self, *, method: str = "paper"):
+        keys = ("attn", "mlp") if method == "paper" else ("dla_attn", "dla_mlp")
+        return layer_bars({"attention": self.mean[keys[0]], "MLP": self.mean[keys[1]]},
+                          low={"attention": self.low[keys[0]], "MLP": self.low[keys[1]]},
+                          high={"attention": self.high[keys[0]], "MLP": self.high[keys[1]]}, method=method,
+                          title=f"{'Paper formula' if method == 'paper' else 'Direct logit attribution'} "
+                                f"(n = {self.n})")
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """Mean and percentile bootstrap interval over axis 0 of ``values`` (n, …)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    means = values[idx].mean(1)
+    lo, hi = np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0)
+    return values.mean(0), lo, hi
+
+
+def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = True, alpha: float = 0.5,
+                         n_boot: int = 1000, seed: int = 0, progress: bool = True) -> ContributionProfile:
+    """Aggregate :func:`module_contributions` over MMEdit records (``image``, ``src``, ``pred``).
+
+    With ``only_correct``, keep only records where the model's first answer token is ``pred``'s.
+    """
+    from tqdm.auto import tqdm
+
+    if len(records) == 0:
+        raise ValueError("no records given: pass a non-empty list of MMEdit records")
+    rows = []
+    for rec in tqdm(records, desc="contributions", disable=not progress):
+        mc = module_contributions(vllm, rec.image, rec.src, alpha=alpha)
+        if only_correct and mc.target_id != vllm.encode_target(rec.pred)[0]:
+            continue
+        rows.append([mc.attn, mc.mlp, mc.dla_attn, mc.dla_mlp])
+    if not rows:
+        raise ValueError("no record was answered correctly; pass only_correct=False to keep them all")
+    arr = np.asarray(rows)  # (n, 4, L)
+    mean, lo, hi = bootstrap_ci(arr, n_boot=n_boot, seed=seed)
+    keys = ("attn", "mlp", "dla_attn", "dla_mlp")
+    return ContributionProfile(mean={k: mean[i].round(6).tolist() for i, k in enumerate(keys)},
+                               low={k: lo[i].round(6).tolist() for i, k in enumerate(keys)},
+                               high={k: hi[i].round(6).tolist() for i, k in enumerate(keys)},
+                               n=len(rows), n_total=len(records), only_correct=only_correct)
+
+
+def layer_bars(series: dict[str, Sequence[float]], *, low=None, high=None, method: str = "paper", title: str = ""):
+    """Grouped bar chart of per-layer values (attention vs MLP), with error bars when given."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in series.items():
+        err = None
+        if low is not None and high is not None:
+            err = dict(type="data", symmetric=False, array=np.subtract(high[name], values),
+                       arrayminus=np.subtract(values, low[name]))
+        fig.add_bar(name=name, x=list(range(len(values))), y=list(values), error_y=err)
+    fig.update_layout(barmode="group", xaxis_title="LLM layer", height=340, title=title,
+                      yaxis_title="contribution" if method == "paper" else "direct logit attribution",
+                      margin=dict(l=50, r=10, t=40, b=40))
+    return fig
