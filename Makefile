@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## Execute every notebook on the embedded model and build the book to _build/html (warnings are errors).
 book: $(STAMP)
-	$(BIN)/jupyter-book build . -W -n --keep-going
+	VISEDIT_BOOK=1 $(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
 ## Unit, integration and notebook (nbval) tests.

@@ -46,3 +46,14 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     assert main(["model-card", "--model", str(tmp_path / "nope" / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no checkpoint folder at") and "\n" not in err
+
+
+def test_contributions_cli_on_the_embedded_model(capsys):
+    assert main(["contributions", "--json", "--limit", "24", "--ig-limit", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    L = 8
+    for key in ("attn", "mlp", "dla_attn", "dla_mlp"):
+        assert len(out[key]) == L
+    assert out["n"] >= 20  # the model answers almost all eval questions correctly
+    assert out["allocation_max_error"] <= 1e-4
+    assert out["ig_max_delta"] <= 0.05

@@ -51,6 +51,36 @@ def _make_dataset(args) -> int:
     return 0
 
 
+def _contributions(args) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .attribution import contribution_profile, integrated_gradients, token_allocation
+    from .models import load_vllm
+    from .world import load_world_split
+
+    vllm = load_vllm(args.model)
+    records = load_world_split("eval", progress=not args.json)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+        records = records[: args.limit]
+    profile = contribution_profile(vllm, records, only_correct=True, progress=not args.json)
+    layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
+    alloc_err, ig_delta = 0.0, 0.0
+    for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG", disable=args.json)):
+        alloc_err = max(alloc_err, token_allocation(vllm, rec.image, rec.src, layer=layer).max_error)
+        for where in (None, layer):
+            ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps)
+            ig_delta = max(ig_delta, ig.relative_delta)
+    out = {**{k: [round(x, 6) for x in v] for k, v in profile.mean.items()}, "low": profile.low, "high": profile.high,
+           "n": profile.n, "n_total": profile.n_total, "layer": layer, "peak_attn": profile.peak("attn"),
+           "peak_mlp": profile.peak("mlp"), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
+           "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records))}
+    print(json.dumps(out, indent=1) if args.json else json.dumps(out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/world"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_dataset)
+
+    p = sub.add_parser("contributions", help="module contributions, per-token allocation and IG on the eval split")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N eval records")
+    p.add_argument("--layer", type=int, default=None, help="layer for allocation and IG (default: attention peak)")
+    p.add_argument("--ig-limit", type=int, default=8, help="records that also get allocation and IG")
+    p.add_argument("--ig-steps", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_contributions)
     return parser
 
 
