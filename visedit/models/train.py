@@ -2,11 +2,12 @@
 
 Two stages, both seeded:
 
-1. *Dense vision pre-training* (short): the vision tower learns, for every patch, whether it shows
-   the object and, if so, the object's colour, shape and pattern.
+1. *Dense vision pre-training*: the vision tower learns, for every patch, whether it shows the object
+   and, if so, the object's colour, shape and pattern (shape recognition is the slowest skill to learn).
 2. *Visual instruction tuning* (all weights): sequences of several question–answer turns about one
    rendered image, mixed with text-only sequences of questions about named entities. The loss is
-   cross-entropy on answer tokens (and the end-of-answer token) only.
+   cross-entropy on answer tokens (and the end-of-answer token), plus ``aux_weight`` × the dense
+   patch loss of stage 1 on the same images, so the vision tower keeps improving.
 
 Training images come from a seed stream that neither the edit dataset nor the model card uses.
 """
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..hooks import Trace
 from ..io import atomic_path
 from ..world import FACTS, TEXT_FACTS, TRAIN_TEMPLATES, World, make_world, render, text_question
 from ..world.entities import COLOURS, PATTERNS, SHAPES
@@ -40,10 +42,11 @@ class TrainConfig:
     seed: int = 0
     world_seed: int = 0
     n_entities: int = 70
-    vision_steps: int = 400
+    vision_steps: int = 2000
     vision_batch: int = 64
     vision_lr: float = 1e-3
-    steps: int = 2400
+    aux_weight: float = 0.5
+    steps: int = 2600
     batch_images: int = 24
     batch_text: int = 8
     qa_per_image: int = 3
@@ -187,13 +190,16 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+                             {"params": no_decay + list(heads.parameters()), "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.98))
     bar = tqdm(range(cfg.steps), desc="instruction tuning", disable=not progress)
     running = None
     for step in bar:
         rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 1, step])
         ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.batch_images)]
-        images = [render(e, seed=rng, size=tiny.image_size).image for e in ents]
+        rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
+        images = [r.image for r in rends]
+        targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
         seqs = []
         for e in ents:
             facts = py_rng.sample(FACTS, cfg.qa_per_image)
@@ -209,11 +215,15 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
         # text-only rows carry no image tokens; LLaVA takes pixel_values only for rows that need them
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
-        with autocast:
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         opt.zero_grad()
-        loss.backward()
+        with autocast, Trace({"enc": tower.encoder}, detach=False) as tr:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            feats = tr.outputs["enc"][0][:, 1:]
+            aux = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
+                      for k, h in enumerate(heads))
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        total = loss + cfg.aux_weight * aux
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()

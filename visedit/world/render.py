@@ -100,14 +100,14 @@ def render(entity: Entity, *, seed: int | np.random.Generator, size: int = 64,
            noise: float = 6.0) -> Rendering:
     """Draw ``entity`` on a cluttered background.
 
-    Position, scale (object radius 17–23% of the image side), rotation, colour jitter, background
+    Position, scale (object radius 21–28% of the image side), rotation, colour jitter, background
     and pixel noise (std ``noise`` in 0–255 units) all come from ``seed``. Same seed → same bytes.
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     img = _background(rng, size)
-    radius = rng.uniform(0.17, 0.23) * size
+    radius = rng.uniform(0.21, 0.28) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
     theta = rng.uniform(0, 2 * math.pi) if entity.shape != "circle" else 0.0
     c, s = math.cos(theta), math.sin(theta)
