@@ -84,3 +84,21 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
                            visual=tuple(visual.tolist()), grid=vllm.adapter.visual_grid(stop - start),
                            text=float(per_source.sum() - visual.sum()), bias=bias_proj,
                            module_projection=module_proj, max_error=error)
+
+
+@torch.no_grad()
+def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray:
+    """Raw attention weights from the last prompt token to each visual token at ``layer``, averaged
+    over heads: a (rows, cols) heatmap (or a 1×N strip)."""
+    layer = vllm.adapter.check_layer(layer)
+    if image is None:
+        raise ValueError("this input has no visual tokens: pass an image (attribution over visual tokens needs one)")
+    inputs = vllm.inputs([(image, question)])
+    start, stop = visual_span(inputs)
+    T = inputs.last_prompt[0]
+    with Trace({"attn": vllm.site(f"llm.layers.{layer}.attn")}, inputs=True) as tr:
+        vllm.logits(inputs)
+    weights = vllm.adapter.attention_weights(layer, tr.inputs["attn"], tr.kwargs["attn"], T).mean(0)
+    values = weights[start:stop].float().numpy()
+    grid = vllm.adapter.visual_grid(stop - start)
+    return values.reshape(grid) if grid else values[None, :]

@@ -130,6 +130,12 @@ class LlavaAdapter(BackboneAdapter):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
+    def attention_weights(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
+        """Attention weights (heads, query+1) of position ``query`` over positions 0…query at ``layer``,
+        recomputed from the module's input ``hidden`` (1, S, d) and keyword arguments."""
+        st = self.attention_state(layer, hidden, kwargs, query)
+        return st["scores"].softmax(-1)
+
     def attention_terms(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
         """Exact per-head, per-source decomposition of layer ``layer``'s attention output at ``query``.
 
@@ -137,22 +143,61 @@ class LlavaAdapter(BackboneAdapter):
         ``position_embeddings``). Returns (heads, query+1, d): term[h, j] = a[h, query, j]·v_j^h·W_O^h.
         Their sum over heads and sources, plus ``o_proj.bias`` if any, is the module's output at ``query``.
         """
+        st = self.attention_state(layer, hidden, kwargs, query)
+        attn = st["attn"]
+        w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, attn.head_dim)  # (d, H, hd)
+        per_head = torch.einsum("hjk,dhk->hjd", st["v"], w_o)  # value_j of head h through W_O^h
+        return st["scores"].softmax(-1)[:, :, None] * per_head
+
+    def attention_state(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> dict:
+        """Clean last-row attention state of layer ``layer`` for ``hidden`` (1, ≥query+1, d).
+
+        Returns q (H, hd) at ``query``, v (H, query+1, hd), scores (H, query+1) = q·k/√hd, the scaling,
+        and the rotary tables, for :meth:`attention_delta` and :meth:`attention_merge`.
+        """
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = self.layers()[self.check_layer(layer)].self_attn
-        hd = attn.head_dim
-        x = hidden[:, : query + 1]
-        q = attn.q_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(1, query + 1, -1, hd).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        q, k = apply_rotary_pos_emb(q, k, cos[:, : query + 1], sin[:, : query + 1])
+        hd, S = attn.head_dim, query + 1
+        x = hidden[:, :S]
+        q = attn.q_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        cos, sin = (t[:, :S] for t in kwargs["position_embeddings"])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        weights = (q[:, :, -1:] @ k.transpose(-1, -2) * attn.scaling).softmax(-1)[0, :, 0]  # (H, query+1)
-        w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, hd)  # (d, H, hd)
-        per_head = torch.einsum("hjk,dhk->hjd", v[0], w_o)  # value_j of head h through W_O^h
-        return weights[:, :, None] * per_head
+        k, v = k.repeat_interleave(rep, 1)[0], v.repeat_interleave(rep, 1)[0]
+        qT = q[0, :, -1]
+        return {"q": qT, "v": v, "scores": torch.einsum("hk,hjk->hj", qT, k) * attn.scaling,
+                "scaling": attn.scaling, "cos": cos, "sin": sin, "rep": rep, "attn": attn}
+
+    def attention_delta(self, state: dict, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change of the (roped) keys and of the values when ``z`` (n, N, d) is added to the module input
+        at positions start…start+N. k and v projections are linear, so biases cancel. Returns two
+        (n, H, N, hd) tensors."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn, rep = state["attn"], state["rep"]
+        hd, n, N = attn.head_dim, z.shape[0], z.shape[1]
+        dk = (z @ attn.k_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
+        dv = (z @ attn.v_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
+        cos, sin = state["cos"][:, start:start + N], state["sin"][:, start:start + N]
+        _, dk = apply_rotary_pos_emb(dk, dk, cos, sin)
+        return dk.repeat_interleave(rep, 1), dv.repeat_interleave(rep, 1)
+
+    def attention_merge(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (..., H, hd) → the attention module's output (..., d) (output projection)."""
+        attn = self.layers()[self.check_layer(layer)].self_attn
+        return attn.o_proj(heads.flatten(-2))
+
+    def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run decoder layers ``layer``…L−1 on ``hidden`` (B, S, d), the residual stream at the *input* of
+        ``layer``, with that layer's recorded keyword arguments; returns the final residual (B, S, d)."""
+        kw = slice_kwargs(kwargs, hidden.shape[1])
+        for block in self.layers()[self.check_layer(layer):]:
+            out = block(hidden, **kw)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     def attention_output_bias(self, layer: int) -> torch.Tensor | None:
         """The bias added after the attention heads are summed (None when there is none)."""
@@ -171,6 +216,23 @@ class LlavaAdapter(BackboneAdapter):
         patch = vc.patch_size
         grid = (size[0] // patch, size[1] // patch)
         return grid if grid[0] * grid[1] == n_tokens else None
+
+
+def slice_kwargs(kwargs: dict, length: int) -> dict:
+    """Keyword arguments recorded from a layer or attention call, cut to the first ``length`` positions
+    and stripped of caches (so a module can be re-run on a batch of edited copies)."""
+    kw = dict(kwargs)
+    if "position_embeddings" in kw and kw["position_embeddings"] is not None:
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos[:, :length], sin[:, :length])
+    mask = kw.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        kw["attention_mask"] = mask[..., :length, :length]
+    if isinstance(kw.get("position_ids"), torch.Tensor):
+        kw["position_ids"] = kw["position_ids"][..., :length]
+    for key in ("hidden_states", "cache", "past_key_values", "past_key_value", "use_cache", "cache_position"):
+        kw.pop(key, None)
+    return kw
 
 
 def unembed(adapter: BackboneAdapter, hidden: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,7 @@ class VLLM:
     @torch.no_grad()
     def logits(self, inputs: Inputs) -> torch.Tensor:
         """Full forward pass; returns logits (B, S, vocab) in float32."""
-        return self.model(**inputs.tensors).logits.float()
+        return self.model(**inputs.tensors, use_cache=False).logits.float()
 
     @torch.no_grad()
     def score(self, image: ImageLike, question: str, target: str, *, add_eos: bool = False) -> Score:

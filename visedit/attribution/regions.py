@@ -1,0 +1,123 @@
+"""Region selection: from any heatmap over visual tokens to a set of tokens, and scores against the
+world's ground-truth object mask (pointing game, lift, deletion/insertion curves with the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..hooks import edit_input
+from ..models import VLLM
+from .allocation import visual_span
+
+
+def select_region(heatmap: np.ndarray, *, top_k: int | None = None, threshold: float | None = None,
+                  mass: float | None = None) -> np.ndarray:
+    """Bool array shaped like ``heatmap``: the selected visual tokens. Give exactly one rule:
+    ``top_k`` tokens with the largest values; tokens with value ≥ ``threshold`` × max; or the smallest set
+    of tokens whose positive values cover ``mass`` (0–1) of the positive total."""
+    h = np.asarray(heatmap, dtype=float)
+    rules = [r for r in (top_k, threshold, mass) if r is not None]
+    if len(rules) != 1:
+        raise ValueError("give exactly one of top_k=, threshold= or mass=")
+    flat = h.ravel()
+    order = np.argsort(-flat, kind="stable")
+    sel = np.zeros(flat.shape, dtype=bool)
+    if top_k is not None:
+        if not 1 <= top_k <= flat.size:
+            raise ValueError(f"top_k must be in 1…{flat.size}, got {top_k}")
+        sel[order[:top_k]] = True
+    elif threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a share of the maximum, in [0, 1]; got {threshold}")
+        sel = flat >= threshold * flat.max()
+    else:
+        if not 0 < mass <= 1:
+            raise ValueError(f"mass must be in (0, 1], got {mass}")
+        pos = np.clip(flat[order], 0, None)
+        total = pos.sum()
+        if total <= 0:
+            sel[order[0]] = True
+        else:
+            k = int(np.searchsorted(np.cumsum(pos) / total, mass - 1e-12) + 1)
+            sel[order[:k]] = True
+    return sel.reshape(h.shape)
+
+
+def patch_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) share of each patch's pixels that lie on the object (mask: H×W bool)."""
+    rows, cols = grid
+    H, W = mask.shape
+    if H % rows or W % cols:
+        raise ValueError(f"mask of {H}×{W} pixels does not split into a {rows}×{cols} patch grid")
+    return mask.reshape(rows, H // rows, cols, W // cols).mean((1, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionScore:
+    """How well a heatmap points at the object. ``pointing_game``: 1 if the hottest token is on the
+    object; ``lift``: positive mass on the object ÷ the object's area share (1 = chance);
+    ``deletion_auc`` (lower is better) / ``insertion_auc`` (higher is better): p(y*) as visual tokens
+    are removed / added in heatmap order, averaged over the curve; both None without a model."""
+
+    pointing_game: float
+    lift: float
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def score_heatmap(heatmap: np.ndarray, mask: np.ndarray, *, vllm: VLLM | None = None, image=None,
+                  question: str | None = None, steps: int = 16) -> RegionScore:
+    """Score ``heatmap`` (rows, cols) against the pixel ``mask``; with ``vllm``, ``image`` and
+    ``question`` also the deletion and insertion AUCs."""
+    h = np.asarray(heatmap, dtype=float)
+    cover = patch_coverage(np.asarray(mask, dtype=bool), h.shape)
+    hottest = np.unravel_index(np.argmax(h), h.shape)
+    pointing = float(cover[hottest] > 0)
+    pos = np.clip(h, 0, None)
+    area = float(np.asarray(mask).mean())
+    lift = float((pos * cover).sum() / pos.sum() / area) if pos.sum() > 0 and area > 0 else 0.0
+    if vllm is None:
+        return RegionScore(pointing, lift)
+    deletion, insertion = deletion_insertion(vllm, image, question, h.ravel(), steps=steps)
+    return RegionScore(pointing, lift, float(np.mean(deletion)), float(np.mean(insertion)))
+
+
+@torch.no_grad()
+def deletion_insertion(vllm: VLLM, image, question: str, order_values: np.ndarray, *, steps: int = 16):
+    """p(y*) while visual tokens are replaced by their mean at the LLM input in decreasing order of
+    ``order_values`` (deletion), and while they are put back in that order into an all-mean image
+    (insertion). Returns two arrays of ``steps + 1`` probabilities (0 … all tokens)."""
+    inputs = vllm.inputs([(image, question)])
+    start, stop = visual_span(inputs)
+    n_vis = stop - start
+    if len(order_values) != n_vis:
+        raise ValueError(f"heatmap has {len(order_values)} values but the input has {n_vis} visual tokens")
+    T = inputs.last_prompt[0]
+    y = int(vllm.logits(inputs)[0, T].argmax())
+    order = torch.as_tensor(np.argsort(-np.asarray(order_values), kind="stable").copy())
+    counts = np.linspace(0, n_vis, steps + 1).round().astype(int)
+    keep_del = torch.ones(len(counts), n_vis, dtype=torch.bool)
+    for i, k in enumerate(counts):
+        keep_del[i, order[:k]] = False
+    keep_ins = ~keep_del
+    keep = torch.cat([keep_del, keep_ins])  # (2·(steps+1), N_v)
+
+    def blank(x: torch.Tensor) -> torch.Tensor:
+        vis = x[:, start:stop]
+        mean = vis.mean(1, keepdim=True)
+        x = x.clone()
+        x[:, start:stop] = torch.where(keep[:, :, None].to(x.device), vis, mean)
+        return x
+
+    tensors = {k: (v.expand(len(keep), *v.shape[1:]) if k != "pixel_values" else v.expand(len(keep), -1, -1, -1))
+               for k, v in inputs.tensors.items()}
+    with edit_input(vllm.site("llm.layers.0"), blank):
+        probs = vllm.model(**tensors, use_cache=False).logits[:, T].float().softmax(-1)[:, y]
+    probs = probs.cpu().numpy()
+    return probs[: len(counts)], probs[len(counts):]
