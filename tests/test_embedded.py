@@ -57,3 +57,32 @@ def test_contributions_cli_on_the_embedded_model(capsys):
     assert out["n"] >= 20  # the model answers almost all eval questions correctly
     assert out["allocation_max_error"] <= 1e-4
     assert out["ig_max_delta"] <= 0.05
+
+
+def test_bench_tracing_cli_reports_agreement(capsys):
+    assert main(["bench", "tracing", "--json", "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_abs_diff"] <= 1e-5 and out["windows"] == 64 and out["layers"] == 8
+    assert {"speedup", "loop_seconds", "batched_seconds", "peak_mem_mb"} <= set(out)  # speed is reported, not asserted
+
+
+def test_regions_cli_scores_every_method(capsys):
+    assert main(["regions", "--json", "--limit", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    methods = {"noise", "restoration", "allocation", "attention", "ig_layer", "ig_pixels"}
+    assert methods <= set(out) and set(out["best_layer"]) == methods
+    for m in methods:
+        assert out[m]["n"] == 2 and 0 <= out[m]["pointing_game"] <= 1 and out[m]["lift"] >= 0
+
+
+def test_noise_maps_point_at_the_object(embedded):
+    """The paper's finding on our model: some layer's noise maps concentrate on the object."""
+    import numpy as np
+
+    from visedit.attribution import noise_perturbation, score_heatmap
+    from visedit.world import load_world_split
+
+    recs = [r for r in load_world_split("eval") if r.extra["fact"] == "name"][:6]
+    lifts = np.array([[score_heatmap(m.heatmap(l), r.mask()).lift for l in m.layers]
+                      for r in recs for m in [noise_perturbation(embedded, r.image, r.src, radius=1)]])
+    assert lifts.mean(0).max() > 1.5

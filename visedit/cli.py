@@ -81,6 +81,43 @@ def _contributions(args) -> int:
     return 0
 
 
+def _correct_eval_records(vllm, limit: int | None, progress: bool):
+    from .world import load_world_split
+
+    records = load_world_split("eval", progress=progress)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {limit}")
+    out = []
+    for rec in records:
+        if vllm.score(rec.image, rec.src, rec.pred).exact:
+            out.append(rec)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def _bench(args) -> int:
+    from .bench import bench_tracing
+    from .models import load_vllm
+
+    vllm = load_vllm(args.model)
+    record = _correct_eval_records(vllm, 1, progress=False)[0]
+    result = bench_tracing(vllm, record, repeats=args.repeats, radius=args.radius, n=args.n)
+    print(json.dumps(result, indent=1) if args.json else json.dumps(result))
+    return 0
+
+
+def _regions(args) -> int:
+    from .bench import region_scores
+    from .models import load_vllm
+
+    vllm = load_vllm(args.model)
+    records = _correct_eval_records(vllm, args.limit, progress=not args.json)
+    result = region_scores(vllm, records, progress=not args.json)
+    print(json.dumps(result, indent=1) if args.json else json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-steps", type=int, default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_contributions)
+
+    p = sub.add_parser("bench", help="benchmarks that print ratios (speed goals live here, not in tests)")
+    p.add_argument("what", choices=["tracing"], help="tracing: batched noise perturbation vs the reference loop")
+    p.add_argument("--model", default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--radius", type=int, default=1)
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("regions", help="score every heatmap method against ground-truth object masks")
+    p.add_argument("--model", default=None)
+    p.add_argument("--limit", type=int, default=30, help="correctly answered eval records to use")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_regions)
     return parser
 
 

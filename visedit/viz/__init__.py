@@ -7,9 +7,9 @@ from typing import Sequence
 import numpy as np
 
 from .explorers import answer_explorer
-from .figures import gallery, heatmap_overlay, outline, training_curve
+from .figures import gallery, heatmap_grid, heatmap_overlay, outline, training_curve
 
-__all__ = ["notebook_setup", "answer_explorer", "gallery", "heatmap_overlay", "outline", "training_curve"]
+__all__ = ["notebook_setup", "answer_explorer", "gallery", "heatmap_grid", "heatmap_overlay", "outline", "training_curve"]
 
 
 def notebook_setup() -> str:

@@ -78,3 +78,34 @@ def heatmap_overlay(values: np.ndarray, *, image: Image.Image | None = None, mas
     fig.update_yaxes(visible=False)
     fig.update_layout(title=title, width=size + 80, height=size, margin=dict(l=5, r=5, t=40, b=5))
     return fig
+
+
+def heatmap_grid(heatmaps: Sequence[np.ndarray], titles: Sequence[str], *, image: Image.Image | None = None,
+                 mask: np.ndarray | None = None, cols: int = 4, size: int = 170, diverging: bool = False):
+    """Several heatmaps over the same image side by side (e.g. one per layer), on a shared colour scale."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = -(-len(heatmaps) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.01,
+                        vertical_spacing=0.06)
+    vmax = max(float(np.abs(h).max()) for h in heatmaps) or 1.0
+    base = None
+    if image is not None:
+        base = outline(image, mask) if mask is not None else np.asarray(image.convert("RGB"))
+    for k, h in enumerate(heatmaps):
+        r, c = k // cols + 1, k % cols + 1
+        h = np.asarray(h, dtype=float)
+        if base is not None and h.shape[0] > 1:
+            H, W = base.shape[:2]
+            fig.add_trace(go.Image(z=base, hoverinfo="skip"), row=r, col=c)
+            h = np.kron(h, np.ones((H // h.shape[0], W // h.shape[1])))
+        scale = dict(colorscale="RdBu_r", zmin=-vmax, zmax=vmax) if diverging else \
+            dict(colorscale="Viridis", zmin=0, zmax=vmax)
+        fig.add_trace(go.Heatmap(z=h, opacity=0.6 if base is not None else 1.0, showscale=k == 0, **scale),
+                      row=r, col=c)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_annotations(font_size=11)
+    fig.update_layout(height=rows * size + 50, width=cols * size + 60, margin=dict(l=5, r=5, t=40, b=5))
+    return fig

@@ -53,6 +53,16 @@ class EditRecord:
     m_loc_a: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def mask(self, which: str = "image") -> np.ndarray:
+        """Ground-truth object mask (H, W bool) of ``image``, ``image_rephrase`` or ``m_loc`` (our
+        generated datasets only; real E-VQA files have no masks)."""
+        key = {"image": "mask", "image_rephrase": "mask_rephrase", "m_loc": "m_loc_mask"}.get(which)
+        if key is None:
+            raise ValueError(f"which must be 'image', 'image_rephrase' or 'm_loc', got {which!r}")
+        if key not in self.extra:
+            raise ValueError("this record has no object masks (only datasets made by make_edit_dataset do)")
+        return np.asarray(Image.open(self.extra[key])) > 0
+
 
 class MalformedRecordError(ValueError):
     """A record of an MMEdit file misses a field or holds the wrong type."""
@@ -96,6 +106,9 @@ def _parse_record(i: int, rec: Any, root: Path, path: Path) -> EditRecord:
     for field in ("image", "image_rephrase", "m_loc"):
         values[field] = (root / values[field]).resolve()
     extra = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS}
+    for key in ("mask", "mask_rephrase", "m_loc_mask"):
+        if isinstance(extra.get(key), str):
+            extra[key] = (root / extra[key]).resolve()
     return EditRecord(**values, extra=extra)
 
 
