@@ -16,8 +16,41 @@ from ..hooks import Trace
 from ..models import VLLM
 
 
+_NO_VISUAL = "this input has no visual tokens: pass an image (attribution over visual tokens needs one)"
+
+
+def visual_span(inputs, b: int = 0) -> tuple[int, int]:
+    """(start, stop) of item ``b``'s visual tokens; a clear error when the input has none."""
+    span = inputs.visual_spans[b]
+    if span is None:
+        raise ValueError(_NO_VISUAL)
+    return span
+
+
+def prepare(vllm: VLLM, image, question: str):
+    """Inputs for one (image, question) with its visual span (start, stop) and last prompt position T.
+    Raises a clear error when there is no image."""
+    if image is None:
+        raise ValueError(_NO_VISUAL)
+    inputs = vllm.inputs([(image, question)])
+    start, stop = visual_span(inputs)
+    return inputs, start, stop, inputs.last_prompt[0]
+
+
+class VisualTokenMap:
+    """Mixin for results holding one value per visual token (``visual``) and a ``grid``."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def heatmap(self) -> np.ndarray:
+        """(rows, cols) array on the patch grid, or a (1, N_v) strip without a grid."""
+        values = np.asarray(self.visual)
+        return values.reshape(self.grid) if self.grid else values[None, :]
+
+
 @dataclasses.dataclass(frozen=True)
-class TokenAllocation:
+class TokenAllocation(VisualTokenMap):
     """Allocation of one layer's attention output to source positions.
 
     ``visual``: (N_v,) contribution of each visual token; ``grid``: (rows, cols) or None for
@@ -35,14 +68,6 @@ class TokenAllocation:
     module_projection: float
     max_error: float
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def heatmap(self) -> np.ndarray:
-        """(rows, cols) array on the patch grid, or (1, N_v) strip without a grid."""
-        values = np.asarray(self.visual)
-        return values.reshape(self.grid) if self.grid else values[None, :]
-
     def plot(self, image=None, mask=None, *, title: str | None = None):
         from ..viz import heatmap_overlay
 
@@ -50,24 +75,11 @@ class TokenAllocation:
                                title=title or f"Allocation at layer {self.layer} → '{self.target}'")
 
 
-def visual_span(inputs, b: int = 0) -> tuple[int, int]:
-    """(start, stop) of item ``b``'s visual tokens; a clear error when the input has none."""
-    span = inputs.visual_spans[b]
-    if span is None:
-        raise ValueError("this input has no visual tokens: pass an image (attribution over visual tokens "
-                         "needs one)")
-    return span
-
-
 @torch.no_grad()
 def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: str | None = None) -> TokenAllocation:
     """Exact allocation of layer ``layer``'s attention output at T to each visual token."""
     layer = vllm.adapter.check_layer(layer)
-    if image is None:
-        raise ValueError("this input has no visual tokens: pass an image (attribution over visual tokens needs one)")
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
-    T = inputs.last_prompt[0]
+    inputs, start, stop, T = prepare(vllm, image, question)
     attn = vllm.site(f"llm.layers.{layer}.attn")
     with Trace({"attn": attn, "norm": vllm.site("llm.norm")}, inputs=True) as tr:
         logits = vllm.logits(inputs)[0, T]
@@ -91,11 +103,7 @@ def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray
     """Raw attention weights from the last prompt token to each visual token at ``layer``, averaged
     over heads: a (rows, cols) heatmap (or a 1×N strip)."""
     layer = vllm.adapter.check_layer(layer)
-    if image is None:
-        raise ValueError("this input has no visual tokens: pass an image (attribution over visual tokens needs one)")
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
-    T = inputs.last_prompt[0]
+    inputs, start, stop, T = prepare(vllm, image, question)
     with Trace({"attn": vllm.site(f"llm.layers.{layer}.attn")}, inputs=True) as tr:
         vllm.logits(inputs)
     weights = vllm.adapter.attention_weights(layer, tr.inputs["attn"], tr.kwargs["attn"], T).mean(0)

@@ -18,7 +18,7 @@ import torch
 
 from ..hooks import Trace, edit_output
 from ..models import VLLM
-from .allocation import visual_span
+from .allocation import VisualTokenMap, prepare
 
 
 def token_baseline(input_ids: torch.Tensor, image_token_id: int, fill_id: int, *,
@@ -32,7 +32,7 @@ def token_baseline(input_ids: torch.Tensor, image_token_id: int, fill_id: int, *
 
 
 @dataclasses.dataclass(frozen=True)
-class IGResult:
+class IGResult(VisualTokenMap):
     """Integrated-gradients attribution over visual tokens.
 
     ``visual``: (N_v,) attribution per visual token (summed over hidden units, or over the patch's
@@ -48,13 +48,6 @@ class IGResult:
     relative_delta: float
     output_difference: float
     n_steps: int
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def heatmap(self) -> np.ndarray:
-        values = np.asarray(self.visual)
-        return values.reshape(self.grid) if self.grid else values[None, :]
 
     def plot(self, image=None, mask=None, *, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -77,11 +70,7 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
         raise ValueError(f"n_steps must be ≥ 2, got {n_steps}")
     if baseline not in ("zeros", "mean"):
         raise ValueError(f"baseline must be 'zeros' or 'mean', got {baseline!r}")
-    if image is None:
-        raise ValueError("this input has no visual tokens: pass an image (attribution over visual tokens needs one)")
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
-    T = inputs.last_prompt[0]
+    inputs, start, stop, T = prepare(vllm, image, question)
     grid = vllm.adapter.visual_grid(stop - start)
     tensors = inputs.tensors
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 
 from ..hooks import edit_input
 from ..models import VLLM
-from .allocation import visual_span
+from .allocation import prepare
 
 
 def select_region(heatmap: np.ndarray, *, top_k: int | None = None, threshold: float | None = None,
@@ -93,12 +93,10 @@ def deletion_insertion(vllm: VLLM, image, question: str, order_values: np.ndarra
     """p(y*) while visual tokens are replaced by their mean at the LLM input in decreasing order of
     ``order_values`` (deletion), and while they are put back in that order into an all-mean image
     (insertion). Returns two arrays of ``steps + 1`` probabilities (0 … all tokens)."""
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
+    inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
     if len(order_values) != n_vis:
         raise ValueError(f"heatmap has {len(order_values)} values but the input has {n_vis} visual tokens")
-    T = inputs.last_prompt[0]
     y = int(vllm.logits(inputs)[0, T].argmax())
     order = torch.as_tensor(np.argsort(-np.asarray(order_values), kind="stable").copy())
     counts = np.linspace(0, n_vis, steps + 1).round().astype(int)

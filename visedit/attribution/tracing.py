@@ -27,7 +27,7 @@ import torch
 from ..hooks import Trace
 from ..models import VLLM
 from ..models.backbones import slice_kwargs
-from .allocation import visual_span
+from .allocation import prepare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +122,7 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
     _check(sigma, n, layers, chunk_size)
     if engine not in ("batched", "loop"):
         raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
-    if image is None:
-        raise ValueError("this input has no visual tokens: pass an image (noise perturbation needs one)")
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
-    T = inputs.last_prompt[0]
+    inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
     grid = vllm.adapter.visual_grid(n_vis)
     member = windows(n_vis, grid, radius)
@@ -245,11 +241,7 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
 
     layers = list(range(vllm.n_layers)) if layers is None else [vllm.adapter.check_layer(l) for l in layers]
     _check(1.0 if sigma is None else sigma, n, layers, chunk_size)
-    if image is None:
-        raise ValueError("this input has no visual tokens: pass an image (restoration tracing needs one)")
-    inputs = vllm.inputs([(image, question)])
-    start, stop = visual_span(inputs)
-    T = inputs.last_prompt[0]
+    inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
     grid = vllm.adapter.visual_grid(n_vis)
     member = windows(n_vis, grid, radius) if regions is None else torch.as_tensor(regions, dtype=torch.bool)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..config import StrictConfig
 from ..world import HELDOUT_TEMPLATES, TEXT_TEMPLATES, TRAIN_TEMPLATES, World
 from ..world.entities import COLOURS, DIETS, HABITATS, PATTERNS, SHAPES
 
@@ -16,7 +17,7 @@ PROMPT_WORDS = ("user", ":", "assistant", "the", "answer", "is")
 
 
 @dataclasses.dataclass(frozen=True)
-class TinyConfig:
+class TinyConfig(StrictConfig):
     """Size of the embedded model. Defaults give ≈ 4.6 M parameters (≈ 18 MB in fp32)."""
 
     image_size: int = 64
@@ -40,14 +41,6 @@ class TinyConfig:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden % self.heads or self.vision_hidden % self.vision_heads:
             raise ValueError("hidden sizes must be divisible by their number of heads")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TinyConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TinyConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
 
 
 def vocabulary(world: World) -> list[str]:

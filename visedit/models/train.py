@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import StrictConfig
 from ..hooks import Trace
 from ..io import atomic_path
 from ..world import FACTS, TEXT_FACTS, TRAIN_TEMPLATES, World, make_world, render, text_question
@@ -36,7 +37,7 @@ TRAIN_STREAM = 20
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(StrictConfig):
     """How the tiny model is trained. ``steps`` × ``batch_images`` images are rendered on the fly."""
 
     seed: int = 0
@@ -65,14 +66,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
 
 
 class _Batcher:
