@@ -45,7 +45,9 @@ def _model_card(args) -> int:
 def _make_dataset(args) -> int:
     from .world import DatasetSpec, load_mmedit, make_edit_dataset
 
-    out = make_edit_dataset(args.out, DatasetSpec(seed=args.seed), progress=True)
+    from .world.dataset import default_dataset_dir
+
+    out = make_edit_dataset(args.out or default_dataset_dir(), DatasetSpec(seed=args.seed), progress=True)
     counts = {s: len(load_mmedit(out / f"{s}.json")) for s in ("train", "eval")}
     print(json.dumps({"out": str(out), **counts}, indent=1))
     return 0
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_model_card)
 
     p = sub.add_parser("make-dataset", help="write the world's MMEdit-schema edit dataset")
-    p.add_argument("--out", type=Path, default=Path("data/world"))
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the shared cache folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_dataset)
 

@@ -57,12 +57,14 @@ class IGResult(VisualTokenMap):
 
 
 def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None = None, target: str | None = None,
-                         n_steps: int = 64, internal_batch_size: int = 16, baseline: str = "zeros") -> IGResult:
+                         n_steps: int = 64, internal_batch_size: int = 16, baseline: str = "mean") -> IGResult:
     """Integrated gradients of y*'s logit at T w.r.t. the visual tokens.
 
     ``layer=None`` → on the input pixels (baseline: the all-zero normalised image, i.e. the processor's
-    mean colour); ``layer=l`` → on the visual-token hidden states at the output of LLM layer l
-    (baseline: zeros, or ``"mean"`` = every token replaced by the mean visual token).
+    mean colour; ``baseline`` is ignored); ``layer=l`` → on the visual-token hidden states at the output
+    of LLM layer l. Layer baselines: ``"mean"`` (default) replaces every visual token by the mean visual
+    token — an image with no spatial information; ``"zeros"`` is the textbook choice but sits where
+    the next RMSNorm divides by ≈ 0, so the path integral converges badly (large deltas).
     """
     from captum.attr import IntegratedGradients
 

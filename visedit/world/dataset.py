@@ -219,8 +219,12 @@ def _make_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx
 
 
 def default_dataset_dir() -> Path:
-    """Where the embedded model's edit dataset is generated (``$VISEDIT_DATA`` or ``./data/world``)."""
-    return Path(os.environ.get("VISEDIT_DATA", "data")) / "world"
+    """Where the embedded model's edit dataset is generated once and shared by the CLI, the tests and
+    the notebooks: ``$VISEDIT_DATA/world``, else ``$XDG_CACHE_HOME/visedit/world`` (``~/.cache/…``)."""
+    if os.environ.get("VISEDIT_DATA"):
+        return Path(os.environ["VISEDIT_DATA"]) / "world"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "visedit" / "world"
 
 
 def load_world_split(split: str = "eval", spec: DatasetSpec = DatasetSpec(), *, root=None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "arrow")
+SHAPES = ("circle", "square", "triangle", "star", "ring", "moon", "cross", "arrow")
 COLOURS = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),

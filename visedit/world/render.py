@@ -18,10 +18,24 @@ from .entities import COLOURS, Entity
 _SUPERSAMPLE = 4
 
 
+def _circle(r: float = 1.0, cx: float = 0.0, cy: float = 0.0) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(t), cy + r * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
+
+
+def _outline(shape: str) -> list[tuple[list[tuple[float, float]], int]]:
+    """Unit-size drawing of ``shape`` (radius ≈ 1): polygons drawn in order, each filled (255) or cut
+    out (0) — rings and moons are a disc with a hole."""
+    if shape == "ring":
+        return [(_circle(1.0), 255), (_circle(0.5), 0)]
+    if shape == "moon":
+        return [(_circle(1.0), 255), (_circle(0.85, 0.55, -0.1), 0)]
+    return [(_polygon(shape), 255)]
+
+
 def _polygon(shape: str) -> list[tuple[float, float]]:
-    """Unit-size outline of ``shape`` (radius ≈ 1) as a list of (x, y) vertices."""
+    """Unit-size outline of a plain ``shape`` (radius ≈ 1) as a list of (x, y) vertices."""
     if shape == "circle":
-        return [(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)]
+        return _circle()
     if shape == "square":
         return [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
     if shape == "triangle":
@@ -29,10 +43,6 @@ def _polygon(shape: str) -> list[tuple[float, float]]:
     if shape == "star":
         return [((1.0 if k % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + k * math.pi / 5),
                  (1.0 if k % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
-    if shape == "diamond":
-        return [(0, -1.0), (0.6, 0), (0, 1.0), (-0.6, 0)]
-    if shape == "hexagon":
-        return [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)]
     if shape == "cross":
         a, b = 0.9, 0.32
         return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
@@ -100,21 +110,23 @@ def render(entity: Entity, *, seed: int | np.random.Generator, size: int = 64,
            noise: float = 6.0) -> Rendering:
     """Draw ``entity`` on a cluttered background.
 
-    Position, scale (object radius 21–28% of the image side), rotation, colour jitter, background
+    Position, scale (object radius 23–29% of the image side), rotation, colour jitter, background
     and pixel noise (std ``noise`` in 0–255 units) all come from ``seed``. Same seed → same bytes.
     """
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     img = _background(rng, size)
-    radius = rng.uniform(0.21, 0.28) * size
+    radius = rng.uniform(0.23, 0.29) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
-    theta = rng.uniform(0, 2 * math.pi) if entity.shape != "circle" else 0.0
+    theta = rng.uniform(0, 2 * math.pi) if entity.shape not in ("circle", "ring") else 0.0
     c, s = math.cos(theta), math.sin(theta)
-    pts = [((x * c - y * s) * radius + cx, (x * s + y * c) * radius + cy) for x, y in _polygon(entity.shape)]
     big = size * _SUPERSAMPLE
     mask_img = Image.new("L", (big, big), 0)
-    ImageDraw.Draw(mask_img).polygon([(x * _SUPERSAMPLE, y * _SUPERSAMPLE) for x, y in pts], fill=255)
+    draw = ImageDraw.Draw(mask_img)
+    for poly, fill in _outline(entity.shape):
+        pts = [((x * c - y * s) * radius + cx, (x * s + y * c) * radius + cy) for x, y in poly]
+        draw.polygon([(x * _SUPERSAMPLE, y * _SUPERSAMPLE) for x, y in pts], fill=fill)
     alpha = np.asarray(mask_img.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
     # pattern in object coordinates (rotates with the object)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
