@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 
 ## Execute every notebook on the embedded model and build the book to _build/html (warnings are errors).
 book: $(STAMP)
-	VISEDIT_BOOK=1 $(BIN)/jupyter-book build . -W -n --keep-going
+	VISEDIT_BOOK=1 VISEDIT_STATIC=1 $(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
 ## Unit, integration and notebook (nbval) tests.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+	VISEDIT_STATIC=1 $(BIN)/python -m pytest -q --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 clean:
 	rm -rf _build

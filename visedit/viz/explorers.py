@@ -1,12 +1,38 @@
-"""ipywidgets explorers for live sessions. Built books show a static figure beside each one."""
+"""ipywidgets explorers for live sessions. Built books show a static figure beside each one.
+
+When notebooks run unattended (``VISEDIT_STATIC=1``, set by ``make book`` and ``make test``), explorers
+are not built: widget messages make batch kernels hang now and then, and a built page cannot use them.
+"""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+STATIC_NOTE = "(interactive explorer — run this notebook in Jupyter to use it; the static figure stands in for it)"
+
+
+def static_mode() -> bool:
+    """True when notebooks run unattended (``VISEDIT_STATIC`` set)."""
+    return bool(os.environ.get("VISEDIT_STATIC"))
+
+
+def interactive(fn, **controls):
+    """``ipywidgets.interactive(fn, **controls)`` in a live session; a one-line note when static."""
+    if static_mode():
+        print(STATIC_NOTE)
+        return None
+    import ipywidgets as w
+
+    return w.interactive(fn, **controls)
 
 
 def answer_explorer(vllm, world, *, seed: int = 0):
     """Pick an entity, a question and a rendering; see the image and the model's greedy answer."""
+    if static_mode():
+        print(STATIC_NOTE)
+        return None
     import ipywidgets as w
     from IPython.display import display
 
