@@ -29,7 +29,7 @@ REQUIRED_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", 
                    "m_loc", "m_loc_q", "m_loc_a")
 #: Fields that may hold a list of acceptable strings in real files (the first one is used).
 _MAYBE_LIST = ("pred", "alt", "loc_ans", "m_loc_a")
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # bump when the world or renderer changes: cached datasets are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
