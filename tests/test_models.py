@@ -76,6 +76,8 @@ def test_bad_prompts_and_targets(tiny_random, world):
 def test_unknown_checkpoint_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint folder at"):
         load_vllm(str(tmp_path / "missing" / "ckpt"))
+    with pytest.raises(FileNotFoundError, match="cannot load a checkpoint from 'nobody/no-such-model'"):
+        load_vllm("nobody/no-such-model")  # hub-id shaped, not downloaded: no network access is attempted
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="cannot load a checkpoint from"):
         load_vllm(tmp_path / "empty")

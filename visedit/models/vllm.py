@@ -253,9 +253,10 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     else:
         path = Path(path_or_id)
         name = str(path_or_id)
-        if not path.exists() and (os.sep in str(path_or_id).strip("/") and str(path_or_id).count("/") != 1
-                                  or str(path_or_id).startswith((".", "/"))):
-            raise FileNotFoundError(f"no checkpoint folder at {path_or_id!s}: pass a folder holding config.json "
+        text = str(path_or_id)
+        looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+        if not path.exists() and not looks_like_hub_id:
+            raise FileNotFoundError(f"no checkpoint folder at {text}: pass a folder holding config.json "
                                     "and weights, or a hub id such as 'llava-hf/llava-1.5-7b-hf'")
     source = str(path) if path.exists() else str(path_or_id)
     try:
