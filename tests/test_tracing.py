@@ -48,6 +48,7 @@ def test_restoring_everything_at_layer_0_recovers_the_clean_output(tiny_random, 
 
 
 def test_tracing_leaves_no_hooks(tiny_random, shot):
+    tiny_random.logits(tiny_random.inputs([(shot.image, image_question("diet"))]))  # transformers' own hooks
     before = hook_count(tiny_random.model)
     noise_perturbation(tiny_random, shot.image, image_question("diet"), radius=1, n=2)
     restoration_tracing(tiny_random, shot.image, image_question("diet"), n=2, layers=[2])
@@ -104,3 +105,20 @@ def test_scores_have_oracles(tiny_random, shot):
 def test_attention_map_is_a_distribution_share(tiny_random, shot):
     a = attention_map(tiny_random, shot.image, image_question("shape"), layer=1)
     assert a.shape == (4, 4) and (a >= 0).all() and a.sum() <= 1 + 1e-6
+
+
+def test_no_hook_survives_an_exception_inside_tracing(tiny_random, shot, monkeypatch):
+    tiny_random.logits(tiny_random.inputs([(shot.image, image_question("colour"))]))  # transformers' own hooks
+    before = hook_count(tiny_random.model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(tiny_random.adapter, "attention_state", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        noise_perturbation(tiny_random, shot.image, image_question("colour"), radius=1)
+    monkeypatch.setattr(tiny_random.adapter, "run_from", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        restoration_tracing(tiny_random, shot.image, image_question("colour"), n=2)
+    monkeypatch.undo()
+    assert hook_count(tiny_random.model) == before
