@@ -120,6 +120,143 @@ def _regions(args) -> int:
     return 0
 
 
+def _records(args, progress: bool):
+    from .world import load_mmedit, load_world_split
+
+    if args.data is not None:
+        records = load_mmedit(args.data, image_root=args.image_root)
+    else:
+        records = load_world_split(args.split, progress=progress)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+        records = records[: args.limit]
+    return records
+
+
+def _evaluate(args) -> int:
+    from .editing import get_editor
+    from .evaluation import evaluate
+    from .models import load_vllm
+
+    vllm = load_vllm(args.model, device=args.device)
+    overrides = {"weights": str(args.weights)} if args.weights is not None else {}
+    editor = get_editor(args.editor, vllm, preset=args.preset, **overrides)
+    records = _records(args, progress=not args.json)
+    source = Path(args.data).stem if args.data is not None else args.split
+    out = args.out or Path("results") / "evaluate" / f"{args.editor}-{source}-n{len(records)}"
+    summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=not args.json)
+    result = {**summary.to_dict(), "out": str(out)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(summary.table().to_string())
+        print(f"n = {summary.n}, mean edit time {summary.edit_seconds_mean:.3f} s; written to {out}")
+    return 0
+
+
+def _tune(args) -> int:
+    from .evaluation.tune import tune
+    from .models import load_vllm
+    from .world import load_world_split
+
+    try:
+        grid = json.loads(args.grid)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--grid must be JSON, e.g. '{{\"lr\": [1e-3, 1e-4]}}': {err}") from err
+    if not isinstance(grid, dict):
+        raise ValueError("--grid must be a JSON object mapping settings to lists of values")
+    if args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    records = load_world_split("train", progress=not args.json)
+    records = records[:: max(1, len(records) // args.limit)][: args.limit]  # spread over entities and facts
+    result = tune(args.editor, load_vllm(args.model), records, grid, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.table().to_string())
+        print(f"best on {result.n} train edits: {result.best}")
+    return 0
+
+
+def _train_mend(args) -> int:
+    from .editing import MENDConfig, load_preset, train_mend
+    from .models import load_vllm
+    from .world import load_world_split
+
+    settings = load_preset("mend", args.config)
+    settings.pop("weights", None)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    config = MENDConfig.from_dict(settings)
+    vllm = load_vllm(args.model)
+    _, info = train_mend(vllm, load_world_split("train", progress=not args.json), config, out=args.out,
+                         progress=not args.json)
+    print(json.dumps({"out": str(args.out), "wall_seconds": info["wall_seconds"],
+                      "best_val_mean": info["best_val_mean"]}, indent=1))
+    return 0
+
+
+def _train_vead(args) -> int:
+    from .editing import VEADConfig, load_preset
+    from .editing.vead import choose_edit_layer, train_vead
+    from .models import load_vllm
+    from .world import load_world_split
+
+    settings = load_preset("vead", args.config)
+    settings.pop("weights", None)
+    for key in ("steps", "seed", "layer"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.no_im:
+        settings["use_im"] = False
+    vllm = load_vllm(args.model, device=args.device)
+    records = load_world_split("train", progress=not args.json)
+    if args.limit is not None:
+        if args.limit < 2:
+            raise ValueError(f"--limit must be ≥ 2, got {args.limit}")
+        records = records[:: max(1, len(records) // args.limit)][: args.limit]
+    if settings.get("layer") is None or args.model is not None and args.layer is None:
+        settings["layer"] = choose_edit_layer(vllm, records)
+    _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=not args.json)
+    print(json.dumps({"out": str(args.out), "layer": settings["layer"], "wall_seconds": info["wall_seconds"],
+                      "best_val_mean": info["best_val_mean"]}, indent=1))
+    return 0
+
+
+def _sweep_vead(args) -> int:
+    from .editing import VEADConfig, load_preset
+    from .editing.vead import train_vead
+    from .evaluation import evaluate
+    from .io import write_json
+    from .models import load_vllm
+    from .world import load_world_split
+
+    vllm = load_vllm(args.model, device=args.device)
+    train = load_world_split("train", progress=False)
+    train = train[:: max(1, len(train) // args.limit)][: args.limit]
+    evals = load_world_split("eval", progress=False)
+    evals = evals[:: max(1, len(evals) // args.eval_limit)][: args.eval_limit]
+    settings = load_preset("vead", args.config)
+    settings.pop("weights", None)
+    settings["steps"] = args.steps
+    rows = []
+    for layer in args.layers:
+        for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
+            config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
+            tag = f"layer{layer}" + ("" if use_im else "-noim")
+            editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
+            summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
+            row = {"layer": layer, "use_im": use_im, "train_seconds": info["wall_seconds"], **summary.to_dict()}
+            write_json(args.out / f"{tag}.json", row)
+            rows.append(row)
+    print(json.dumps([{k: r[k] for k in ("layer", "use_im", "mean", "reliability", "t_generality", "m_generality",
+                                         "t_locality", "m_locality")} for r in rows], indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,7 +303,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=30, help="correctly answered eval records to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
+
+    p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor")
+    p.add_argument("--editor", required=True, choices=_all_editors(), help="which editor")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the world's dataset")
+    p.add_argument("--data", default=None, help="an MMEdit-schema JSON file instead (e.g. E-VQA's)")
+    p.add_argument("--image-root", default=None, help="folder that --data's image paths are relative to")
+    p.add_argument("--limit", type=int, default=None, help="use the first N records")
+    p.add_argument("--preset", default=None, help="YAML settings for the editor (default: its shipped preset)")
+    p.add_argument("--weights", default=None, type=Path, help="trained editor folder (mend)")
+    p.add_argument("--out", default=None, type=Path, help="results folder (default: results/evaluate/…)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("tune", help="grid-search an editor's settings on the train split")
+    p.add_argument("--editor", required=True, choices=_all_editors())
+    p.add_argument("--grid", required=True, help='JSON object, e.g. \'{"layer": [2, 4, 6], "lr": [1e-3, 1e-4]}\'')
+    p.add_argument("--limit", type=int, default=40, help="train edits to score each setting on (spread over the split)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("train-vead", help="train VisEdit's VEAD on the train split (seeded, resumable)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically; resumes if interrupted)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--config", default=None, help="YAML with VEAD settings (default: presets/vead.yaml)")
+    p.add_argument("--layer", type=int, default=None, help="l_e (default: the preset's, or chosen from the "
+                   "contribution profile for another --model)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="train on N records spread over the split")
+    p.add_argument("--no-im", action="store_true", help="ablation: no influence mapper (gate = 1)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
+    p.set_defaults(func=_train_vead)
+
+    p = sub.add_parser("sweep-vead", help="train and evaluate VEAD at several layers l_e (reduced budget)")
+    p.add_argument("--layers", type=int, nargs="+", required=True)
+    p.add_argument("--out", required=True, type=Path, help="folder for one JSON per layer (plus the trained VEADs)")
+    p.add_argument("--limit", type=int, default=600, help="train records (spread over the split)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--eval-limit", type=int, default=100, help="eval edits (spread over the split)")
+    p.add_argument("--ablate-im", action="store_true", help="also train each layer without the influence mapper")
+    p.add_argument("--no-im", action="store_true", help="train only without the influence mapper (gate = 1)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_sweep_vead)
+
+    p = sub.add_parser("train-mend", help="train MEND's editor networks on the train split")
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--config", default=None, help="YAML with MEND settings (default: presets/mend.yaml)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
+    p.set_defaults(func=_train_mend)
     return parser
+
+
+def _all_editors() -> list[str]:
+    from .editing import editor_names
+
+    return editor_names()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,8 +63,8 @@ class Trace(contextlib.AbstractContextManager):
         self.kwargs: dict[str, dict] = {}
         self._stack = contextlib.ExitStack()
 
-    def _keep(self, t: torch.Tensor) -> torch.Tensor:
-        return t.detach() if self.detach else t
+    def _keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.detach() if self.detach and t is not None else t
 
     def __enter__(self) -> "Trace":
         handles = self._stack.enter_context(_handles())

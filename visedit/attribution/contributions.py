@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..hooks import Trace
+from ..stats import bootstrap_ci
 from ..models import VLLM, unembed
 
 
@@ -118,16 +119,6 @@ class ContributionProfile:
                           high={"attention": self.high[keys[0]], "MLP": self.high[keys[1]]}, method=method,
                           title=f"{'Paper formula' if method == 'paper' else 'Direct logit attribution'} "
                                 f"(n = {self.n})")
-
-
-def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
-    """Mean and percentile bootstrap interval over axis 0 of ``values`` (n, …)."""
-    values = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    means = values[idx].mean(1)
-    lo, hi = np.percentile(means, [(1 - level) / 2 * 100, (1 + level) / 2 * 100], axis=0)
-    return values.mean(0), lo, hi
 
 
 def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = True, alpha: float = 0.5,

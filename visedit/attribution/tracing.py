@@ -167,7 +167,7 @@ def _batched(vllm, layer, x, kwargs, clean, z, member, start, T, chunk_size) -> 
     dk, dv = vllm.adapter.attention_delta(st, z, start)  # (n, H, N_v, hd) each
     e = torch.einsum("hk,nhjk->nhj", st["q"], dk) * st["scaling"]  # score change per copy, head, visual token
     vals = []
-    m_all = member.to(x.dtype)
+    m_all = member.to(device=x.device, dtype=x.dtype)
     for c0 in range(0, member.shape[0], chunk_size):
         m = m_all[c0: c0 + chunk_size]  # (W, N_v)
         scores = st["scores"][None, None].expand(m.shape[0], z.shape[0], -1, -1).clone()  # (W, n, H, T+1)

@@ -96,6 +96,10 @@ class BackboneAdapter:
         raise ValueError(f"unknown site {name!r}; sites are {', '.join(fixed)}, llm.layers.{{l}}, "
                          "llm.layers.{l}.attn, llm.layers.{l}.mlp")
 
+    def vision_layers(self) -> list[nn.Module]:
+        """The vision-encoder blocks whose output reaches the LLM, in order (fine-tuning the vision side)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its vision layers yet")
+
     def site_names(self) -> list[str]:
         names = list(self._fixed_sites())
         for l in range(self.n_layers):
@@ -129,6 +133,16 @@ class LlavaAdapter(BackboneAdapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    def vision_layers(self) -> list[nn.Module]:
+        """The vision-tower blocks whose output reaches the projector (up to ``vision_feature_layer``)."""
+        layers = list(self.model.model.vision_tower.encoder.layers)
+        feature_layer = self.model.config.vision_feature_layer
+        if not isinstance(feature_layer, int):  # a list of layers: everything up to the deepest is used
+            feature_layer = max(feature_layer, key=lambda l: l % (len(layers) + 1))
+        # hidden_states[0] is the embedding output, so hidden_states[k] is the output of block k-1
+        stop = feature_layer % (len(layers) + 1)
+        return layers[:stop]
 
     def attention_weights(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
         """Attention weights (heads, query+1) of position ``query`` over positions 0…query at ``layer``,

@@ -128,11 +128,12 @@ class VLLM:
         return ids
 
     def inputs(self, items: Sequence[tuple[ImageLike, str] | tuple[ImageLike, str, str | None]], *,
-               add_eos: bool = False) -> Inputs:
+               add_eos: bool = False, context: str = "") -> Inputs:
         """Build right-padded inputs for (image, question[, target]) items.
 
         ``image`` may be a path, a PIL image or None (text-only). Targets are appended after the prompt;
-        with ``add_eos`` the end-of-sequence token is appended to each target as well.
+        with ``add_eos`` the end-of-sequence token is appended to each target as well. ``context`` is
+        text placed before every formatted prompt (in-context editing puts demonstrations there).
         """
         if len(items) == 0:
             raise ValueError("no items given: pass at least one (image, question[, target]) tuple")
@@ -142,6 +143,8 @@ class VLLM:
             image, question, target = (tuple(item) + (None,))[:3]
             img = load_image(image) if image is not None else None
             prompt = self.format_prompt(question, has_image=img is not None)
+            if context:
+                prompt = context.rstrip() + " " + prompt
             enc = self.processor(text=[prompt], images=[img] if img is not None else None, return_tensors="pt")
             ids = enc["input_ids"][0].tolist()
             if img is not None:
@@ -181,11 +184,11 @@ class VLLM:
         return self.score_batch([(image, question, target)], add_eos=add_eos)[0]
 
     @torch.no_grad()
-    def score_batch(self, items, *, add_eos: bool = False) -> list[Score]:
+    def score_batch(self, items, *, add_eos: bool = False, context: str = "") -> list[Score]:
         """Teacher-forced scores for many (image, question, target) items in one forward pass."""
         if any(len(it) < 3 or it[2] is None for it in items):
             raise ValueError("score_batch needs (image, question, target) items with a target")
-        inputs = self.inputs(items, add_eos=add_eos)
+        inputs = self.inputs(items, add_eos=add_eos, context=context)
         logp = self.logits(inputs).log_softmax(-1)
         out = []
         for b, item in enumerate(items):
@@ -202,9 +205,9 @@ class VLLM:
         return self.answer_batch([(image, question)], max_new_tokens=max_new_tokens)[0]
 
     @torch.no_grad()
-    def answer_batch(self, items, *, max_new_tokens: int = 8) -> list[str]:
+    def answer_batch(self, items, *, max_new_tokens: int = 8, context: str = "") -> list[str]:
         """Greedy answers for many (image, question) items (no KV cache; fine for short answers)."""
-        inputs = self.inputs([(it[0], it[1]) for it in items])
+        inputs = self.inputs([(it[0], it[1]) for it in items], context=context)
         ids = inputs.tensors["input_ids"]
         mask = inputs.tensors["attention_mask"]
         lengths = mask.sum(1)
@@ -216,7 +219,9 @@ class VLLM:
             ids = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
             mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
             logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **extra).logits
-            nxt = logits[torch.arange(len(items)), lengths - 1].argmax(-1)
+            step = logits[torch.arange(len(items)), lengths - 1]
+            step[:, self.adapter.image_token_id] = float("-inf")  # an image token would need an image
+            nxt = step.argmax(-1)
             for b in range(len(items)):
                 if not done[b]:
                     if nxt[b].item() == eos:

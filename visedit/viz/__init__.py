@@ -6,10 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .explorers import answer_explorer, interactive, static_mode
+from .explorers import answer_explorer, edit_playground, interactive, static_mode
 from .figures import gallery, heatmap_grid, heatmap_overlay, outline, training_curve
 
-__all__ = ["notebook_setup", "interactive", "static_mode", "answer_explorer", "gallery", "heatmap_grid", "heatmap_overlay", "outline", "training_curve"]
+__all__ = ["notebook_setup", "interactive", "static_mode", "answer_explorer", "edit_playground", "gallery", "heatmap_grid", "heatmap_overlay", "outline", "training_curve"]
 
 
 def notebook_setup() -> str:

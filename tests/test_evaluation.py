@@ -1,0 +1,120 @@
+"""The MMEdit protocol: metric definitions against hand computation, resuming after a kill, real-format
+files, the `evaluate` CLI and its sanity check (`--editor none`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from visedit.cli import main
+from visedit.editing import EditRequest, get_editor
+from visedit.evaluation import METRICS, EvalSummary, evaluate, probes, score_edit
+from visedit.world import DatasetSpec, load_world_split
+
+# seed 0: entity names come from the same world as the tiny model's vocabulary
+SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return load_world_split("eval", SPEC, root=tmp_path_factory.mktemp("eval_data"))
+
+
+def test_metrics_match_hand_computation(tiny_random, records):
+    record = records[0]
+    editor = get_editor("ft_l", tiny_random, layer=-1, max_steps=3, stop_loss=0.0)
+    p = probes(record)
+    pre_loc = tiny_random.score_batch([p["t_locality"], p["m_locality"]])
+    pre_answer = tiny_random.answer_batch([p["m_locality"][:2]])[0]
+    with editor.edit(EditRequest.from_record(record)):
+        post = {m: tiny_random.score(*p[m]) for m in METRICS}
+        post_answer = {m: tiny_random.answer(*p[m][:2]) for m in METRICS}
+    result = score_edit(editor, record)
+    alt_ids = tiny_random.encode_target(record.alt)
+    by_hand = sum(a == t for a, t in zip(post["reliability"].argmax_ids, alt_ids)) / len(alt_ids)
+    assert result.token["reliability"] == pytest.approx(by_hand)
+    same = [a == b for a, b in zip(post["m_locality"].argmax_ids, pre_loc[1].argmax_ids)]
+    assert result.token["m_locality"] == pytest.approx(sum(same) / len(same))
+    assert result.exact["m_locality"] == float(post_answer["m_locality"] == pre_answer)
+    assert result.exact["reliability"] == float(post_answer["reliability"] == record.alt)
+    assert result.answers["m_locality_pre"] == pre_answer
+
+
+def test_none_editor_is_the_identity(tiny_random, records):
+    summary = evaluate(get_editor("none", tiny_random), records[:4], progress=False)
+    assert summary.token["t_locality"] == summary.token["m_locality"] == 1.0
+    assert summary.exact["t_locality"] == summary.exact["m_locality"] == 1.0
+    assert summary.n == 4
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in ("edit_seconds", "total_seconds")} for r in rows]
+
+
+def test_resume_after_kill_loses_nothing(tiny_random, records, tmp_path, monkeypatch):
+    recs = records[:6]
+    editor = get_editor("ft_l", tiny_random, layer=-1, max_steps=2)
+    full = evaluate(editor, recs, out=tmp_path / "full", progress=False)
+    full_rows = [json.loads(l) for l in (tmp_path / "full" / "edits.jsonl").read_text().splitlines()]
+
+    calls = {"n": 0}
+    original = type(editor)._apply
+
+    def dies_at_fourth(self, request):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # what a kill looks like from inside the loop
+        original(self, request)
+
+    monkeypatch.setattr(type(editor), "_apply", dies_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(editor, recs, out=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(type(editor), "_apply", original)
+    jsonl = tmp_path / "cut" / "edits.jsonl"
+    assert len(jsonl.read_text().splitlines()) == 3
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    with open(jsonl, "a") as f:  # and a line half-written when the process died
+        f.write('{"index": 3, "token": {"reliab')
+    resumed = evaluate(editor, recs, out=tmp_path / "cut", progress=False)
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    assert _strip(rows) == _strip(full_rows)
+    assert resumed.token == full.token and resumed.exact == full.exact and resumed.n == 6
+    assert EvalSummary.load(tmp_path / "cut" / "summary.json").token == full.token
+
+
+def test_resume_refuses_a_different_run(tiny_random, records, tmp_path):
+    evaluate(get_editor("none", tiny_random), records[:2], out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="holds a different evaluation run"):
+        evaluate(get_editor("none", tiny_random), records[:3], out=tmp_path, progress=False)
+    fresh = evaluate(get_editor("none", tiny_random), records[:3], out=tmp_path, resume=False, progress=False)
+    assert fresh.n == 3
+
+
+def test_evaluate_cli_reads_real_evqa_files(tiny_random_dir, records, tmp_path, capsys):
+    """A hand-written E-VQA record with COCO-style relative paths, evaluated through the CLI."""
+    coco = tmp_path / "coco"
+    r = records[0]
+    paths = {"image": "val2014/COCO_val2014_000000000042.jpg",
+             "image_rephrase": "val2014_image_rephrase/COCO_val2014_000000000042.png",
+             "m_loc": "train2014/COCO_train2014_000000000009.jpg"}
+    for field, rel in paths.items():
+        (coco / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(getattr(r, field), coco / rel)
+    record = {"src": r.src, "pred": [r.pred], "alt": r.alt, "rephrase": r.rephrase, **paths, "loc": r.loc,
+              "loc_ans": r.loc_ans, "m_loc_q": r.m_loc_q, "m_loc_a": [r.m_loc_a]}
+    data = tmp_path / "vqa_eval.json"
+    data.write_text(json.dumps([record]))
+    code = main(["evaluate", "--editor", "none", "--model", str(tiny_random_dir), "--data", str(data),
+                 "--image-root", str(coco), "--out", str(tmp_path / "out"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["n"] == 1 and out["t_locality"] == 1.0
+    assert set(out["exact_match"]) == set(METRICS)
+
+
+def test_evaluate_cli_errors(tiny_random_dir, capsys):
+    assert main(["evaluate", "--editor", "none", "--model", str(tiny_random_dir), "--limit", "0"]) == 2
+    assert "--limit must be ≥ 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--editor", "rome"])

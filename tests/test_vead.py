@@ -1,0 +1,168 @@
+"""VEAD on a tiny random LLaVA: where it acts (visual slice only, image inputs only, multi-token
+passes only), one edit per row, the gate, the cached training path against the real model, training
+determinism and resuming, and hook hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visedit.editing import EditRequest, VEAD, VEADConfig, VEADEditor, get_editor, train_vead
+from visedit.editing.base import target_loss
+from visedit.editing.vead import train as vead_train
+from visedit.hooks import hook_count
+from visedit.world import DatasetSpec, load_world_split
+
+# seed 0: entity names come from the same world as the tiny model's vocabulary
+SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return load_world_split("train", SPEC, root=tmp_path_factory.mktemp("vead_data"))
+
+
+@pytest.fixture()
+def editor(tiny_random):
+    torch.manual_seed(0)
+    ed = VEADEditor(tiny_random, VEADConfig(layer=1))
+    torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+    return ed
+
+
+def test_untrained_vead_is_the_identity(tiny_random, records):
+    ed = VEADEditor(tiny_random, VEADConfig(layer=1))
+    r = records[0]
+    x = tiny_random.inputs([(r.image, r.src, r.alt)])
+    before = tiny_random.logits(x)
+    with ed.edit(EditRequest.from_record(records[1])):
+        assert torch.equal(tiny_random.logits(x), before)
+
+
+def test_vead_touches_only_image_inputs_after_the_visual_slice(tiny_random, records, editor):
+    r = records[0]
+    x = tiny_random.inputs([(r.image, r.src, r.alt), (None, r.loc, r.loc_ans)])
+    start, stop = x.visual_spans[0]
+    before = tiny_random.logits(x)
+    with editor.edit(EditRequest.from_record(records[1])):
+        after = tiny_random.logits(x)
+    assert torch.equal(after[1], before[1])  # text-only row: untouched, bit for bit
+    assert torch.equal(after[0, :start], before[0, :start])  # positions before the image: untouched
+    assert not torch.allclose(after[0, stop:], before[0, stop:])
+
+
+def test_vead_is_off_on_single_token_steps(tiny_random, records, editor):
+    ids = torch.tensor([[tiny_random.adapter.image_token_id]])
+    with editor.edit(EditRequest.from_record(records[1])):
+        editor._top.kwargs["model"] = {"input_ids": ids}
+        assert editor._visual_rows(1) is None
+
+
+def test_one_edit_per_row_matches_single_edits(tiny_random, records, editor):
+    reqs = [EditRequest.from_record(records[1]), EditRequest.from_record(records[2])]
+    probes = [(records[3].image, records[3].src, records[3].alt), (records[4].image, records[4].rephrase, records[4].alt)]
+    with editor.edit_each(reqs):
+        both = tiny_random.score_batch(probes)
+    single = []
+    for req, probe in zip(reqs, probes):
+        with editor.edit(req):
+            single.append(tiny_random.score_batch([probe])[0])
+    for a, b in zip(both, single):
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    with editor.edit_each(reqs), pytest.raises(ValueError, match="2 edits are applied, one per row"):
+        tiny_random.score_batch(probes[:1])
+
+
+def test_gate_is_a_probability_map(tiny_random, records, editor):
+    with editor.edit(EditRequest.from_record(records[1])):
+        gate = editor.gate(records[3].image, records[3].src)
+        with pytest.raises(ValueError, match="needs an image"):
+            editor.gate(None, records[3].loc)
+    assert gate.shape == tiny_random.adapter.visual_grid(gate.size)
+    assert ((gate > 0) & (gate < 1)).all()
+    with pytest.raises(RuntimeError, match="needs an applied edit"):
+        editor.gate(records[3].image, records[3].src)
+    ablated = VEADEditor(tiny_random, VEADConfig(layer=1, use_im=False))
+    with ablated.edit(EditRequest.from_record(records[1])):
+        assert (ablated.gate(records[3].image, records[3].src) == 1).all()
+
+
+def test_cached_training_path_reproduces_the_model(tiny_random, records):
+    config = VEADConfig(layer=1, w_im=0.0)
+    cache = vead_train.Cache(tiny_random, 1, config)
+    batch = [cache.record(r) for r in records[:3]]
+    vead = VEAD(**config.resolved(tiny_random.model.config.text_config.hidden_size))
+    _, parts = vead_train.step_loss(vead, cache, batch, config, np.random.default_rng(0))
+    rel = np.mean([float(target_loss(tiny_random, tiny_random.inputs([(r.image, r.src, r.alt)]))) for r in records[:3]])
+    assert parts["rel"] == pytest.approx(rel, rel=1e-5)
+    assert abs(parts["loc"]) < 1e-6  # identity VEAD: the locality KL is zero
+
+
+def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_path, monkeypatch):
+    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
+    reference, info = train_vead(tiny_random, records, config, progress=False)
+    assert [h["step"] for h in info["history"]] == [3, 6]
+
+    calls = {"n": 0}
+    original = vead_train.step_loss
+
+    def dies_at_step_five(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(vead_train, "step_loss", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+    assert not (tmp_path / "vead").exists()  # nothing half-written under the final name
+    monkeypatch.setattr(vead_train, "step_loss", original)
+    resumed, _ = train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+    for k, v in reference.adapter.state_dict().items():
+        assert torch.equal(resumed.adapter.state_dict()[k], v), k
+    loaded = get_editor("vead", tiny_random, weights=str(tmp_path / "vead"))
+    assert loaded.layer == 1 and loaded.config == config
+    for k, v in reference.adapter.state_dict().items():
+        assert torch.equal(loaded.adapter.state_dict()[k], v), k
+
+
+def test_no_hook_survives(tiny_random, records, editor):
+    hooks = hook_count(tiny_random.model)
+    with pytest.raises(ZeroDivisionError):
+        with editor.edit(EditRequest.from_record(records[1])):
+            assert hook_count(tiny_random.model) > hooks
+            1 / 0
+    assert hook_count(tiny_random.model) == hooks
+
+
+def test_vead_config_errors(tiny_random):
+    with pytest.raises(ValueError, match="unknown VEADConfig key"):
+        VEADConfig.from_dict({"lyer": 3})
+    with pytest.raises(ValueError, match="layer is not set"):
+        VEADEditor(tiny_random, VEADConfig())
+    with pytest.raises(ValueError, match="out of range"):
+        VEADEditor(tiny_random, VEADConfig(layer=9))
+    with pytest.raises(FileNotFoundError, match="train-vead"):
+        get_editor("vead", tiny_random, weights="/nonexistent/vead")
+
+
+def test_vead_of_another_model_is_refused(tiny_random, embedded, records, tmp_path):
+    VEADEditor(tiny_random, VEADConfig(layer=1)).save(tmp_path / "vead")
+    with pytest.raises(ValueError, match="trained for another model"):
+        get_editor("vead", embedded, weights=str(tmp_path / "vead"))
+
+
+def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, capsys):
+    import json
+
+    from visedit.cli import main
+
+    config = tmp_path / "vead.yaml"
+    config.write_text("val_every: 1\nval_edits: 1\nbatch: 2\nsampled_tokens: 4\n")
+    code = main(["sweep-vead", "--layers", "0", "2", "--limit", "4", "--steps", "2", "--eval-limit", "2",
+                 "--model", str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["layer"] for r in rows] == [0, 2]
+    assert all(r["t_locality"] == 1.0 for r in rows)  # VEAD never touches text-only inputs
+    assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()

@@ -1,0 +1,205 @@
+"""The editor protocol every editor implements: apply an edit, restore the model, or both in a block.
+
+>>> editor = get_editor("ft_l", vllm)
+>>> with editor.edit(EditRequest(image, "what shape is this creature ?", "star")):
+...     editor.answer_batch([(image, "what shape is this creature ?")])
+['star']
+
+After :meth:`Editor.restore` (and after the ``with`` block, even when it raised) the model's logits
+on any input are bit-identical to before the edit: weight editors copy back the exact tensors they
+saved; hook and context editors remove what they added.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+
+from ..config import StrictConfig
+from ..models.vllm import VLLM, Inputs
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRequest:
+    """One edit: after it, the model should answer ``prompt`` about ``image`` with ``target``."""
+
+    image: Any
+    prompt: str
+    target: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("EditRequest.prompt is empty: pass the question to edit, e.g. 'what shape is this creature ?'")
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise ValueError("EditRequest.target is empty: pass the new answer, e.g. 'star'")
+
+    @classmethod
+    def from_record(cls, record) -> "EditRequest":
+        """The edit of an MMEdit record: (image, src) → alt."""
+        return cls(record.image, record.src, record.alt)
+
+
+class Editor(abc.ABC):
+    """Base class. Subclasses implement :meth:`_apply` and, if they change weights, list them in
+    :meth:`edited_parameters` (saved before and copied back on restore)."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = StrictConfig
+
+    def __init__(self, vllm: VLLM, config=None):
+        self.vllm = vllm
+        self.config = config if config is not None else self.config_class()
+        self.request: EditRequest | None = None
+        self._saved: dict[str, torch.Tensor] = {}
+
+    # --- what subclasses provide -------------------------------------------------------------------
+    def edited_parameters(self) -> Mapping[str, torch.nn.Parameter]:
+        """Parameters this editor may change (saved before every edit, restored exactly)."""
+        return {}
+
+    @abc.abstractmethod
+    def _apply(self, request: EditRequest) -> None:
+        """Make the edit (weights are already saved)."""
+
+    def _undo(self) -> None:
+        """Undo what is not a weight change (contexts, hooks). Weights are restored by the base class."""
+
+    def context(self) -> str:
+        """Text put before every prompt while an edit is applied (in-context editors)."""
+        return ""
+
+    # --- the protocol --------------------------------------------------------------------------------
+    @property
+    def applied(self) -> bool:
+        return self.request is not None
+
+    def apply(self, request: EditRequest) -> None:
+        """Apply one edit. Raises if an edit is already applied (restore first)."""
+        if not isinstance(request, EditRequest):
+            raise TypeError(f"apply() needs an EditRequest, got {type(request).__name__}")
+        if self.applied:
+            raise RuntimeError(f"{self.name}: an edit is already applied; call restore() first")
+        params = dict(self.edited_parameters())
+        self._saved = {name: p.detach().clone() for name, p in params.items()}
+        self._grad_flags = {name: p.requires_grad for name, p in params.items()}
+        self.request = request
+        try:
+            self._apply(request)
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        """Return the model to exactly its pre-edit state (a no-op when nothing is applied)."""
+        if not self.applied:
+            return
+        try:
+            self._undo()
+        finally:
+            params = dict(self.edited_parameters())
+            with torch.no_grad():
+                for name, saved in self._saved.items():
+                    params[name].copy_(saved)
+                    params[name].requires_grad_(self._grad_flags[name])
+                    params[name].grad = None
+            self._saved = {}
+            self.request = None
+
+    @contextlib.contextmanager
+    def edit(self, request: EditRequest) -> Iterator["Editor"]:
+        """Apply ``request`` inside the block; restore on exit, also when the block raises."""
+        self.apply(request)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    # --- reading the (possibly edited) model --------------------------------------------------------
+    def score_batch(self, items, **kw):
+        """Teacher-forced scores through the edited model (see :meth:`VLLM.score_batch`)."""
+        return self.vllm.score_batch(items, context=self.context() if self.applied else "", **kw)
+
+    def answer_batch(self, items, **kw):
+        """Greedy answers through the edited model (see :meth:`VLLM.answer_batch`)."""
+        return self.vllm.answer_batch(items, context=self.context() if self.applied else "", **kw)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+def target_loss(vllm: VLLM, inputs: Inputs, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens of ``inputs`` (differentiable; runs the model unless
+    ``logits`` (B, S, V) are given)."""
+    if logits is None:
+        logits = vllm.model(**inputs.tensors, use_cache=False).logits
+    rows, cols, ids = [], [], []
+    for b, (pos, tid) in enumerate(zip(inputs.target_positions, inputs.target_ids)):
+        rows += [b] * len(pos)
+        cols += [p - 1 for p in pos]
+        ids += list(tid)
+    if not ids:
+        raise ValueError("target_loss needs inputs built with targets")
+    picked = logits[torch.tensor(rows), torch.tensor(cols)].float()
+    return torch.nn.functional.cross_entropy(picked, torch.tensor(ids, device=picked.device))
+
+
+# --------------------------------------------------------------------------------------------- registry
+_EDITORS: dict[str, type[Editor]] = {}
+
+
+def register_editor(cls: type[Editor]) -> type[Editor]:
+    _EDITORS[cls.name] = cls
+    return cls
+
+
+def editor_names() -> list[str]:
+    return sorted(_EDITORS)
+
+
+def load_preset(name: str, path: str | Path | None = None) -> dict:
+    """The YAML preset of editor ``name`` (``presets/<name>.yaml``), or the file at ``path``."""
+    import yaml
+
+    file = Path(path) if path is not None else PRESET_DIR / f"{name}.yaml"
+    if not file.exists():
+        if path is not None:
+            raise FileNotFoundError(f"preset file not found: {file}")
+        return {}
+    data = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a YAML mapping of {name} settings")
+    return data
+
+
+def get_editor(name: str, vllm: VLLM, *, preset: str | Path | None = None, **overrides) -> Editor:
+    """Build editor ``name`` with its preset settings (plus ``overrides``). Names: :func:`editor_names`."""
+    from . import finetune, ike, mend, vead  # noqa: F401  (register the editors)
+
+    if name not in _EDITORS:
+        raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(editor_names())}")
+    cls = _EDITORS[name]
+    settings = {**load_preset(name, preset), **overrides}
+    return cls.from_settings(vllm, settings) if hasattr(cls, "from_settings") else cls(vllm, cls.config_class.from_dict(settings))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig(StrictConfig):
+    """The no-op editor has no settings."""
+
+
+@register_editor
+class NoEdit(Editor):
+    """Changes nothing: the sanity baseline (reliability ≈ 0, localities = 1)."""
+
+    name = "none"
+    config_class = NoConfig
+
+    def _apply(self, request: EditRequest) -> None:
+        pass

@@ -1,0 +1,201 @@
+"""The VisEdit editor: VEAD attached by a scoped hook to the output of LLM layer l_e.
+
+Applying an edit is one partial forward pass (image + prompt + new answer, stopped after l_e) to keep
+the edit sample's states; then the hook rewrites the visual-token slice of every later input that has
+an image (and more than one token: single-token decoding steps reuse the edited prefix). Restoring
+removes the hook; no weight ever changes, so the model is bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ...hooks import Trace, edit_output, stop_after
+from ...io import atomic_path
+from ..base import EditRequest, Editor, register_editor
+from .module import VEAD, VEADConfig
+
+TRAINED_DIR = Path(__file__).resolve().parents[1] / "trained" / "vead"
+
+
+def choose_edit_layer(vllm, records: Sequence, *, limit: int = 64) -> int:
+    """The default l_e: the layer just before the attention contribution peak of the model's
+    contribution profile (paper formula, on correctly answered records — pass train-split records),
+    clipped at 0. Attention is where the answer position reads the visual tokens, so VEAD rewrites them
+    just before the layer that reads them most; the paper puts l_e "just before the high-contribution
+    layers" (LLaVA-1.5: 18)."""
+    from ...attribution import contribution_profile
+
+    profile = contribution_profile(vllm, list(records)[:limit], only_correct=True, progress=False)
+    return max(0, profile.peak("attn") - 1)
+
+
+@dataclasses.dataclass
+class EditMemory:
+    """What an applied edit keeps: layer-l_e states H (1, S, d), their mask (1, S), the last prompt
+    token's state p (1, d)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    prompt_state: torch.Tensor
+
+
+@register_editor
+class VEADEditor(Editor):
+    """VisEdit. ``adapter``: a trained :class:`VEAD` (``get_editor("vead", vllm, weights=DIR)`` loads one
+    written by ``python -m visedit train-vead --out DIR``)."""
+
+    name = "vead"
+    config_class = VEADConfig
+
+    def __init__(self, vllm, config: VEADConfig | None = None, *, adapter: VEAD | None = None):
+        super().__init__(vllm, config)
+        if self.config.layer is None:
+            raise ValueError("VEADConfig.layer is not set: pick l_e with choose_edit_layer(vllm, train_records) "
+                             "or set `layer:` in the preset")
+        self.layer = vllm.adapter.check_layer(self.config.layer)
+        d = vllm.model.config.text_config.hidden_size
+        self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
+        self.adapter.to(vllm.device).eval()
+        self.memory: EditMemory | None = None
+        self._stack: contextlib.ExitStack | None = None
+
+    # --- save / load -----------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, vllm, settings: Mapping) -> "VEADEditor":
+        """Load a trained VEAD: ``settings['weights']`` (a folder from ``train-vead``) or the shipped one.
+        (An untrained VEAD is the identity; build one with ``VEADEditor(vllm, VEADConfig(...))``.)"""
+        return cls.load(vllm, Path(dict(settings).get("weights") or TRAINED_DIR))
+
+    @classmethod
+    def load(cls, vllm, folder: str | Path) -> "VEADEditor":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "vead.safetensors").exists():
+            raise FileNotFoundError(f"no trained VEAD in {folder}: train one with `python -m visedit train-vead "
+                                    f"--out {folder}`")
+        meta = json.loads((folder / "vead.json").read_text())
+        config = VEADConfig.from_dict(meta["config"])
+        d = vllm.model.config.text_config.hidden_size
+        if meta["sizes"]["d"] != d or meta["layer"] >= vllm.n_layers:
+            raise ValueError(f"the VEAD in {folder} was trained for another model ({meta.get('model', '?')}, "
+                             f"d = {meta['sizes']['d']}); train one for this model with `python -m visedit "
+                             "train-vead --model … --out DIR`")
+        adapter = VEAD(**meta["sizes"], use_im=config.use_im)
+        adapter.load_state_dict(load_file(folder / "vead.safetensors"))
+        return cls(vllm, dataclasses.replace(config, layer=meta["layer"]), adapter=adapter)
+
+    def save(self, folder: str | Path, *, extra: Mapping | None = None) -> None:
+        """Write ``vead.safetensors`` + ``vead.json`` atomically."""
+        from safetensors.torch import save_file
+
+        with atomic_path(folder) as tmp:
+            tmp.mkdir(parents=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}, tmp / "vead.safetensors")
+            meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "sizes": self.adapter.sizes,
+                    "model": self.vllm.name, **(extra or {})}
+            (tmp / "vead.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+    # --- the edit --------------------------------------------------------------------------------------
+    def layer_states(self, items) -> tuple[torch.Tensor, object]:
+        """Residual stream at the output of l_e (B, S, d) for (image, question[, target]) items, from a
+        forward pass stopped there (VEAD off unless an edit is applied)."""
+        inputs = self.vllm.inputs(items)
+        block = self.vllm.site(f"llm.layers.{self.layer}")
+        with Trace({"block": block}) as trace, stop_after(block), torch.no_grad():
+            self.vllm.model(**inputs.tensors, use_cache=False)
+        return trace.outputs["block"], inputs
+
+    def remember(self, request: EditRequest) -> EditMemory:
+        """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
+        states, inputs = self.layer_states([(request.image, request.prompt, request.target)])
+        mask = inputs.tensors["attention_mask"].bool()
+        return EditMemory(states, mask, states[:, inputs.last_prompt[0]])
+
+    def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
+        """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
+        states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
+        prompt = states[torch.arange(len(requests)), torch.tensor(inputs.last_prompt)]
+        return EditMemory(states, inputs.tensors["attention_mask"].bool(), prompt)
+
+    @contextlib.contextmanager
+    def edit_each(self, requests: Sequence[EditRequest]):
+        """Apply one edit per input row: inside the block, row b of every batch is edited by
+        ``requests[b]`` (batches must then have ``len(requests)`` rows, each with an image)."""
+        if not requests:
+            raise ValueError("edit_each needs at least one EditRequest")
+        memory = self.remember_each(requests)  # before the hook is attached: VEAD off
+        self.apply(requests[0])
+        try:
+            self.memory = memory
+            yield self
+        finally:
+            self.restore()
+
+    def _apply(self, request: EditRequest) -> None:
+        self.memory = self.remember(request)
+        self._stack = contextlib.ExitStack()
+        try:
+            self._top = self._stack.enter_context(Trace({"model": self.vllm.model}, inputs=True, outputs=False))
+            self._stack.enter_context(edit_output(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _undo(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self.memory = None, None
+
+    def _visual_rows(self, length: int):
+        ids = self._top.kwargs.get("model", {}).get("input_ids")
+        if ids is None or ids.shape[1] != length or length <= 1:
+            return None  # single-token decoding step, or no ids to find the image in: stay off
+        is_visual = ids == self.vllm.adapter.image_token_id
+        rows = is_visual.any(1).nonzero()[:, 0]
+        if len(rows) == 0:
+            return None  # no image in this batch: VEAD does nothing
+        cols = is_visual[rows].nonzero()[:, 1].view(len(rows), -1)
+        return rows, cols
+
+    def _rewrite(self, hidden: torch.Tensor) -> torch.Tensor:
+        where = self._visual_rows(hidden.shape[1])
+        if where is None:
+            return hidden
+        rows, cols = where
+        V = hidden[rows[:, None], cols]
+        m = self.memory
+        states, mask, prompt = m.states, m.mask, m.prompt_state
+        if states.shape[0] > 1:  # one edit per input row
+            if states.shape[0] != hidden.shape[0] or len(rows) != hidden.shape[0]:
+                raise ValueError(f"{states.shape[0]} edits are applied, one per row, but the batch has "
+                                 f"{hidden.shape[0]} rows ({len(rows)} with an image)")
+            states, mask, prompt = states[rows], mask[rows], prompt[rows]
+        new, self.last_gate_logits = self.adapter(V.float(), states.float(), mask, prompt.float())
+        hidden = hidden.clone()
+        hidden[rows[:, None], cols] = new.to(hidden.dtype)
+        return hidden
+
+    # --- reading the influence mapper -------------------------------------------------------------------
+    def gate(self, image, question: str) -> np.ndarray:
+        """The IM's gate σ(s) over the visual-token grid (rows, cols) for (image, question) under the
+        applied edit (1 everywhere when the IM is ablated)."""
+        if not self.applied:
+            raise RuntimeError("gate() needs an applied edit: use `with editor.edit(request):`")
+        inputs = self.vllm.inputs([(image, question)])
+        if inputs.visual_spans[0] is None:
+            raise ValueError("gate() needs an image: VEAD is off on text-only inputs")
+        block = self.vllm.site(f"llm.layers.{self.layer}")
+        with stop_after(block), torch.no_grad():
+            self.vllm.model(**inputs.tensors, use_cache=False)
+        s = self.last_gate_logits[0]
+        gate = torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)
+        return gate.reshape(self.vllm.adapter.visual_grid(len(s))).numpy()

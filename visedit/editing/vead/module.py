@@ -1,0 +1,135 @@
+"""The Visual Edit ADapter (VEAD) and its influence mapper (IM), as ``nn.Module`` s.
+
+Given the visual slice ``V`` (B, N, d) of the residual stream at the output of layer l_e and the edit
+sample's layer-l_e states ``H`` (B or 1, S, d) (image + prompt + new answer; ``mask`` (B or 1, S) marks
+real positions) with ``p = H[n_e]`` (B or 1, d), the state of its last prompt token::
+
+    X = LN1(V) W_b;  Q = X W_q;  K = LN2(H) W_k;  Val = LN2(H) W_v          (d → m)
+    O = MultiHeadAttention(Q, K, Val) W_end                                 (m → d)
+    Ṽ = R1(LN3(V));  p̃ = R2(LN4(p));   R(x) = W2 ReLU(W1 x) + x
+    s_j = mean_h ⟨Ṽ_{j,h}, p̃_h⟩ / √(d / heads);   C_j = σ(s_j)
+    V' = V + C ⊙ O
+
+``W_end`` starts at zero, so an untrained VEAD is the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import StrictConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VEADConfig(StrictConfig):
+    """VEAD's shape, where it sits, and how it is trained (preset: ``presets/vead.yaml``).
+
+    ``layer``: l_e (None: chosen from the model's contribution profile, see :func:`choose_edit_layer`).
+    ``width`` (m), ``heads``, ``im_width`` (hidden width of the IM's residual MLPs) and ``im_heads``:
+    None scales the release's settings (m = 1024, 8 heads on d = 4096) to the model: m = d / 4, heads = 8
+    when m ≥ 512 else 4, im_width = d, im_heads = heads. ``it_layers``: how many layers after l_e the
+    IM's noise-perturbation target is averaged over (None: all). ``use_im``: False ablates the IM (gate 1).
+    Training: ``sampled_tokens`` visual tokens per input for the IM losses, noise ``sigma`` and
+    ``noise_copies``, loss weights, ``steps`` × ``batch`` edits at Adam ``lr``, validation on ``val_edits``
+    of a held-out ``val_share`` of the train split every ``val_every`` steps.
+    """
+
+    layer: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    im_width: int | None = None
+    im_heads: int | None = None
+    it_layers: int | None = None
+    use_im: bool = True
+    sigma: float = 0.7
+    noise_copies: int = 4
+    sampled_tokens: int = 16
+    w_rel: float = 1.0
+    w_gen: float = 1.0
+    w_loc: float = 1.0
+    w_im: float = 0.1
+    steps: int = 3000
+    batch: int = 4
+    lr: float = 1e-3
+    val_share: float = 0.1
+    val_every: int = 250
+    val_edits: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"VEADConfig.{name} must be a positive int or null, got {v!r}")
+        for name in ("noise_copies", "sampled_tokens", "steps", "batch", "val_every", "val_edits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"VEADConfig.{name} must be a positive int, got {v!r}")
+        if not self.lr > 0 or not self.sigma > 0:
+            raise ValueError("VEADConfig.lr and sigma must be > 0")
+        if not 0 < self.val_share < 1:
+            raise ValueError(f"VEADConfig.val_share must be in (0, 1), got {self.val_share}")
+
+    def resolved(self, d: int) -> dict:
+        """The module's sizes for hidden size ``d``."""
+        width = self.width or max(8, d // 4)
+        heads = self.heads or (8 if width >= 512 else 4)
+        if width % heads or d % (self.im_heads or heads):
+            raise ValueError(f"width {width} must divide by heads {heads}, and d = {d} by im_heads "
+                             f"{self.im_heads or heads}; set width/heads/im_heads in the preset")
+        return {"d": d, "width": width, "heads": heads, "im_width": self.im_width or d,
+                "im_heads": self.im_heads or heads}
+
+
+class _Residual(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.relu(self.w1(x))) + x
+
+
+class VEAD(nn.Module):
+    """The adapter. ``forward(V, H, mask, p)`` → (V', s) with s (B, N) the IM's gate logits."""
+
+    def __init__(self, d: int, width: int, heads: int, im_width: int, im_heads: int, *, use_im: bool = True):
+        super().__init__()
+        self.sizes = {"d": d, "width": width, "heads": heads, "im_width": im_width, "im_heads": im_heads}
+        self.heads, self.im_heads, self.use_im = heads, im_heads, use_im
+        self.ln1, self.ln2, self.ln3, self.ln4 = (nn.LayerNorm(d) for _ in range(4))
+        self.w_b, self.w_q = nn.Linear(d, width), nn.Linear(width, width)
+        self.w_k, self.w_v = nn.Linear(d, width), nn.Linear(d, width)
+        self.w_end = nn.Linear(width, d)
+        nn.init.zeros_(self.w_end.weight)
+        nn.init.zeros_(self.w_end.bias)
+        self.r1, self.r2 = _Residual(d, im_width), _Residual(d, im_width)
+
+    def gate_logits(self, V: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """IM scores s (B, N) of visual tokens V (B, N, d) for prompt states p (B or 1, d)."""
+        B, N, d = V.shape
+        h = self.im_heads
+        v = self.r1(self.ln3(V)).view(B, N, h, d // h)
+        q = self.r2(self.ln4(p)).view(p.shape[0], 1, h, d // h)
+        return (v * q).sum(-1).mean(-1) / math.sqrt(d / h)
+
+    def forward(self, V: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, p: torch.Tensor):
+        B, N, _ = V.shape
+        h, m = self.heads, self.w_b.out_features
+        q = self.w_q(self.w_b(self.ln1(V))).view(B, N, h, m // h).transpose(1, 2)
+        mem = self.ln2(H)
+        k = self.w_k(mem).view(H.shape[0], -1, h, m // h).transpose(1, 2)
+        v = self.w_v(mem).view(H.shape[0], -1, h, m // h).transpose(1, 2)
+        if H.shape[0] != B:
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        attn_mask = mask.bool()[:, None, None, :].expand(B, 1, 1, -1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, m)
+        out = self.w_end(o)
+        s = self.gate_logits(V, p)
+        gate = torch.sigmoid(s) if self.use_im else torch.ones_like(s)
+        return V + gate[..., None] * out, s

@@ -1,0 +1,239 @@
+"""Training VEAD on the train split (``python -m visedit train-vead``).
+
+The paper's speed trick: the frozen model's states at the output of l_e are computed once per training
+input and cached, so every step runs only layers l_e+1 … L (and the LM head at the answer positions).
+Per record four inputs are cached — the edit itself (reliability), the rephrased question (T-Gen), the
+re-rendered image (M-Gen) and another creature's image and question (M-Loc, with the frozen model's
+answer distribution for the KL term). The influence mapper's targets come from the batched
+noise-perturbation engine (single tokens, σ = ``sigma``) on the attention outputs of the layers after l_e,
+for each input's *own* image and question (the release computed the image-rephrase target on the wrong
+image; we do not).
+
+Loss = w_rel·CE(edit) + w_gen·[CE(T-Gen) + CE(M-Gen)] + w_loc·KL(pre ‖ post on M-Loc)
+       + w_im·(L_a + L_up + L_down),
+L_a = −Σ_j c_j log softmax(s)_j and L_up = −mean log σ(s_j) on edit/generality inputs,
+L_down = −mean log(1 − σ(s_j)) on locality inputs, over ``sampled_tokens`` random visual tokens.
+
+Seeded (batches and token samples are a function of (seed, step)), resumable (a checkpoint beside the
+output folder every ``val_every`` steps), validated on a held-out part of the train split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...hooks import Trace, stop_after
+from ...models.backbones import unembed
+from .editor import VEADEditor
+from .module import VEAD, VEADConfig
+
+ROLES = ("edit", "t_gen", "m_gen", "m_loc")
+
+
+@dataclasses.dataclass
+class CachedRecord:
+    """One training record, VEAD off: states at l_e (4, S, d) for ROLES, their masks, target
+    positions/ids per role, the edit's last prompt position, IM targets (3, N) for the first three
+    roles, and the frozen model's log-probs at M-Loc's answer positions."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    span: tuple[int, int]
+    positions: tuple[tuple[int, ...], ...]
+    target_ids: tuple[tuple[int, ...], ...]
+    last_prompt: int
+    im_target: torch.Tensor
+    loc_logprobs: torch.Tensor
+
+
+def _items(record):
+    return [(record.image, record.src, record.alt), (record.image, record.rephrase, record.alt),
+            (record.image_rephrase, record.src, record.alt), (record.m_loc, record.m_loc_q, record.m_loc_a)]
+
+
+class Cache:
+    """Cached layer-l_e states of training records, and the layer kwargs to run the rest of the model."""
+
+    def __init__(self, vllm, layer: int, config: VEADConfig):
+        self.vllm, self.layer, self.config = vllm, layer, config
+        L = vllm.n_layers
+        after = list(range(layer + 1, L)) or [layer]
+        if config.it_layers is not None:
+            after = after[: config.it_layers]
+        self.im_layers = after
+        self._kwargs = None
+
+    def record(self, record) -> CachedRecord:
+        vllm = self.vllm
+        inputs = vllm.inputs(_items(record))
+        block = vllm.site(f"llm.layers.{self.layer}")
+        with torch.no_grad(), Trace({"block": block}) as trace:
+            logits = vllm.model(**inputs.tensors, use_cache=False).logits.float()
+        states = trace.outputs["block"].float()
+        span = inputs.visual_spans[0]
+        if any(s != span for s in inputs.visual_spans):
+            raise ValueError("VEAD training needs the same visual-token span in every input of a record")
+        loc_pos = torch.tensor(inputs.target_positions[3]) - 1
+        loc_logprobs = logits[3, loc_pos].log_softmax(-1)
+        from ...attribution import noise_perturbation
+
+        targets = []
+        for image, question, _ in _items(record)[:3]:
+            influence = noise_perturbation(vllm, image, question, layers=self.im_layers, radius=0,
+                                           sigma=self.config.sigma, n=self.config.noise_copies).array().mean(0)
+            c = np.clip(influence, 0, None)
+            targets.append(c / c.sum() if c.sum() > 0 else np.full_like(c, 1 / len(c)))
+        return CachedRecord(states, inputs.tensors["attention_mask"].bool(), span, inputs.target_positions,
+                            inputs.target_ids, inputs.last_prompt[0], torch.tensor(np.stack(targets)).float(),
+                            loc_logprobs)
+
+    def kwargs(self, length: int) -> dict:
+        """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens."""
+        if self._kwargs is None or self._kwargs[0] < length:
+            width = max(length, 256)
+            ids = torch.full((1, width), self.vllm.tokenizer.bos_token_id, device=self.vllm.device)
+            nxt = self.vllm.site(f"llm.layers.{min(self.layer + 1, self.vllm.n_layers - 1)}")
+            with torch.no_grad(), Trace({"next": nxt}, inputs=True, outputs=False) as trace, stop_after(nxt):
+                self.vllm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            self._kwargs = (width, trace.kwargs["next"])
+        from ...models.backbones import slice_kwargs
+
+        return slice_kwargs(self._kwargs[1], length)
+
+
+def _pad(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, width - t.shape[0])) for t in tensors])
+
+
+def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: VEADConfig,
+              rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """VEAD's training loss on a batch of cached records (differentiable w.r.t. ``vead``)."""
+    vllm = cache.vllm
+    width = max(r.states.shape[1] for r in batch)
+    states = torch.cat([_pad(list(r.states), width) for r in batch])  # (4B, S, d)
+    mask = torch.cat([_pad(list(r.mask[:, :, None].float()), width)[..., 0] for r in batch]).bool()
+    edit_rows = torch.arange(len(batch)).repeat_interleave(len(ROLES)) * len(ROLES)
+    memory, memory_mask = states[edit_rows], mask[edit_rows]
+    prompt = torch.stack([states[i * len(ROLES), r.last_prompt] for i, r in enumerate(batch)])
+    prompt = prompt.repeat_interleave(len(ROLES), 0)
+    start, stop = batch[0].span
+    new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
+    hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
+    if cache.layer + 1 < vllm.n_layers:
+        hidden = vllm.adapter.run_from(cache.layer + 1, hidden, cache.kwargs(width))
+    losses = {"rel": [], "gen": [], "loc": []}
+    for i, r in enumerate(batch):
+        for k, role in enumerate(ROLES):
+            pos = torch.tensor(r.positions[k]) - 1
+            logits = unembed(vllm.adapter, hidden[i * len(ROLES) + k, pos]).float()
+            if role == "m_loc":
+                post = logits.log_softmax(-1)
+                losses["loc"].append((r.loc_logprobs.exp() * (r.loc_logprobs - post)).sum(-1).mean())
+            else:
+                ce = F.cross_entropy(logits, torch.tensor(r.target_ids[k], device=logits.device))
+                losses["rel" if role == "edit" else "gen"].append(ce)
+    l_rel = torch.stack(losses["rel"]).mean()
+    l_gen = torch.stack(losses["gen"]).mean() * 2  # CE(T-Gen) + CE(M-Gen), averaged over the batch
+    l_loc = torch.stack(losses["loc"]).mean()
+    total = config.w_rel * l_rel + config.w_gen * l_gen + config.w_loc * l_loc
+    parts = {"rel": float(l_rel.detach()), "gen": float(l_gen.detach()), "loc": float(l_loc.detach())}
+    if config.use_im and config.w_im > 0:
+        n_vis = stop - start
+        k = min(config.sampled_tokens, n_vis)
+        l_a, l_up, l_down = [], [], []
+        for i, r in enumerate(batch):
+            for j in range(len(ROLES)):
+                idx = torch.from_numpy(rng.choice(n_vis, size=k, replace=False))
+                row = s[i * len(ROLES) + j, idx.to(s.device)]
+                if j < 3:
+                    c = r.im_target[j, idx].to(row.device)
+                    c = c / c.sum() if c.sum() > 0 else torch.full_like(c, 1 / k)
+                    l_a.append(-(c * row.log_softmax(-1)).sum())
+                    l_up.append(-F.logsigmoid(row).mean())
+                else:
+                    l_down.append(-F.logsigmoid(-row).mean())
+        l_im = torch.stack(l_a).mean() + torch.stack(l_up).mean() + torch.stack(l_down).mean()
+        total = total + config.w_im * l_im
+        parts["im"] = float(l_im.detach())
+    return total, parts
+
+
+def _checkpoint_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.checkpoint.pt")
+
+
+def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.PathLike | None = None,
+               progress: bool = True, resume: bool = True) -> tuple[VEADEditor, dict]:
+    """Train VEAD on train-split ``records``; returns the editor (best validation checkpoint) and a
+    training record. With ``out``: saves there atomically, and checkpoints beside it so that an
+    interrupted run resumes (same settings) where it stopped."""
+    from tqdm.auto import tqdm
+
+    from ...evaluation.protocol import quick_scores
+    from ...io import atomic_path
+
+    if config.layer is None:
+        raise ValueError("VEADConfig.layer is not set (train_vead needs l_e; see choose_edit_layer)")
+    torch.manual_seed(config.seed)
+    order = np.random.default_rng(config.seed).permutation(len(records))
+    n_val = max(1, round(len(records) * config.val_share))
+    val = [records[i] for i in order[:n_val]][: config.val_edits]
+    train = [records[i] for i in order[n_val:]]
+    if not train:
+        raise ValueError("train_vead needs at least two records (some are held out for validation)")
+    editor = VEADEditor(vllm, config)
+    vead = editor.adapter
+    cache = Cache(vllm, editor.layer, config)
+    start_time = time.perf_counter()
+    cached = [cache.record(r) for r in tqdm(train, desc=f"cache layer-{editor.layer} states", disable=not progress)]
+    cache_seconds = time.perf_counter() - start_time
+    optimizer = torch.optim.Adam(vead.parameters(), lr=config.lr)
+    first, history, best, best_state = 0, [], -1.0, None
+    ckpt = _checkpoint_path(Path(out)) if out is not None else None
+    settings = dataclasses.asdict(config)
+    if ckpt is not None and resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        if saved["config"] == settings and saved["n_train"] == len(train):
+            vead.load_state_dict(saved["vead"])
+            optimizer.load_state_dict(saved["optimizer"])
+            first, history, best, best_state = saved["step"], saved["history"], saved["best"], saved["best_state"]
+    bar = tqdm(range(first, config.steps), desc="train VEAD", disable=not progress, initial=first, total=config.steps)
+    for step in bar:
+        vead.train()
+        rng = np.random.default_rng([config.seed, step])
+        batch = [cached[i] for i in rng.choice(len(cached), size=min(config.batch, len(cached)), replace=False)]
+        with torch.enable_grad():
+            loss, parts = step_loss(vead, cache, batch, config, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+        if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
+            vead.eval()
+            scores = quick_scores(editor, val)
+            history.append({"step": step + 1, **parts, **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
+            if scores["mean"] > best:
+                best = scores["mean"]
+                best_state = {k: v.detach().clone() for k, v in vead.state_dict().items()}
+            if ckpt is not None:
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"config": settings, "n_train": len(train), "vead": vead.state_dict(),
+                                "optimizer": optimizer.state_dict(), "step": step + 1, "history": history,
+                                "best": best, "best_state": best_state}, tmp)
+    vead.load_state_dict(best_state)
+    vead.eval()
+    info = {"wall_seconds": round(time.perf_counter() - start_time, 1), "cache_seconds": round(cache_seconds, 1),
+            "best_val_mean": round(best, 4), "n_train": len(train), "n_val": len(val), "history": history,
+            "threads": torch.get_num_threads()}
+    if out is not None:
+        editor.save(out, extra={"training": info})
+        ckpt.unlink(missing_ok=True)
+    return editor, info

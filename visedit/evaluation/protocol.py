@@ -1,0 +1,300 @@
+"""The MMEdit protocol: five metrics per edit, each scored two ways, and the single-edit loop.
+
+Metrics (per edit; the edit is ``image`` + ``src`` → ``alt``):
+
+==============  =========================================  ==========================================
+metric          probe                                      token accuracy (paper) / exact match
+==============  =========================================  ==========================================
+reliability     ``image`` + ``src``                        argmax = ``alt`` tokens / answer = ``alt``
+t_generality    ``image`` + ``rephrase``                   same
+m_generality    ``image_rephrase`` + ``src``               same
+t_locality      no image + ``loc`` (teacher-forced on      argmax = pre-edit argmax at the same
+                ``loc_ans``)                               positions / answer = pre-edit answer
+m_locality      ``m_loc`` + ``m_loc_q`` (on ``m_loc_a``)   same
+==============  =========================================  ==========================================
+
+Single-edit protocol: restore → record pre-edit locality predictions → apply one edit (timed) →
+score → restore. :func:`evaluate` runs it over records, appending one JSON line per edit (flushed and
+synced), so an interrupted run resumes where it stopped; the summary is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..editing.base import EditRequest, Editor
+from ..io import write_json
+from ..stats import bootstrap_ci
+
+METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@dataclasses.dataclass(frozen=True)
+class EditResult:
+    """One edit's scores: ``token`` and ``exact`` map each metric to a number in [0, 1]."""
+
+    index: int
+    token: dict
+    exact: dict
+    edit_seconds: float
+    answers: dict  # post-edit greedy answers per metric, and pre-edit answers of the locality probes
+    total_seconds: float = 0.0  # the whole protocol for this edit (pre-edit record, edit, scoring)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EditResult":
+        return cls(**d)
+
+
+def probes(record) -> dict[str, tuple]:
+    """The (image, question, target) probe of each metric for an MMEdit record."""
+    return {"reliability": (record.image, record.src, record.alt),
+            "t_generality": (record.image, record.rephrase, record.alt),
+            "m_generality": (record.image_rephrase, record.src, record.alt),
+            "t_locality": (None, record.loc, record.loc_ans),
+            "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
+
+
+def score_edit(editor: Editor, record, *, index: int = 0) -> EditResult:
+    """Run the single-edit protocol on one record and score all five metrics both ways."""
+    begin = time.perf_counter()
+    editor.restore()
+    p = probes(record)
+    local = ["t_locality", "m_locality"]
+    pre_scores = dict(zip(local, editor.score_batch([p[m] for m in local])))
+    pre_answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local])))
+    start = time.perf_counter()
+    editor.apply(EditRequest.from_record(record))
+    seconds = time.perf_counter() - start
+    try:
+        post_scores = dict(zip(METRICS, editor.score_batch([p[m] for m in METRICS])))
+        post_answers = dict(zip(METRICS, editor.answer_batch([p[m][:2] for m in METRICS])))
+    finally:
+        editor.restore()
+    token, exact = {}, {}
+    for m in METRICS:
+        if m in local:
+            pre, post = pre_scores[m].argmax_ids, post_scores[m].argmax_ids
+            token[m] = sum(a == b for a, b in zip(pre, post)) / len(pre)
+            exact[m] = float(_norm(post_answers[m]) == _norm(pre_answers[m]))
+        else:
+            token[m] = post_scores[m].token_accuracy
+            exact[m] = float(_norm(post_answers[m]) == _norm(record.alt))
+    answers = {**post_answers, **{f"{m}_pre": pre_answers[m] for m in local}}
+    return EditResult(index, token, exact, round(seconds, 6), answers, round(time.perf_counter() - begin, 6))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSummary:
+    """Means over edits with 95 % bootstrap intervals, both scores; plus timing."""
+
+    editor: str
+    n: int
+    token: dict
+    token_ci: dict
+    exact: dict
+    exact_ci: dict
+    edit_seconds_mean: float
+    settings: dict
+    run_seconds: float = 0.0
+    forward_seconds: float = 0.0  # one full forward pass of the model on an edit input (median of 5)
+
+    @property
+    def mean(self) -> float:
+        """Mean of the five token-accuracy metrics (the single number editors are ranked by)."""
+        return float(np.mean([self.token[m] for m in METRICS]))
+
+    def to_dict(self) -> dict:
+        """The ``evaluate --json`` schema: token accuracies at the top level, exact match beside them."""
+        return {"editor": self.editor, "n": self.n, **{m: self.token[m] for m in METRICS},
+                "mean": round(self.mean, 4), "exact_match": dict(self.exact),
+                "exact_match_mean": round(float(np.mean([self.exact[m] for m in METRICS])), 4),
+                "intervals": {"token": self.token_ci, "exact_match": self.exact_ci},
+                "edit_seconds_mean": self.edit_seconds_mean, "forward_seconds": self.forward_seconds,
+                "run_seconds": self.run_seconds,
+                "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalSummary":
+        return cls(d["editor"], d["n"], {m: d[m] for m in METRICS}, d["intervals"]["token"], d["exact_match"],
+                   d["intervals"]["exact_match"], d["edit_seconds_mean"], d.get("settings", {}),
+                   d.get("run_seconds", 0.0), d.get("forward_seconds", 0.0))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EvalSummary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_results(cls, editor: str, results: Sequence[EditResult], settings: dict | None = None,
+                     *, seed: int = 0) -> "EvalSummary":
+        if not results:
+            raise ValueError("no edit results to summarise")
+        out = {}
+        for kind in ("token", "exact"):
+            arr = np.array([[getattr(r, kind)[m] for m in METRICS] for r in results])
+            mean, lo, hi = bootstrap_ci(arr, seed=seed)
+            out[kind] = {m: round(float(v), 4) for m, v in zip(METRICS, mean)}
+            out[kind + "_ci"] = {m: [round(float(a), 4), round(float(b), 4)] for m, a, b in zip(METRICS, lo, hi)}
+        secs = round(float(np.mean([r.edit_seconds for r in results])), 4)
+        run = round(float(sum(r.total_seconds for r in results)), 1)
+        return cls(editor, len(results), out["token"], out["token_ci"], out["exact"], out["exact_ci"], secs,
+                   dict(settings or {}), run)
+
+    def table(self):
+        """A two-row DataFrame (token accuracy, exact match) × the five metrics."""
+        import pandas as pd
+
+        return pd.DataFrame({"token accuracy": self.token, "exact match": self.exact}).T[list(METRICS)]
+
+
+def forward_seconds(vllm, record, *, repeats: int = 5) -> float:
+    """Median wall time of one full forward pass on ``record``'s edit input (image + question + answer)."""
+    inputs = vllm.inputs([(record.image, record.src, record.alt)])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        vllm.logits(inputs)
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)), 6)
+
+
+def quick_scores(editor: Editor, records: Sequence) -> dict[str, float]:
+    """Mean token-accuracy metrics (and their mean) over ``records``, without writing anything."""
+    rows = [score_edit(editor, r, index=i).token for i, r in enumerate(records)]
+    out = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _fingerprint(records: Sequence) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.src}|{r.alt}|{Path(r.image).name}|{r.loc}|{Path(r.m_loc).name}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_done(path: Path) -> list[EditResult]:
+    """Rows already written; a truncated last line (a run killed mid-write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(EditResult.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, KeyError):
+            break
+    return rows
+
+
+def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None = None, resume: bool = True,
+             progress: bool = True) -> EvalSummary:
+    """Run the single-edit protocol over ``records``.
+
+    With ``out`` (a folder): ``run.json`` (what is evaluated), ``edits.jsonl`` (one line per edit, synced
+    as it is written) and ``summary.json`` (atomic). A folder holding an interrupted run with the same
+    settings is resumed; one holding a different run is an error (pass another ``out`` or
+    ``resume=False`` to start over).
+    """
+    from tqdm.auto import tqdm
+
+    if len(records) == 0:
+        raise ValueError("no records to evaluate: pass at least one MMEdit record")
+    settings = {"editor": editor.name, "config": json.loads(json.dumps(dataclasses.asdict(editor.config))),
+                "model": editor.vllm.name, "n": len(records), "records": _fingerprint(records)}
+    done: list[EditResult] = []
+    jsonl = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run_file, jsonl = out / "run.json", out / "edits.jsonl"
+        if resume and run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous != settings:
+                raise ValueError(f"{out} holds a different evaluation run ({previous.get('editor')}, "
+                                 f"n={previous.get('n')}); pass another output folder or resume=False / --fresh")
+            done = _read_done(jsonl)
+        else:
+            done = []
+        write_json(run_file, settings)
+        _rewrite(jsonl, done)  # drops a truncated last line, if any
+    results = list(done)
+    handle = open(jsonl, "a") if jsonl is not None else None
+    try:
+        for i in tqdm(range(len(done), len(records)), desc=f"evaluate {editor.name}", disable=not progress,
+                      initial=len(done), total=len(records)):
+            result = score_edit(editor, records[i], index=i)
+            results.append(result)
+            if handle is not None:
+                handle.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+    finally:
+        if handle is not None:
+            handle.close()
+    summary = EvalSummary.from_results(editor.name, results, settings)
+    summary = dataclasses.replace(summary, forward_seconds=forward_seconds(editor.vllm, records[0]))
+    if out is not None:
+        write_json(out / "summary.json", summary.to_dict())
+    return summary
+
+
+def _rewrite(path: Path, rows: Sequence[EditResult]) -> None:
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in rows))
+
+
+def results_table(summaries: Sequence[EvalSummary], *, score: str = "token"):
+    """One row per editor, the five metrics and their mean (``score``: ``"token"`` or ``"exact"``)."""
+    import pandas as pd
+
+    if score not in ("token", "exact"):
+        raise ValueError(f"score must be 'token' or 'exact', got {score!r}")
+    rows = []
+    for s in summaries:
+        values = getattr(s, score)
+        rows.append({"editor": s.editor, "n": s.n, **{m: values[m] for m in METRICS},
+                     "mean": round(float(np.mean([values[m] for m in METRICS])), 4),
+                     "edit s": s.edit_seconds_mean})
+    return pd.DataFrame(rows).set_index("editor")
+
+
+def plot_results(summaries: Sequence[EvalSummary], *, score: str = "token"):
+    """Seaborn bar chart: metric × editor with the bootstrap intervals. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = []
+    for s in summaries:
+        values, ci = getattr(s, score), getattr(s, score + "_ci")
+        for m in METRICS:
+            rows.append({"editor": s.editor, "metric": m, "value": values[m], "lo": ci[m][0], "hi": ci[m][1]})
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(df, x="metric", y="value", hue="editor", ax=ax, errorbar=None)
+    for bar_group, (_, sub) in zip(ax.containers, df.groupby("editor", sort=False)):
+        xs = [b.get_x() + b.get_width() / 2 for b in bar_group]
+        ax.errorbar(xs, sub["value"], yerr=[sub["value"] - sub["lo"], sub["hi"] - sub["value"]], fmt="none",
+                    ecolor="black", elinewidth=0.8, capsize=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("token accuracy" if score == "token" else "exact match")
+    ax.legend(ncol=len(summaries), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
