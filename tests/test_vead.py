@@ -166,3 +166,13 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     assert code == 0 and [r["layer"] for r in rows] == [0, 2]
     assert all(r["t_locality"] == 1.0 for r in rows)  # VEAD never touches text-only inputs
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
+
+
+def test_reachability_bounds_visual_slice_edits(tiny_random, records):
+    from visedit.editing.vead.analysis import reachability
+
+    result = reachability(tiny_random, records[:2], layers=[0, 2], steps=30)
+    assert result.layers == (0, 2) and len(result.loss[0]) == 2
+    base = [float(target_loss(tiny_random, tiny_random.inputs([(r.image, r.src, r.alt)]))) for r in records[:2]]
+    assert all(l < b for l, b in zip(result.loss[0], base))  # optimising the visual slice lowers the edit loss
+    assert set(result.reached()) == {0, 2}

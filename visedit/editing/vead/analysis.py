@@ -59,3 +59,64 @@ def gate_agreement(editor, records: Sequence, *, radius: int = 0, n: int = 4) ->
                      "gate_mean_edit_image": round(float(gate.mean()), 4),
                      "gate_mean_unrelated_image": round(float(other.mean()), 4)})
     return GateAgreement(tuple(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reachability:
+    """Per layer: the edit loss (target cross-entropy) reached by the best unconstrained change of the
+    visual slice at that layer's output, per record, and the mean per-token norm of that change."""
+
+    layers: tuple[int, ...]
+    loss: tuple[tuple[float, ...], ...]
+    norm: tuple[tuple[float, ...], ...]
+
+    def reached(self, threshold: float = 0.5) -> dict[int, float]:
+        """Share of records whose new answer is reached (loss below ``threshold``) at each layer."""
+        return {l: float(np.mean(np.asarray(v) < threshold)) for l, v in zip(self.layers, self.loss)}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "reached": self.reached()}
+
+
+def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int = 60, lr: float = 0.05) -> Reachability:
+    """An upper bound for any visual-slice editor: for each record's edit (image + src → alt) and each
+    layer, optimise a free additive change of the visual tokens at the layer's output (Adam, ``steps``)
+    and report the target loss it reaches. If even this cannot reach the new answer at a layer, no VEAD
+    placed there can."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...hooks import Trace
+    from ...models.backbones import unembed
+
+    out_loss, out_norm = [], []
+    for layer in layers:
+        layer = vllm.adapter.check_layer(layer)
+        block = vllm.site(f"llm.layers.{layer}")
+        losses, norms = [], []
+        for rec in records:
+            inputs = vllm.inputs([(rec.image, rec.src, rec.alt)])
+            with torch.no_grad(), Trace({"block": block}) as trace, \
+                    Trace({"next": vllm.site(f"llm.layers.{min(layer + 1, vllm.n_layers - 1)}")}, inputs=True,
+                          outputs=False) as nxt:
+                vllm.model(**inputs.tensors, use_cache=False)
+            h = trace.outputs["block"]
+            start, stop = inputs.visual_spans[0]
+            delta = torch.zeros_like(h[:, start:stop], requires_grad=True)
+            opt = torch.optim.Adam([delta], lr=lr)
+            pos = torch.tensor(inputs.target_positions[0]) - 1
+            target = torch.tensor(inputs.target_ids[0], device=h.device)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    edited = torch.cat([h[:, :start], h[:, start:stop] + delta, h[:, stop:]], 1)
+                    if layer + 1 < vllm.n_layers:
+                        edited = vllm.adapter.run_from(layer + 1, edited, nxt.kwargs["next"])
+                    loss = F.cross_entropy(unembed(vllm.adapter, edited[0, pos]).float(), target)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            losses.append(round(float(loss.detach()), 4))
+            norms.append(round(float(delta.detach().norm(dim=-1).mean()), 3))
+        out_loss.append(tuple(losses))
+        out_norm.append(tuple(norms))
+    return Reachability(tuple(vllm.adapter.check_layer(l) for l in layers), tuple(out_loss), tuple(out_norm))
