@@ -120,6 +120,11 @@ def _regions(args) -> int:
     return 0
 
 
+def _spread(records: list, limit: int) -> list:
+    """``limit`` records taken at an even stride, so that a small sample covers every entity and fact."""
+    return records[:: max(1, len(records) // limit)][:limit]
+
+
 def _records(args, progress: bool):
     from .world import load_mmedit, load_world_split
 
@@ -169,7 +174,7 @@ def _tune(args) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     records = load_world_split("train", progress=not args.json)
-    records = records[:: max(1, len(records) // args.limit)][: args.limit]  # spread over entities and facts
+    records = _spread(records, args.limit)
     result = tune(args.editor, load_vllm(args.model), records, grid, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -217,7 +222,7 @@ def _train_vead(args) -> int:
     if args.limit is not None:
         if args.limit < 2:
             raise ValueError(f"--limit must be ≥ 2, got {args.limit}")
-        records = records[:: max(1, len(records) // args.limit)][: args.limit]
+        records = _spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
         settings["layer"] = choose_edit_layer(vllm, records)
     _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=not args.json)
@@ -236,9 +241,9 @@ def _sweep_vead(args) -> int:
 
     vllm = load_vllm(args.model, device=args.device)
     train = load_world_split("train", progress=False)
-    train = train[:: max(1, len(train) // args.limit)][: args.limit]
+    train = _spread(train, args.limit)
     evals = load_world_split("eval", progress=False)
-    evals = evals[:: max(1, len(evals) // args.eval_limit)][: args.eval_limit]
+    evals = _spread(evals, args.eval_limit)
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
     settings["steps"] = args.steps

@@ -58,6 +58,7 @@ class Editor(abc.ABC):
         self.config = config if config is not None else self.config_class()
         self.request: EditRequest | None = None
         self._saved: dict[str, torch.Tensor] = {}
+        self._grad_flags: dict[str, bool] = {}
 
     # --- what subclasses provide -------------------------------------------------------------------
     def edited_parameters(self) -> Mapping[str, torch.nn.Parameter]:
@@ -130,8 +131,52 @@ class Editor(abc.ABC):
         """Greedy answers through the edited model (see :meth:`VLLM.answer_batch`)."""
         return self.vllm.answer_batch(items, context=self.context() if self.applied else "", **kw)
 
+    @classmethod
+    def from_settings(cls, vllm: VLLM, settings: Mapping) -> "Editor":
+        """Build the editor from preset settings (editors with trained parts load them instead)."""
+        return cls(vllm, cls.config_class.from_dict(settings))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def save_trained(folder: str | Path, stem: str, state: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+    """Write a trained editor part as ``<stem>.safetensors`` + ``<stem>.json``, atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / f"{stem}.safetensors")
+        (tmp / f"{stem}.json").write_text(json.dumps(dict(meta), indent=1, sort_keys=True) + "\n")
+
+
+def load_trained(folder: str | Path, stem: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read what :func:`save_trained` wrote: (meta, state). Errors say which command trains one."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / f"{stem}.safetensors").exists():
+        raise FileNotFoundError(f"no trained {stem.upper()} in {folder}: train one with `python -m visedit "
+                                f"train-{stem} --out {folder}`")
+    return json.loads((folder / f"{stem}.json").read_text()), load_file(folder / f"{stem}.safetensors")
+
+
+def holdout_split(records, share: float, limit: int, rng) -> tuple[list, list]:
+    """(train, validation) for editor training: ``rng`` (a ``random.Random``) shuffles the records, the first
+    ``share`` of them is held out, and at most ``limit`` of those are used for validation."""
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n_val = max(1, round(len(order) * share))
+    train = [records[i] for i in order[n_val:]]
+    if not train:
+        raise ValueError("training an editor needs at least two records (some are held out for validation)")
+    return train, [records[i] for i in order[:n_val]][:limit]
 
 
 def target_loss(vllm: VLLM, inputs: Inputs, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +231,7 @@ def get_editor(name: str, vllm: VLLM, *, preset: str | Path | None = None, **ove
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(editor_names())}")
     cls = _EDITORS[name]
     settings = {**load_preset(name, preset), **overrides}
-    return cls.from_settings(vllm, settings) if hasattr(cls, "from_settings") else cls(vllm, cls.config_class.from_dict(settings))
+    return cls.from_settings(vllm, settings)
 
 
 @dataclasses.dataclass(frozen=True)

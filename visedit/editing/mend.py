@@ -15,7 +15,6 @@ the text-only and other-image locality inputs where they were.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -27,8 +26,7 @@ from torch import nn
 
 from ..config import StrictConfig
 from ..hooks import Trace
-from ..io import atomic_path
-from .base import EditRequest, Editor, register_editor, target_loss
+from .base import EditRequest, Editor, holdout_split, load_trained, register_editor, save_trained, target_loss
 
 TRAINED_DIR = Path(__file__).parent / "trained" / "mend"
 
@@ -178,19 +176,11 @@ class MENDEditor(Editor):
 
     @classmethod
     def load(cls, vllm, folder: str | Path) -> "MENDEditor":
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not (folder / "mend.safetensors").exists():
-            raise FileNotFoundError(f"no trained MEND in {folder}: train one with `python -m visedit train-mend "
-                                    f"--out {folder}`")
-        meta = json.loads((folder / "mend.json").read_text())
+        meta, state = load_trained(folder, "mend")
         config = MENDConfig.from_dict(meta["config"])
         networks = MENDNetworks(vllm, config)
-        state = load_file(folder / "mend.safetensors")
         expected = {k: tuple(v.shape) for k, v in networks.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
+        if expected != {k: tuple(v.shape) for k, v in state.items()}:
             raise ValueError(f"the MEND networks in {folder} were trained for a model with other layer shapes "
                              f"({meta.get('model', '?')}); train one for this model with `python -m visedit "
                              "train-mend --model … --out DIR`")
@@ -199,13 +189,8 @@ class MENDEditor(Editor):
 
     def save(self, folder: str | Path, *, extra: Mapping | None = None) -> None:
         """Write ``mend.safetensors`` + ``mend.json`` atomically."""
-        from safetensors.torch import save_file
-
-        with atomic_path(folder) as tmp:
-            tmp.mkdir(parents=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.networks.state_dict().items()}, tmp / "mend.safetensors")
-            meta = {"config": dataclasses.asdict(self.config), "model": self.vllm.name, **(extra or {})}
-            (tmp / "mend.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        save_trained(folder, "mend", self.networks.state_dict(),
+                     {"config": dataclasses.asdict(self.config), "model": self.vllm.name, **(extra or {})})
 
     def edited_parameters(self):
         return {n: m.weight for n, m in self.networks.linears.items()}
@@ -256,13 +241,7 @@ def train_mend(vllm, records: Sequence, config: MENDConfig = MENDConfig(), *, ou
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    n_val = max(1, round(len(order) * config.val_share))
-    val = [records[i] for i in order[:n_val]][: config.val_edits]
-    train = [records[i] for i in order[n_val:]]
-    if not train:
-        raise ValueError("train_mend needs at least two records (one is held out for validation)")
+    train, val = holdout_split(records, config.val_share, config.val_edits, rng)
     networks = MENDNetworks(vllm, config)
     editor = MENDEditor(vllm, config, networks=networks)
     optimizer = torch.optim.Adam(networks.parameters(), lr=config.lr)

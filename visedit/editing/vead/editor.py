@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,8 +17,7 @@ import numpy as np
 import torch
 
 from ...hooks import Trace, edit_output, stop_after
-from ...io import atomic_path
-from ..base import EditRequest, Editor, register_editor
+from ..base import EditRequest, Editor, load_trained, register_editor, save_trained
 from .module import VEAD, VEADConfig
 
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "trained" / "vead"
@@ -76,13 +74,7 @@ class VEADEditor(Editor):
 
     @classmethod
     def load(cls, vllm, folder: str | Path) -> "VEADEditor":
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not (folder / "vead.safetensors").exists():
-            raise FileNotFoundError(f"no trained VEAD in {folder}: train one with `python -m visedit train-vead "
-                                    f"--out {folder}`")
-        meta = json.loads((folder / "vead.json").read_text())
+        meta, state = load_trained(folder, "vead")
         config = VEADConfig.from_dict(meta["config"])
         d = vllm.model.config.text_config.hidden_size
         if meta["sizes"]["d"] != d or meta["layer"] >= vllm.n_layers:
@@ -90,19 +82,14 @@ class VEADEditor(Editor):
                              f"d = {meta['sizes']['d']}); train one for this model with `python -m visedit "
                              "train-vead --model … --out DIR`")
         adapter = VEAD(**meta["sizes"], use_im=config.use_im)
-        adapter.load_state_dict(load_file(folder / "vead.safetensors"))
+        adapter.load_state_dict(state)
         return cls(vllm, dataclasses.replace(config, layer=meta["layer"]), adapter=adapter)
 
     def save(self, folder: str | Path, *, extra: Mapping | None = None) -> None:
         """Write ``vead.safetensors`` + ``vead.json`` atomically."""
-        from safetensors.torch import save_file
-
-        with atomic_path(folder) as tmp:
-            tmp.mkdir(parents=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}, tmp / "vead.safetensors")
-            meta = {"config": dataclasses.asdict(self.config), "layer": self.layer, "sizes": self.adapter.sizes,
-                    "model": self.vllm.name, **(extra or {})}
-            (tmp / "vead.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        save_trained(folder, "vead", self.adapter.state_dict(),
+                     {"config": dataclasses.asdict(self.config), "layer": self.layer, "sizes": self.adapter.sizes,
+                      "model": self.vllm.name, **(extra or {})})
 
     # --- the edit --------------------------------------------------------------------------------------
     def layer_states(self, items) -> tuple[torch.Tensor, object]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from ...hooks import Trace, stop_after
 from ...models.backbones import unembed
+from ..base import holdout_split
 from .editor import VEADEditor
 from .module import VEAD, VEADConfig
 
@@ -183,12 +185,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     if config.layer is None:
         raise ValueError("VEADConfig.layer is not set (train_vead needs l_e; see choose_edit_layer)")
     torch.manual_seed(config.seed)
-    order = np.random.default_rng(config.seed).permutation(len(records))
-    n_val = max(1, round(len(records) * config.val_share))
-    val = [records[i] for i in order[:n_val]][: config.val_edits]
-    train = [records[i] for i in order[n_val:]]
-    if not train:
-        raise ValueError("train_vead needs at least two records (some are held out for validation)")
+    train, val = holdout_split(records, config.val_share, config.val_edits, random.Random(config.seed))
     editor = VEADEditor(vllm, config)
     vead = editor.adapter
     cache = Cache(vllm, editor.layer, config)
