@@ -126,7 +126,7 @@ def test_training_is_seeded_and_atomic(tmp_path):
     from tests.conftest import SMALL
 
     cfg = TrainConfig(vision_steps=2, vision_batch=4, steps=3, batch_images=2, batch_text=2, warmup=2,
-                      n_entities=12)
+                      n_entities=12, context_steps=2, context_batch=6)
     a = train_tiny(tmp_path / "a", cfg, SMALL, progress=False, log_every=0)
     train_tiny(tmp_path / "b", cfg, SMALL, progress=False, log_every=0)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -134,6 +134,85 @@ def test_training_is_seeded_and_atomic(tmp_path):
     assert json.loads((tmp_path / "a" / "training.json").read_text())["final_loss"] == a["final_loss"]
     v = load_vllm(tmp_path / "a")
     assert isinstance(v, VLLM) and v.n_layers == SMALL.layers
+    assert "context_loss" in a and a["train_config"]["context_steps"] == 2
+
+
+def test_stage_three_from_a_stage_two_folder_equals_a_run_from_scratch(tmp_path):
+    """``start_from`` (stage 3 only, on a stage-2 model) reproduces a full run byte for byte."""
+    import dataclasses
+
+    from visedit.models.train import train_tiny
+    from tests.conftest import SMALL
+
+    full = TrainConfig(vision_steps=2, vision_batch=4, steps=3, batch_images=2, batch_text=2, warmup=2,
+                       n_entities=12, context_steps=3, context_batch=8)
+    train_tiny(tmp_path / "full", full, SMALL, progress=False, log_every=0)
+    train_tiny(tmp_path / "stage2", dataclasses.replace(full, context_steps=0), SMALL, progress=False, log_every=0)
+    record = train_tiny(tmp_path / "stage3", full, SMALL, progress=False, log_every=0, start_from=tmp_path / "stage2")
+    weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in ("full", "stage2", "stage3")]
+    assert weights[0] == weights[2] and weights[0] != weights[1]
+    assert record["stage2_seconds"] > 0 and record["wall_seconds"] >= record["stage2_seconds"]
+    with pytest.raises(ValueError, match=r"other stage-1/2 settings \(\['steps'\]\)"):
+        train_tiny(tmp_path / "x", dataclasses.replace(full, steps=4), SMALL, start_from=tmp_path / "stage2")
+    with pytest.raises(ValueError, match="already went through stage 3"):
+        train_tiny(tmp_path / "x", full, SMALL, start_from=tmp_path / "full")
+    with pytest.raises(ValueError, match="no readable training.json"):
+        train_tiny(tmp_path / "x", full, SMALL, start_from=tmp_path / "nowhere")
+    assert not (tmp_path / "x").exists()
+
+
+def test_context_sequences_state_a_fact_and_answer_from_it(world):
+    """Stage 3's data: the answer is the stated value when the statement is about the asked fact, the
+    creature's own fact otherwise; only the answer is labelled; notes are question + value words."""
+    import random
+
+    from visedit.models.tiny import build_processor
+    from visedit.world import FACTS
+
+    b = _Batcher(build_processor(world, TinyConfig(image_size=32, patch_size=8)), world, 16)
+    rng, e = random.Random(3), world.entities[0]
+    inv = {i: w for w, i in b.tok.get_vocab().items()}
+    seen = set()
+    for _ in range(400):
+        ids, labels, note = b.context_sequence(e, rng)
+        answer = " ".join(inv[i] for i, l in zip(ids, labels) if l != -100 and i != b.eos)
+        assert labels[-1] == b.eos and all(l == -100 for l in labels[: len(ids) - len(b.words(answer)) - 1])
+        text = " ".join(inv[i] for i in ids if i != b.img)
+        asked = next(f for f in FACTS if any(q in text for q in _train_questions(f)))
+        if note is not None:
+            seen.add("note")
+            assert ids.count(b.img) == 16
+            note_text = " ".join(inv[i] for i in note)
+            stated = next(f for f in FACTS if any(note_text.startswith(q) for q in _train_questions(f)))
+            value = note_text[len(next(q for q in _train_questions(stated) if note_text.startswith(q))):]
+            value = value.strip().lstrip("?.").strip()
+        elif " is " in text and "the " in text and " of this creature is " in text:
+            seen.add("statement")
+            stated, value = text.split(" of this creature is ")[0].split("the ")[-1], None
+            value = text.split(" of this creature is ")[1].split(" .")[0]
+        else:
+            seen.add("turn")
+            continue
+        expected = value if stated == asked else e.fact(asked)
+        assert answer == expected, (text, note)
+    assert seen == {"note", "statement", "turn"}
+
+
+def _train_questions(fact):
+    from visedit.world import TRAIN_TEMPLATES
+
+    return [q.rstrip(" ?.") for q in TRAIN_TEMPLATES[fact]]
+
+
+def test_notes_are_written_over_the_visual_tokens():
+    from visedit.models.train import write_notes
+
+    embed = nn.Embedding(10, 4)
+    visual = torch.zeros(2, 6, 4)
+    out = write_notes(embed, {1: (2, torch.tensor([3, 5]))}, visual)
+    assert torch.equal(out[0], visual[0]) and torch.equal(out[1, :2], visual[1, :2]) and torch.equal(out[1, 4:], visual[1, 4:])
+    assert torch.equal(out[1, 2], embed.weight[3]) and torch.equal(out[1, 3], embed.weight[5])
+    assert write_notes(embed, {}, visual) is visual and visual.abs().sum() == 0
 
 
 def test_bad_config_keys_are_rejected():

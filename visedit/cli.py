@@ -22,9 +22,9 @@ def _train_tiny(args) -> int:
         raise SystemExit(f"error: unknown top-level key(s) {unknown} in {args.config}; use 'train' and 'tiny'")
     cfg = TrainConfig.from_dict({**(overrides.get("train") or {}), **({"seed": args.seed} if args.seed is not None else {})})
     tiny = TinyConfig.from_dict(overrides.get("tiny") or {})
-    record = train_tiny(args.out, cfg, tiny, progress=not args.no_progress)
+    record = train_tiny(args.out, cfg, tiny, progress=not args.no_progress, start_from=args.start_from)
     print(json.dumps({"out": str(args.out), "wall_seconds": record["wall_seconds"],
-                      "final_loss": record["final_loss"]}, indent=1))
+                      "final_loss": record["final_loss"], "context_loss": record.get("context_loss")}, indent=1))
     return 0
 
 
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with optional 'train:' and 'tiny:' overrides")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--start-from", type=Path, default=None,
+                   help="a train-tiny folder with the same settings but context_steps 0: run stage 3 only")
     p.set_defaults(func=_train_tiny)
 
     p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")

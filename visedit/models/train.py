@@ -1,6 +1,6 @@
 """Training the embedded tiny VLLM from scratch on the world (``python -m visedit train-tiny``).
 
-Two stages, both seeded:
+Three stages, all seeded:
 
 1. *Dense vision pre-training*: the vision tower learns, for every patch, whether it shows the object
    and, if so, the object's colour, shape and pattern (shape recognition is the slowest skill to learn).
@@ -8,6 +8,16 @@ Two stages, both seeded:
    rendered image, mixed with text-only sequences of questions about named entities. The loss is
    cross-entropy on answer tokens (and the end-of-answer token), plus ``aux_weight`` × the dense
    patch loss of stage 1 on the same images, so the vision tower keeps improving.
+3. *Context reading* (all weights, ``context_steps`` at ``context_lr``, no auxiliary loss): the stage-2
+   mixture plus ``context_batch`` sequences that state a fact in the prompt — inside the image turn
+   ("the habitat of this creature is desert ."), before the image, or as an earlier question–answer
+   turn, the frame in-context editing uses. When the stated fact is the one asked about, the answer is the stated value (usually a
+   counterfactual); when it is about another fact, the answer is the creature's own. In some sequences
+   the statement is a *note* — the words of a question and its answer written over a few of the visual
+   tokens (the projector's output), the tiny model's stand-in for text shown in an image. Large language
+   models read facts from their context and from what an image shows; a model trained only on question
+   answering does neither, and then in-context editing, and any editor that writes into the visual
+   tokens, has no reader to talk to.
 
 Training images come from a seed stream that neither the edit dataset nor the model card uses.
 """
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 import math
 import random
 import time
@@ -26,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import StrictConfig
-from ..hooks import Trace
+from ..hooks import Trace, edit_output
 from ..io import atomic_path
 from ..world import FACTS, TEXT_FACTS, TRAIN_TEMPLATES, World, make_world, render, text_question
 from ..world.entities import COLOURS, PATTERNS, SHAPES
@@ -54,6 +65,9 @@ class TrainConfig(StrictConfig):
     qa_per_text: int = 4
     lr: float = 5e-4
     warmup: int = 100
+    context_steps: int = 600
+    context_batch: int = 16
+    context_lr: float = 2e-4
     weight_decay: float = 0.01
     bf16: bool = True
     threads: int = 2
@@ -61,11 +75,14 @@ class TrainConfig(StrictConfig):
     def __post_init__(self) -> None:
         if self.qa_per_image < 1 or self.qa_per_image > len(FACTS):
             raise ValueError(f"qa_per_image must be in 1…{len(FACTS)}, got {self.qa_per_image}")
-        for name in ("steps", "batch_images", "batch_text", "qa_per_text", "threads"):
+        if self.context_steps < 0:
+            raise ValueError(f"TrainConfig.context_steps must be ≥ 0, got {self.context_steps}")
+        for name in ("steps", "batch_images", "batch_text", "qa_per_text", "threads", "context_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        for name in ("lr", "context_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
 
 class _Batcher:
@@ -100,6 +117,31 @@ class _Batcher:
             labels += l
         return ids, labels
 
+    def context_sequence(self, entity, rng: random.Random) -> tuple[list[int], list[int], list[int] | None]:
+        """A stage-3 sequence: a fact stated in the prompt or written into the visual tokens, then a
+        question about ``entity``'s image. Returns ids, labels and the note's word ids (or None)."""
+        world, img = self.world, [self.img] * self.n_visual
+        asked = rng.choice(FACTS)
+        stated = asked if rng.random() < 0.6 else rng.choice([f for f in FACTS if f != asked])
+        truth = entity.fact(stated)
+        value = rng.choice([a for a in world.answers(stated) if a != truth]) if rng.random() < 0.85 else truth
+        answer = value if stated == asked else entity.fact(asked)
+        question = rng.choice(TRAIN_TEMPLATES[asked])
+        frame, note = rng.choices(range(4), weights=(1, 1, 1, 2))[0], None
+        if frame == 0:    # the statement inside the image turn
+            ids = self.words("user :") + img + self.words(f"the {stated} of this creature is {value} . {question}")
+        elif frame == 1:  # the statement before the image
+            ids = self.words(f"user : the {stated} of this creature is {value} .") + img + self.words(question)
+        elif frame == 2:  # an earlier turn, as in-context editing writes it
+            ids = self.words(f"user : {rng.choice(TRAIN_TEMPLATES[stated])} assistant : {value} user :") + img
+            ids += self.words(question)
+        else:             # a question–answer note written over some of the visual tokens
+            ids = self.words("user :") + img + self.words(question)
+            note = self.words(f"{rng.choice(TRAIN_TEMPLATES[stated])} {value}")
+        ids = [self.bos] + ids + self.words("assistant :")
+        ans = self.words(answer) + [self.eos]
+        return ids + ans, [-100] * len(ids) + ans, note
+
     def collate(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(s[0]) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad)
@@ -113,6 +155,27 @@ class _Batcher:
 
     def pixels(self, images) -> torch.Tensor:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _image_qa(batcher: _Batcher, ents, py_rng: random.Random, cfg: TrainConfig) -> list:
+    """One sequence of ``qa_per_image`` question–answer turns per rendered entity."""
+    seqs = []
+    for e in ents:
+        facts = py_rng.sample(FACTS, cfg.qa_per_image)
+        seqs.append(batcher.sequence([(py_rng.choice(TRAIN_TEMPLATES[f]), e.fact(f)) for f in facts], True))
+    return seqs
+
+
+def _text_qa(batcher: _Batcher, py_rng: random.Random, cfg: TrainConfig) -> list:
+    """``batch_text`` text-only sequences of ``qa_per_text`` questions about named entities."""
+    seqs = []
+    for _ in range(cfg.batch_text):
+        turns = []
+        for _ in range(cfg.qa_per_text):
+            e, f = py_rng.choice(batcher.world.entities), py_rng.choice(TEXT_FACTS)
+            turns.append((text_question(e, f, py_rng.randrange(2)), e.fact(f)))
+        seqs.append(batcher.sequence(turns, False))
+    return seqs
 
 
 def _patch_targets(mask: np.ndarray, patch: int, entity) -> np.ndarray:
@@ -135,11 +198,15 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConfig = TinyConfig(), *,
-               progress: bool = True, log_every: int = 200, snapshot_every: int = 0) -> dict:
+               progress: bool = True, log_every: int = 200, snapshot_every: int = 0,
+               start_from: str | Path | None = None) -> dict:
     """Train the tiny model and write it (weights, config, processor, ``training.json``) to ``out``.
 
     Returns the training record (config, wall time, losses). The folder appears atomically.
     ``snapshot_every`` > 0 also saves the weights so far to ``<out>.snapshot`` (for watching a long run).
+    ``start_from``: a folder written by this function with the same stage-1/2 settings (e.g. with
+    ``context_steps=0``); its weights are the end of stage 2, so only stage 3 runs — the result is the
+    same as a run from scratch, because stage 3 depends only on those weights and its own seeds.
     """
     from tqdm.auto import tqdm
 
@@ -148,7 +215,6 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
     world = make_world(cfg.world_seed, cfg.n_entities)
     processor = build_processor(world, tiny)
     model = build_model(processor.tokenizer, tiny, seed=cfg.seed)
-    model.train()
     n_visual = (tiny.image_size // tiny.patch_size) ** 2
     batcher = _Batcher(processor, world, n_visual)
     py_rng = random.Random(cfg.seed)
@@ -156,81 +222,81 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
     t0 = time.time()
     record: dict = {"train_config": dataclasses.asdict(cfg), "tiny_config": dataclasses.asdict(tiny), "log": []}
 
-    # ---- stage 1: dense vision pre-training --------------------------------------------------------
-    tower = model.model.vision_tower
-    heads = torch.nn.ModuleList([torch.nn.Linear(tiny.vision_hidden, n) for n in (2, len(COLOURS), len(SHAPES),
-                                                                                  len(PATTERNS))])
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_lr)
-    bar = tqdm(range(cfg.vision_steps), desc="vision pre-training", disable=not progress)
-    for step in bar:
-        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 0, step])
-        ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.vision_batch)]
-        rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
-        targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vision_steps, cfg.warmup // 2, cfg.vision_lr)
-        with autocast:
-            feats = tower(batcher.pixels([r.image for r in rends])).last_hidden_state[:, 1:]
-            loss = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
-                       for k, h in enumerate(heads))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    record["vision_loss"] = round(loss.item(), 4)
+    if start_from is not None:
+        record = _load_stage2(model, start_from, cfg, tiny, record)
+    else:
+        model.train()
+        # ---- stage 1: dense vision pre-training --------------------------------------------------------
+        tower = model.model.vision_tower
+        heads = torch.nn.ModuleList([torch.nn.Linear(tiny.vision_hidden, n) for n in (2, len(COLOURS), len(SHAPES),
+                                                                                      len(PATTERNS))])
+        opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_lr)
+        bar = tqdm(range(cfg.vision_steps), desc="vision pre-training", disable=not progress)
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 0, step])
+            ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.vision_batch)]
+            rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
+            targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, cfg.vision_steps, cfg.warmup // 2, cfg.vision_lr)
+            with autocast:
+                feats = tower(batcher.pixels([r.image for r in rends])).last_hidden_state[:, 1:]
+                loss = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
+                           for k, h in enumerate(heads))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        record["vision_loss"] = round(loss.item(), 4)
 
-    # ---- stage 2: visual instruction tuning --------------------------------------------------------
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay + list(heads.parameters()), "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=(0.9, 0.98))
-    bar = tqdm(range(cfg.steps), desc="instruction tuning", disable=not progress)
-    running = None
-    for step in bar:
-        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 1, step])
-        ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.batch_images)]
-        rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
-        images = [r.image for r in rends]
-        targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
-        seqs = []
-        for e in ents:
-            facts = py_rng.sample(FACTS, cfg.qa_per_image)
-            seqs.append(batcher.sequence([(py_rng.choice(TRAIN_TEMPLATES[f]), e.fact(f)) for f in facts], True))
-        for _ in range(cfg.batch_text):
-            turns = []
-            for _ in range(cfg.qa_per_text):
-                e, f = py_rng.choice(world.entities), py_rng.choice(TEXT_FACTS)
-                turns.append((text_question(e, f, py_rng.randrange(2)), e.fact(f)))
-            seqs.append(batcher.sequence(turns, False))
-        ids, labels, mask = batcher.collate(seqs)
-        pixels = batcher.pixels(images)
-        # text-only rows carry no image tokens; LLaVA takes pixel_values only for rows that need them
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
-        opt.zero_grad()
-        with autocast, Trace({"enc": tower.encoder}, detach=False) as tr:
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-            feats = tr.outputs["enc"][0][:, 1:]
-            aux = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
-                      for k, h in enumerate(heads))
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        total = loss + cfg.aux_weight * aux
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.3f}")
-        if log_every and (step + 1) % log_every == 0:
-            record["log"].append({"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - t0, 1)})
-            if not progress:
-                print(json.dumps(record["log"][-1]), flush=True)
-        if snapshot_every and (step + 1) % snapshot_every == 0:
-            snap = Path(str(out) + ".snapshot")
-            model.save_pretrained(snap)
-            processor.save_pretrained(snap)
-    record["final_loss"] = round(float(running), 4)
-    record["wall_seconds"] = round(time.time() - t0, 1)
+        # ---- stage 2: visual instruction tuning --------------------------------------------------------
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay + list(heads.parameters()), "weight_decay": 0.0}], lr=cfg.lr,
+                                betas=(0.9, 0.98))
+        bar = tqdm(range(cfg.steps), desc="instruction tuning", disable=not progress)
+        running = None
+        for step in bar:
+            rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 1, step])
+            ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.batch_images)]
+            rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
+            images = [r.image for r in rends]
+            targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
+            seqs = _image_qa(batcher, ents, py_rng, cfg) + _text_qa(batcher, py_rng, cfg)
+            ids, labels, mask = batcher.collate(seqs)
+            pixels = batcher.pixels(images)
+            # text-only rows carry no image tokens; LLaVA takes pixel_values only for rows that need them
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
+            opt.zero_grad()
+            with autocast, Trace({"enc": tower.encoder}, detach=False) as tr:
+                logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+                feats = tr.outputs["enc"][0][:, 1:]
+                aux = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
+                          for k, h in enumerate(heads))
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            total = loss + cfg.aux_weight * aux
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.3f}")
+            if log_every and (step + 1) % log_every == 0:
+                record["log"].append({"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - t0, 1)})
+                if not progress:
+                    print(json.dumps(record["log"][-1]), flush=True)
+            if snapshot_every and (step + 1) % snapshot_every == 0:
+                snap = Path(str(out) + ".snapshot")
+                model.save_pretrained(snap)
+                processor.save_pretrained(snap)
+        record["final_loss"] = round(float(running), 4)
+
+    # ---- stage 3: context reading ------------------------------------------------------------------
+    if cfg.context_steps:
+        _context_stage(model, batcher, world, cfg, tiny, record, autocast, progress=progress,
+                       log_every=log_every, t0=t0)
+    record["wall_seconds"] = round(time.time() - t0 + record.get("stage2_seconds", 0.0), 1)
     record["threads"] = cfg.threads
     model.eval()
     with atomic_path(out) as tmp:
@@ -239,3 +305,88 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
         processor.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _load_stage2(model, folder, cfg: TrainConfig, tiny: TinyConfig, record: dict) -> dict:
+    """Load the stage-2 weights of ``folder`` (checked to match ``cfg``/``tiny`` there) into ``model``."""
+    from transformers import LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    try:
+        saved = json.loads((folder / "training.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"start_from={folder} has no readable training.json ({exc}); pass a folder written by "
+                         f"train-tiny") from None
+    stage3 = {"context_steps", "context_batch", "context_lr"}
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in stage3}
+    theirs = {k: v for k, v in saved["train_config"].items() if k not in stage3}
+    if mine != theirs or saved["tiny_config"] != dataclasses.asdict(tiny):
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"start_from={folder} was trained with other stage-1/2 settings ({diff or 'tiny_config'}); "
+                         f"train from scratch instead")
+    if saved["train_config"].get("context_steps", 0):
+        raise ValueError(f"start_from={folder} already went through stage 3; pass the stage-2 model")
+    model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).state_dict())
+    model.train()
+    for key in ("log", "vision_loss", "final_loss"):
+        record[key] = saved[key]
+    record["stage2_seconds"] = saved["wall_seconds"]
+    return record
+
+
+def write_notes(embed, notes: dict, visual: torch.Tensor) -> torch.Tensor:
+    """Projector output (images, N, d) with each note's word embeddings over visual tokens start…"""
+    if not notes:
+        return visual
+    visual = visual.clone()
+    for row, (start, ids) in notes.items():
+        visual[row, start: start + len(ids)] = embed(ids).to(visual.dtype)
+    return visual
+
+
+def _context_stage(model, batcher: _Batcher, world: World, cfg: TrainConfig, tiny: TinyConfig, record: dict,
+                   autocast, *, progress: bool, log_every: int, t0: float) -> None:
+    """Stage 3: the stage-2 mixture plus context sequences, fresh AdamW, its own seeds."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed + 3)
+    py_rng = random.Random(f"context-{cfg.seed}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.context_lr, betas=(0.9, 0.98))
+    embed = model.get_input_embeddings()
+    record.setdefault("context_log", [])
+    bar = tqdm(range(cfg.context_steps), desc="context reading", disable=not progress)
+    running = None
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 3, step])
+        n = cfg.batch_images + cfg.context_batch
+        ents = [world.entities[i] for i in rng.integers(0, len(world), n)]
+        images = [render(e, seed=rng, size=tiny.image_size).image for e in ents]
+        seqs = _image_qa(batcher, ents[: cfg.batch_images], py_rng, cfg)
+        notes = {}
+        for k, e in enumerate(ents[cfg.batch_images:], start=cfg.batch_images):
+            ids_, labels_, note = batcher.context_sequence(e, py_rng)
+            seqs.append((ids_, labels_))
+            if note is not None:
+                notes[k] = (int(rng.integers(0, batcher.n_visual - len(note) + 1)), torch.tensor(note))
+        seqs += _text_qa(batcher, py_rng, cfg)
+        ids, labels, mask = batcher.collate(seqs)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.context_steps, cfg.warmup // 2, cfg.context_lr)
+        opt.zero_grad()
+        with autocast, edit_output(model.model.multi_modal_projector, partial(write_notes, embed, notes)):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batcher.pixels(images)).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        if log_every and (step + 1) % log_every == 0:
+            record["context_log"].append({"step": step + 1, "loss": round(running, 4),
+                                          "seconds": round(time.time() - t0, 1)})
+            if not progress:
+                print(json.dumps(record["context_log"][-1]), flush=True)
+    record["context_loss"] = round(float(running), 4)
