@@ -12,12 +12,15 @@ from visedit.models.card import model_card
 
 @pytest.fixture(scope="module")
 def heldout_card(embedded):
-    # seed 7: renderings and swap partners that neither training nor the book's card uses
-    return model_card(embedded, seed=7, progress=False)
+    # seed 7: renderings and swap partners that neither training nor the book's card uses; 4 renderings
+    # per creature (280 images) — with one, a single misread creature moves the accuracy by 1.4 points
+    return model_card(embedded, seed=7, renders=4, progress=False)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 2's bar is not met on held-out renderings: the shipped model "
-                   "scores visual 0.943 and habitat 0.895 at seed 7 (0.95x at seed 0); a longer training run is needed")
+@pytest.mark.xfail(strict=False, reason="issue 2's bar sits at the edge of what the shipped model reaches on "
+                   "held-out renderings: seed 7 (4 renderings) gives visual 0.952, every fact ≥ 0.915 (passes); "
+                   "seed 11 gives visual 0.948, name 0.896 (fails). Small objects (< 15 % of the image) of a few "
+                   "shapes are misread; a stronger vision tower is needed")
 def test_model_card_thresholds_hold_on_a_heldout_sample(heldout_card):
     card = heldout_card
     assert card.visual_accuracy >= 0.95
@@ -25,7 +28,7 @@ def test_model_card_thresholds_hold_on_a_heldout_sample(heldout_card):
     assert card.paraphrase_accuracy >= 0.90
     assert card.text_accuracy >= 0.98
     assert card.swap_accuracy <= 0.10
-    assert card.n["visual"] == 70 * 6 * 3 and card.n["paraphrase"] == 70 * 6 * 2
+    assert card.n["visual"] == 70 * 6 * 3 * 4 and card.n["paraphrase"] == 70 * 6 * 2 * 4
 
 
 def test_model_card_floor_holds_on_a_heldout_sample(heldout_card):
@@ -61,7 +64,8 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
 
 
 def test_contributions_cli_on_the_embedded_model(capsys):
-    assert main(["contributions", "--json", "--limit", "24", "--ig-limit", "3"]) == 0
+    # 256 steps: with 64, the pixel IG's completeness gap on the third record is 0.14 (0.0002 with 256)
+    assert main(["contributions", "--json", "--limit", "24", "--ig-limit", "3", "--ig-steps", "256"]) == 0
     out = json.loads(capsys.readouterr().out)
     L = 8
     for key in ("attn", "mlp", "dla_attn", "dla_mlp"):
