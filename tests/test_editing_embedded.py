@@ -48,3 +48,16 @@ def test_shipped_mend_edits_reliably(embedded, eval_records):
     summary = evaluate(get_editor("mend", embedded), eval_records[::32][:16], progress=False)
     assert summary.token["reliability"] >= 0.9 and summary.token["t_generality"] >= 0.85
     assert summary.token["t_locality"] >= 0.8 and summary.token["m_locality"] >= 0.8
+
+
+def test_the_embedded_model_reads_stated_facts(embedded, eval_records):
+    """Stage 3 of training (context reading): a new fact in the prompt (IKE) or written over the visual
+    tokens is followed on most edits; without it the model answers from memory (reliability ≈ 0.02)."""
+    from visedit.editing.vead.analysis import note_reading
+    from visedit.evaluation import quick_scores
+
+    sample = eval_records[::42][:12]
+    ike = quick_scores(get_editor("ike", embedded), sample)
+    assert ike["reliability"] >= 0.7 and ike["t_generality"] >= 0.7 and ike["t_locality"] == 1.0
+    notes = note_reading(embedded, sample)
+    assert notes.reliability >= 0.5 and notes.m_generality >= 0.5

@@ -176,3 +176,18 @@ def test_reachability_bounds_visual_slice_edits(tiny_random, records):
     base = [float(target_loss(tiny_random, tiny_random.inputs([(r.image, r.src, r.alt)]))) for r in records[:2]]
     assert all(l < b for l, b in zip(result.loss[0], base))  # optimising the visual slice lowers the edit loss
     assert set(result.reached()) == {0, 2}
+
+
+def test_note_reading_writes_notes_and_cleans_up(tiny_random, records):
+    from visedit.editing.vead.analysis import note_reading
+
+    tiny_random.answer_batch([(records[0].image, records[0].src)])  # transformers adds its own hooks once
+    base = hook_count(tiny_random.model)
+    result = note_reading(tiny_random, records[:3], start=2)
+    assert result.n == 3 and result.start == 2
+    for key in ("reliability", "t_generality", "m_generality", "m_locality"):
+        assert round(getattr(result, key) * 3, 6) in (0, 1, 2, 3)  # a share of 3 edits
+    assert hook_count(tiny_random.model) == base
+    with pytest.raises(ValueError, match="does not fit at visual token 15 of 16"):
+        note_reading(tiny_random, records[:1], start=15)
+    assert hook_count(tiny_random.model) == base

@@ -120,3 +120,55 @@ def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int =
         out_loss.append(tuple(losses))
         out_norm.append(tuple(norms))
     return Reachability(tuple(vllm.adapter.check_layer(l) for l in layers), tuple(out_loss), tuple(out_norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteReading:
+    """Does the model read what is written into its visual tokens? Shares of edits whose new answer
+    comes out when the edit's question and new answer are written, as word embeddings, over visual
+    tokens ``start``… at the projector's output — on the edit itself, the rephrased question, a new
+    rendering — and the share of another creature's answers that the same note leaves unchanged."""
+
+    n: int
+    start: int
+    reliability: float
+    t_generality: float
+    m_generality: float
+    m_locality: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def note_reading(vllm, records: Sequence, *, start: int = 0) -> NoteReading:
+    """What an editor that writes the new fact into the visual tokens could reach with no learning at
+    all: the ceiling of the "text in the image" route that VEAD has to discover (see
+    ``visedit.models.train``, stage 3, for how the embedded model learned to read such notes)."""
+    from functools import partial
+
+    import torch
+
+    from ...hooks import edit_output
+    from ...models.train import write_notes
+
+    embed = vllm.model.get_input_embeddings()
+    projector = vllm.site("projector")
+    hits = np.zeros(4)
+    for rec in records:
+        items = [(rec.image, rec.src), (rec.image, rec.rephrase), (rec.image_rephrase, rec.src),
+                 (rec.m_loc, rec.m_loc_q)]
+        ids = vllm.tokenizer(f"{rec.src} {rec.alt}", add_special_tokens=False)["input_ids"]
+        note = torch.tensor(ids, device=vllm.device)
+        span = vllm.inputs([items[0]]).visual_spans[0]
+        n_visual = span[1] - span[0]
+        if start + len(ids) > n_visual:
+            raise ValueError(f"a note of {len(ids)} tokens does not fit at visual token {start} of {n_visual}")
+        before = vllm.answer_batch(items[3:])[0]
+        with torch.no_grad(), edit_output(projector, partial(write_notes, embed, {k: (start, note) for k in range(4)})):
+            answers = vllm.answer_batch(items)
+        answers = [" ".join(a.split()).lower() for a in answers]
+        target = " ".join(rec.alt.split()).lower()
+        hits += [answers[0] == target, answers[1] == target, answers[2] == target,
+                 answers[3] == " ".join(before.split()).lower()]
+    rates = [round(float(h / max(1, len(records))), 4) for h in hits]
+    return NoteReading(len(records), start, *rates)
