@@ -97,6 +97,8 @@ def test_cached_training_path_reproduces_the_model(tiny_random, records):
     rel = np.mean([float(target_loss(tiny_random, tiny_random.inputs([(r.image, r.src, r.alt)]))) for r in records[:3]])
     assert parts["rel"] == pytest.approx(rel, rel=1e-5)
     assert abs(parts["loc"]) < 1e-6  # identity VEAD: the locality KL is zero
+    assert all(r.im_target.numel() == 0 for r in batch)  # w_im = 0: no perturbation targets computed
+    assert vead_train.Cache(tiny_random, 1, VEADConfig(layer=1)).record(records[0]).im_target.shape == (3, 16)
 
 
 def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_path, monkeypatch):

@@ -88,14 +88,15 @@ class Cache:
         from ...attribution import noise_perturbation
 
         targets = []
-        for image, question, _ in _items(record)[:3]:
+        for image, question, _ in _items(record)[:3] if self.config.use_im and self.config.w_im > 0 else []:
             influence = noise_perturbation(vllm, image, question, layers=self.im_layers, radius=0,
                                            sigma=self.config.sigma, n=self.config.noise_copies).array().mean(0)
             c = np.clip(influence, 0, None)
             targets.append(c / c.sum() if c.sum() > 0 else np.full_like(c, 1 / len(c)))
+        # without the influence mapper's losses its targets are never read: skip the three perturbation runs
+        im_target = torch.tensor(np.stack(targets)).float() if targets else torch.zeros(0)
         return CachedRecord(states, inputs.tensors["attention_mask"].bool(), span, inputs.target_positions,
-                            inputs.target_ids, inputs.last_prompt[0], torch.tensor(np.stack(targets)).float(),
-                            loc_logprobs)
+                            inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs)
 
     def kwargs(self, length: int) -> dict:
         """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens."""
