@@ -118,3 +118,24 @@ def test_evaluate_cli_errors(tiny_random_dir, capsys):
     assert "--limit must be ≥ 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", "--editor", "rome"])
+
+
+def test_layer_sweep_plot_puts_each_row_on_the_stream_it_edits():
+    from types import SimpleNamespace
+
+    from visedit.evaluation import METRICS, plot_layer_sweep
+
+    def row(layer, at, use_im, value):
+        return {"layer": layer, "at": at, "use_im": use_im, **{m: value for m in METRICS}, "mean": value}
+
+    rows = [row(0, "input", False, 0.8), row(1, "input", False, 0.2), row(0, "output", True, 0.1)]
+    profile = SimpleNamespace(mean={"attn": [0.5, 0.1], "mlp": [0.2, 0.05]}, n=3)
+    fig = plot_layer_sweep(rows, profile)
+    assert len(fig.axes) == 2
+    xs = sorted({round(x, 6) for line in fig.axes[0].lines for x in line.get_xdata()})
+    assert xs == [0, 1]  # the output of layer 0 is drawn where the input of layer 1 is
+    heights = sorted(round(p.get_height(), 6) for p in fig.axes[1].patches if p.get_height() > 0)
+    assert heights == [0.05, 0.1, 0.2, 0.5]
+    assert len(plot_layer_sweep(rows).axes) == 1
+    with pytest.raises(ValueError, match="no sweep rows"):
+        plot_layer_sweep([])

@@ -4,6 +4,8 @@ determinism and resuming, and hook hygiene."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +90,9 @@ def test_gate_is_a_probability_map(tiny_random, records, editor):
         assert (ablated.gate(records[3].image, records[3].src) == 1).all()
 
 
-def test_cached_training_path_reproduces_the_model(tiny_random, records):
-    config = VEADConfig(layer=1, w_im=0.0)
+@pytest.mark.parametrize("at", ["output", "input"])
+def test_cached_training_path_reproduces_the_model(tiny_random, records, at):
+    config = VEADConfig(layer=1, at=at, w_im=0.0)
     cache = vead_train.Cache(tiny_random, 1, config)
     batch = [cache.record(r) for r in records[:3]]
     vead = VEAD(**config.resolved(tiny_random.model.config.text_config.hidden_size))
@@ -98,7 +101,34 @@ def test_cached_training_path_reproduces_the_model(tiny_random, records):
     assert parts["rel"] == pytest.approx(rel, rel=1e-5)
     assert abs(parts["loc"]) < 1e-6  # identity VEAD: the locality KL is zero
     assert all(r.im_target.numel() == 0 for r in batch)  # w_im = 0: no perturbation targets computed
-    assert vead_train.Cache(tiny_random, 1, VEADConfig(layer=1)).record(records[0]).im_target.shape == (3, 16)
+    assert vead_train.Cache(tiny_random, 1, VEADConfig(layer=1, at=at)).record(records[0]).im_target.shape == (3, 16)
+
+
+def test_the_input_of_a_layer_is_the_output_of_the_one_before(tiny_random, records, editor):
+    """Oracle: VEAD at the input of layer 1 is VEAD at the output of layer 0 with the same weights — in the
+    editor (hooks) and in the cached training path; at the input of layer 0 it edits the projector's output."""
+    at_input = VEADEditor(tiny_random, VEADConfig(layer=1, at="input"), adapter=editor.adapter)
+    at_output = VEADEditor(tiny_random, VEADConfig(layer=0), adapter=editor.adapter)
+    r, req = records[0], EditRequest.from_record(records[1])
+    x = tiny_random.inputs([(r.image, r.src, r.alt), (None, r.loc, r.loc_ans)])
+    before = tiny_random.logits(x)
+    with at_input.edit(req):
+        a = tiny_random.logits(x)
+    with at_output.edit(req):
+        b = tiny_random.logits(x)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a[0], before[0])
+    assert torch.equal(a[1], before[1])  # text-only row untouched
+    losses = []
+    for ed in (at_input, at_output):
+        cache = vead_train.Cache(tiny_random, ed.layer, dataclasses.replace(ed.config, w_im=0.0))
+        batch = [cache.record(rec) for rec in records[:2]]
+        losses.append(vead_train.step_loss(ed.adapter, cache, batch, cache.config, np.random.default_rng(0))[1])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    first = VEADEditor(tiny_random, VEADConfig(layer=0, at="input"), adapter=editor.adapter)
+    start, stop = x.visual_spans[0]
+    with first.edit(req):
+        c = tiny_random.logits(x)
+    assert torch.equal(c[0, :start], before[0, :start]) and not torch.allclose(c[0, stop:], a[0, stop:])
 
 
 def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_path, monkeypatch):
@@ -129,6 +159,21 @@ def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_
         assert torch.equal(loaded.adapter.state_dict()[k], v), k
 
 
+def test_holdout_by_group_keeps_pairs_apart(records):
+    import random
+
+    from visedit.editing.base import holdout_split, pair_key
+
+    records = list(records) * 2  # every pair twice: a plain shuffle would split most pairs
+    train, val = holdout_split(records, 0.3, 1000, random.Random(0), group=pair_key)
+    assert len(train) + len(val) == len(records) and len(val) >= round(0.3 * len(records))
+    plain = holdout_split(records, 0.3, 1000, random.Random(0))
+    assert {pair_key(r) for r in plain[0]} & {pair_key(r) for r in plain[1]}
+    assert not {pair_key(r) for r in train} & {pair_key(r) for r in val}  # no (entity, fact) pair on both sides
+    again = holdout_split(records, 0.3, 1000, random.Random(0), group=pair_key)
+    assert [r.src for r in again[1]] == [r.src for r in val]  # seeded
+
+
 def test_no_hook_survives(tiny_random, records, editor):
     hooks = hook_count(tiny_random.model)
     with pytest.raises(ZeroDivisionError):
@@ -145,6 +190,8 @@ def test_vead_config_errors(tiny_random):
         VEADEditor(tiny_random, VEADConfig())
     with pytest.raises(ValueError, match="out of range"):
         VEADEditor(tiny_random, VEADConfig(layer=9))
+    with pytest.raises(ValueError, match="at must be 'output' or 'input'"):
+        VEADConfig(layer=0, at="middle")
     with pytest.raises(FileNotFoundError, match="train-vead"):
         get_editor("vead", tiny_random, weights="/nonexistent/vead")
 
@@ -163,9 +210,10 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     config = tmp_path / "vead.yaml"
     config.write_text("val_every: 1\nval_edits: 1\nbatch: 2\nsampled_tokens: 4\n")
     code = main(["sweep-vead", "--layers", "0", "2", "--limit", "4", "--steps", "2", "--eval-limit", "2",
-                 "--model", str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json"])
+                 "--model", str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
+                 "--at", "output"])
     rows = json.loads(capsys.readouterr().out)
-    assert code == 0 and [r["layer"] for r in rows] == [0, 2]
+    assert code == 0 and [r["layer"] for r in rows] == [0, 2] and {r["at"] for r in rows} == {"output"}
     assert all(r["t_locality"] == 1.0 for r in rows)  # VEAD never touches text-only inputs
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
 
@@ -193,3 +241,26 @@ def test_note_reading_writes_notes_and_cleans_up(tiny_random, records):
     with pytest.raises(ValueError, match="does not fit at visual token 15 of 16"):
         note_reading(tiny_random, records[:1], start=15)
     assert hook_count(tiny_random.model) == base
+
+
+def test_written_words_reads_the_change_as_words(tiny_random, records, editor):
+    from visedit.editing.vead.analysis import written_words
+
+    at_input = VEADEditor(tiny_random, VEADConfig(layer=0, at="input"), adapter=editor.adapter)
+    hooks = hook_count(tiny_random.model)
+    with pytest.raises(RuntimeError, match="needs an applied edit"):
+        written_words(at_input, records[3].image, records[3].src)
+    with at_input.edit(EditRequest.from_record(records[1])):
+        result = written_words(at_input, records[3].image, records[3].src)
+        delta = at_input.last_change[0]
+        with pytest.raises(ValueError, match="needs an image"):
+            written_words(at_input, None, records[3].loc)
+    assert hook_count(tiny_random.model) == hooks
+    n = delta.shape[0]
+    assert len(result.words) == len(result.cosine) == len(result.change) == n
+    # oracle: the word of token 0 is the argmax of the cosine with every input embedding
+    embed = tiny_random.model.get_input_embeddings().weight.detach().float()
+    cos = torch.nn.functional.cosine_similarity(delta[0][None], embed, dim=-1)
+    assert result.words[0] == tiny_random.tokenizer.decode([int(cos.argmax())]).strip()
+    assert result.cosine[0] == pytest.approx(float(cos.max()), abs=1e-4)
+    assert all(c > 0 for c in result.change) and sum(k for _, k in result.top(3, share=1.0)) <= n

@@ -217,6 +217,8 @@ def _train_vead(args) -> int:
             settings[key] = getattr(args, key)
     if args.no_im:
         settings["use_im"] = False
+    if args.at is not None:
+        settings["at"] = args.at
     vllm = load_vllm(args.model, device=args.device)
     records = load_world_split("train", progress=not args.json)
     if args.limit is not None:
@@ -224,7 +226,7 @@ def _train_vead(args) -> int:
             raise ValueError(f"--limit must be ≥ 2, got {args.limit}")
         records = _spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
-        settings["layer"] = choose_edit_layer(vllm, records)
+        settings["layer"] = choose_edit_layer(vllm, records, at=settings.get("at", "output"))
     _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=not args.json)
     print(json.dumps({"out": str(args.out), "layer": settings["layer"], "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
@@ -247,17 +249,19 @@ def _sweep_vead(args) -> int:
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
     settings["steps"] = args.steps
+    if args.at is not None:
+        settings["at"] = args.at
     rows = []
     for layer in args.layers:
         for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
             config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
-            tag = f"layer{layer}" + ("" if use_im else "-noim")
+            tag = ("in" if config.at == "input" else "layer") + str(layer) + ("" if use_im else "-noim")
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
-            row = {"layer": layer, "use_im": use_im, "train_seconds": info["wall_seconds"], **summary.to_dict()}
+            row = {"layer": layer, "at": config.at, "use_im": use_im, "train_seconds": info["wall_seconds"], **summary.to_dict()}
             write_json(args.out / f"{tag}.json", row)
             rows.append(row)
-    print(json.dumps([{k: r[k] for k in ("layer", "use_im", "mean", "reliability", "t_generality", "m_generality",
+    print(json.dumps([{k: r[k] for k in ("layer", "at", "use_im", "mean", "reliability", "t_generality", "m_generality",
                                          "t_locality", "m_locality")} for r in rows], indent=1))
     return 0
 
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="train on N records spread over the split")
     p.add_argument("--no-im", action="store_true", help="ablation: no influence mapper (gate = 1)")
+    p.add_argument("--at", choices=["output", "input"], default=None,
+                   help="rewrite the output (the paper) or the input of layer l_e (default: the preset's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
     p.set_defaults(func=_train_vead)
@@ -356,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=100, help="eval edits (spread over the split)")
     p.add_argument("--ablate-im", action="store_true", help="also train each layer without the influence mapper")
     p.add_argument("--no-im", action="store_true", help="train only without the influence mapper (gate = 1)")
+    p.add_argument("--at", choices=["output", "input"], default=None,
+                   help="rewrite the output or the input of each layer (default: the preset's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--config", default=None)
     p.add_argument("--model", default=None)

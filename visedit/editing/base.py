@@ -167,16 +167,37 @@ def load_trained(folder: str | Path, stem: str) -> tuple[dict, dict[str, torch.T
     return json.loads((folder / f"{stem}.json").read_text()), load_file(folder / f"{stem}.safetensors")
 
 
-def holdout_split(records, share: float, limit: int, rng) -> tuple[list, list]:
+def holdout_split(records, share: float, limit: int, rng, *, group=None) -> tuple[list, list]:
     """(train, validation) for editor training: ``rng`` (a ``random.Random``) shuffles the records, the first
-    ``share`` of them is held out, and at most ``limit`` of those are used for validation."""
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    n_val = max(1, round(len(order) * share))
-    train = [records[i] for i in order[n_val:]]
+    ``share`` of them is held out, and at most ``limit`` of those are used for validation. With ``group``
+    (record → key), whole groups are held out — e.g. (entity, fact) pairs, so that validation asks what
+    the eval split asks: edits of pairs never trained on."""
+    if group is None:
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        n_val = max(1, round(len(order) * share))
+        held, kept = order[:n_val], order[n_val:]
+    else:
+        groups: dict = {}
+        for i, r in enumerate(records):
+            groups.setdefault(group(r), []).append(i)
+        keys = list(groups)
+        rng.shuffle(keys)
+        held, target = [], max(1, round(len(records) * share))
+        while keys and len(held) < target:
+            held += groups[keys.pop(0)]
+        kept = [i for k in keys for i in groups[k]]
+        rng.shuffle(held)
+    train = [records[i] for i in kept]
     if not train:
         raise ValueError("training an editor needs at least two records (some are held out for validation)")
-    return train, [records[i] for i in order[:n_val]][:limit]
+    return train, [records[i] for i in held][:limit]
+
+
+def pair_key(record) -> tuple:
+    """The (entity, fact) pair of a world record; (image, question) for records from elsewhere (E-VQA)."""
+    extra = getattr(record, "extra", None) or {}
+    return (extra.get("entity", record.image), extra.get("fact", record.src))
 
 
 def target_loss(vllm: VLLM, inputs: Inputs, logits: torch.Tensor | None = None) -> torch.Tensor:

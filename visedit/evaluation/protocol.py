@@ -300,3 +300,40 @@ def plot_results(summaries: Sequence[EvalSummary], *, score: str = "token"):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def plot_layer_sweep(rows: Sequence[dict], profile=None):
+    """The layer sweep of an editor that sits at one layer (``sweep-vead`` rows: ``layer``, ``at`` and the
+    token-accuracy metrics), drawn against a :class:`~visedit.attribution.ContributionProfile` (attention
+    and MLP contribution per layer) when given. Rows at the output of layer l are drawn at the input of
+    l + 1 (the same stream). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    if not rows:
+        raise ValueError("no sweep rows given: pass the JSON rows written by `python -m visedit sweep-vead`")
+    df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1),
+                        "IM": "with IM" if r.get("use_im", True) else "no IM",
+                        **{m: r[m] for m in (*METRICS, "mean")}} for r in rows])
+    long = df.melt(id_vars=["into layer", "IM"], value_vars=["reliability", "m_generality", "m_locality", "mean"],
+                   var_name="metric", value_name="token accuracy")
+    panels = 2 if profile is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.0 * panels), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    sns.lineplot(long, x="into layer", y="token accuracy", hue="metric", style="IM", markers=True, ax=ax)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("editor trained at the stream entering layer l")
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    if profile is not None:
+        contrib = pd.DataFrame({"layer": list(range(len(profile.mean["attn"]))) * 2,
+                                "module": ["attention"] * len(profile.mean["attn"]) + ["MLP"] * len(profile.mean["mlp"]),
+                                "contribution": list(profile.mean["attn"]) + list(profile.mean["mlp"])})
+        ax2 = axes[1, 0]
+        sns.barplot(contrib, x="layer", y="contribution", hue="module", ax=ax2, native_scale=True)
+        ax2.set_title(f"contribution of each layer's modules to the answer (paper formula, {profile.n} records)")
+        ax2.set_xlabel("layer l")
+        ax2.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

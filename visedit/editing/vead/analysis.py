@@ -43,7 +43,8 @@ def gate_agreement(editor, records: Sequence, *, radius: int = 0, n: int = 4) ->
     from ...attribution import noise_perturbation, score_heatmap
 
     vllm = editor.vllm
-    layers = list(range(editor.layer + 1, vllm.n_layers)) or [editor.layer]
+    first = editor.layer if editor.at_input else editor.layer + 1
+    layers = list(range(first, vllm.n_layers)) or [editor.layer]
     rows = []
     for i, rec in enumerate(records):
         with editor.edit(EditRequest.from_record(rec)):
@@ -172,3 +173,56 @@ def note_reading(vllm, records: Sequence, *, start: int = 0) -> NoteReading:
                  answers[3] == " ".join(before.split()).lower()]
     rates = [round(float(h / max(1, len(records))), 4) for h in hits]
     return NoteReading(len(records), start, *rates)
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenWords:
+    """What VEAD wrote into each visual token of one input, read as words: for visual token j (row-major
+    over ``grid``), the vocabulary word whose input embedding is closest in direction (cosine) to VEAD's
+    change Δ_j, that cosine, and the change's size relative to the token (‖Δ_j‖ / ‖V_j‖). Meaningful where
+    VEAD writes into the stream that word embeddings live in — the input of layer 0."""
+
+    grid: tuple[int, int] | None
+    words: tuple[str, ...]
+    cosine: tuple[float, ...]
+    change: tuple[float, ...]
+
+    def top(self, k: int = 5, *, share: float = 0.25) -> list[tuple[str, int]]:
+        """The ``k`` commonest words among the ``share`` of tokens that VEAD changed most."""
+        from collections import Counter
+
+        n = max(1, round(len(self.words) * share))
+        order = np.argsort(self.change)[::-1][:n]
+        return Counter(self.words[i] for i in order).most_common(k)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def written_words(editor, image, question: str) -> WrittenWords:
+    """Read VEAD's change to the visual tokens of (``image``, ``question``) under the applied edit as words."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...hooks import Trace, stop_after
+
+    if not editor.applied:
+        raise RuntimeError("written_words() needs an applied edit: use `with editor.edit(request):`")
+    vllm = editor.vllm
+    inputs = vllm.inputs([(image, question)])
+    if inputs.visual_spans[0] is None:
+        raise ValueError("written_words() needs an image: VEAD is off on text-only inputs")
+    start, stop = inputs.visual_spans[0]
+    block = vllm.site(f"llm.layers.{editor.layer}")
+    # VEAD's hook was attached first, so the trace sees the stream after VEAD rewrote it
+    with torch.no_grad(), Trace({"block": block}, inputs=editor.at_input, outputs=not editor.at_input) as trace, \
+            stop_after(block):
+        vllm.model(**inputs.tensors, use_cache=False)
+    delta = editor.last_change[0]
+    edited = (trace.inputs if editor.at_input else trace.outputs)["block"][0, start:stop].float()
+    change = delta.norm(dim=-1) / (edited - delta).norm(dim=-1).clamp_min(1e-9)
+    embed = vllm.model.get_input_embeddings().weight.detach().float()
+    best = (F.normalize(delta, dim=-1) @ F.normalize(embed, dim=-1).T).max(-1)
+    words = tuple(vllm.tokenizer.decode([int(i)]).strip() for i in best.indices)
+    return WrittenWords(vllm.adapter.visual_grid(stop - start), words,
+                        tuple(round(float(c), 4) for c in best.values), tuple(round(float(c), 4) for c in change))

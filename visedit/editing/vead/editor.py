@@ -1,6 +1,8 @@
-"""The VisEdit editor: VEAD attached by a scoped hook to the output of LLM layer l_e.
+"""The VisEdit editor: VEAD attached by a scoped hook to the output of LLM layer l_e (the paper), or to
+its input (``at: input`` — the same stream as the output of l_e − 1; new only for l_e = 0, where it is
+the projector's output as the LLM first sees it).
 
-Applying an edit is one partial forward pass (image + prompt + new answer, stopped after l_e) to keep
+Applying an edit is one partial forward pass (image + prompt + new answer, stopped at l_e) to keep
 the edit sample's states; then the hook rewrites the visual-token slice of every later input that has
 an image (and more than one token: single-token decoding steps reuse the edited prefix). Restoring
 removes the hook; no weight ever changes, so the model is bit-identical afterwards.
@@ -16,23 +18,28 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ...hooks import Trace, edit_output, stop_after
+from ...hooks import Trace, edit_input, edit_output, stop_after
 from ..base import EditRequest, Editor, load_trained, register_editor, save_trained
 from .module import VEAD, VEADConfig
 
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "trained" / "vead"
 
 
-def choose_edit_layer(vllm, records: Sequence, *, limit: int = 64) -> int:
-    """The default l_e: the layer just before the attention contribution peak of the model's
-    contribution profile (paper formula, on correctly answered records — pass train-split records),
-    clipped at 0. Attention is where the answer position reads the visual tokens, so VEAD rewrites them
-    just before the layer that reads them most; the paper puts l_e "just before the high-contribution
-    layers" (LLaVA-1.5: 18)."""
+def choose_edit_layer(vllm, records: Sequence, *, at: str = "output", limit: int = 64) -> int:
+    """The default l_e: VEAD rewrites the visual tokens just before the layer that reads them most — the
+    attention contribution peak of the model's contribution profile (paper formula, on correctly
+    answered records — pass train-split records). Attention is where the answer position reads the
+    visual tokens. With ``at="input"`` that is the peak layer's input (l_e = peak); with ``at="output"``
+    the output of the layer before it (l_e = peak − 1, clipped at 0: a model that reads its visual tokens
+    most at layer 0 has no such layer, which is why the embedded model's preset uses ``at: input``). The
+    paper puts l_e "just before the high-contribution layers" (LLaVA-1.5: 18)."""
     from ...attribution import contribution_profile
 
+    if at not in ("output", "input"):
+        raise ValueError(f"at must be 'output' or 'input', got {at!r}")
     profile = contribution_profile(vllm, list(records)[:limit], only_correct=True, progress=False)
-    return max(0, profile.peak("attn") - 1)
+    peak = profile.peak("attn")
+    return peak if at == "input" else max(0, peak - 1)
 
 
 @dataclasses.dataclass
@@ -92,14 +99,21 @@ class VEADEditor(Editor):
                       "model": self.vllm.name, **(extra or {})})
 
     # --- the edit --------------------------------------------------------------------------------------
+    @property
+    def at_input(self) -> bool:
+        """True when VEAD rewrites the input of layer l_e (``at: input``) rather than its output."""
+        return self.config.at == "input"
+
     def layer_states(self, items) -> tuple[torch.Tensor, object]:
-        """Residual stream at the output of l_e (B, S, d) for (image, question[, target]) items, from a
-        forward pass stopped there (VEAD off unless an edit is applied)."""
+        """Residual stream at l_e (its output, or its input with ``at: input``) (B, S, d) for
+        (image, question[, target]) items, from a forward pass stopped there (VEAD off unless an edit
+        is applied)."""
         inputs = self.vllm.inputs(items)
         block = self.vllm.site(f"llm.layers.{self.layer}")
-        with Trace({"block": block}) as trace, stop_after(block), torch.no_grad():
+        with Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace, \
+                stop_after(block), torch.no_grad():
             self.vllm.model(**inputs.tensors, use_cache=False)
-        return trace.outputs["block"], inputs
+        return (trace.inputs if self.at_input else trace.outputs)["block"], inputs
 
     def remember(self, request: EditRequest) -> EditMemory:
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
@@ -132,7 +146,8 @@ class VEADEditor(Editor):
         self._stack = contextlib.ExitStack()
         try:
             self._top = self._stack.enter_context(Trace({"model": self.vllm.model}, inputs=True, outputs=False))
-            self._stack.enter_context(edit_output(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
+            scope = edit_input if self.at_input else edit_output
+            self._stack.enter_context(scope(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
         except BaseException:
             self._stack.close()
             raise
@@ -167,6 +182,7 @@ class VEADEditor(Editor):
                                  f"{hidden.shape[0]} rows ({len(rows)} with an image)")
             states, mask, prompt = states[rows], mask[rows], prompt[rows]
         new, self.last_gate_logits = self.adapter(V.float(), states.float(), mask, prompt.float())
+        self.last_change = (new - V.float()).detach()  # what VEAD wrote into each visual token (rows, N, d)
         hidden = hidden.clone()
         hidden[rows[:, None], cols] = new.to(hidden.dtype)
         return hidden

@@ -30,6 +30,9 @@ class VEADConfig(StrictConfig):
     """VEAD's shape, where it sits, and how it is trained (preset: ``presets/vead.yaml``).
 
     ``layer``: l_e (None: chosen from the model's contribution profile, see :func:`choose_edit_layer`).
+    ``at``: ``"output"`` (the paper: VEAD rewrites the output of layer l_e) or ``"input"`` (the input of
+    layer l_e — the same stream as the output of l_e − 1; only new for l_e = 0, where it is the projector's
+    output as the LLM first sees it).
     ``width`` (m), ``heads``, ``im_width`` (hidden width of the IM's residual MLPs) and ``im_heads``:
     None scales the release's settings (m = 1024, 8 heads on d = 4096) to the model: m = d / 4, heads = 8
     when m ≥ 512 else 4, im_width = d, im_heads = heads. ``it_layers``: how many layers after l_e the
@@ -40,6 +43,7 @@ class VEADConfig(StrictConfig):
     """
 
     layer: int | None = None
+    at: str = "output"
     width: int | None = None
     heads: int | None = None
     im_width: int | None = None
@@ -62,6 +66,8 @@ class VEADConfig(StrictConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.at not in ("output", "input"):
+            raise ValueError(f"VEADConfig.at must be 'output' or 'input', got {self.at!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ...hooks import Trace, stop_after
 from ...models.backbones import unembed
-from ..base import holdout_split
+from ..base import holdout_split, pair_key
 from .editor import VEADEditor
 from .module import VEAD, VEADConfig
 
@@ -67,7 +67,9 @@ class Cache:
     def __init__(self, vllm, layer: int, config: VEADConfig):
         self.vllm, self.layer, self.config = vllm, layer, config
         L = vllm.n_layers
-        after = list(range(layer + 1, L)) or [layer]
+        self.at_input = config.at == "input"
+        self.first = layer if self.at_input else layer + 1  # the first layer that runs after the cached states
+        after = list(range(self.first, L)) or [layer]
         if config.it_layers is not None:
             after = after[: config.it_layers]
         self.im_layers = after
@@ -77,9 +79,9 @@ class Cache:
         vllm = self.vllm
         inputs = vllm.inputs(_items(record))
         block = vllm.site(f"llm.layers.{self.layer}")
-        with torch.no_grad(), Trace({"block": block}) as trace:
+        with torch.no_grad(), Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace:
             logits = vllm.model(**inputs.tensors, use_cache=False).logits.float()
-        states = trace.outputs["block"].float()
+        states = (trace.inputs if self.at_input else trace.outputs)["block"].float()
         span = inputs.visual_spans[0]
         if any(s != span for s in inputs.visual_spans):
             raise ValueError("VEAD training needs the same visual-token span in every input of a record")
@@ -103,7 +105,7 @@ class Cache:
         if self._kwargs is None or self._kwargs[0] < length:
             width = max(length, 256)
             ids = torch.full((1, width), self.vllm.tokenizer.bos_token_id, device=self.vllm.device)
-            nxt = self.vllm.site(f"llm.layers.{min(self.layer + 1, self.vllm.n_layers - 1)}")
+            nxt = self.vllm.site(f"llm.layers.{min(self.first, self.vllm.n_layers - 1)}")
             with torch.no_grad(), Trace({"next": nxt}, inputs=True, outputs=False) as trace, stop_after(nxt):
                 self.vllm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             self._kwargs = (width, trace.kwargs["next"])
@@ -130,8 +132,8 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     start, stop = batch[0].span
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
-    if cache.layer + 1 < vllm.n_layers:
-        hidden = vllm.adapter.run_from(cache.layer + 1, hidden, cache.kwargs(width))
+    if cache.first < vllm.n_layers:
+        hidden = vllm.adapter.run_from(cache.first, hidden, cache.kwargs(width))
     losses = {"rel": [], "gen": [], "loc": []}
     for i, r in enumerate(batch):
         for k, role in enumerate(ROLES):
@@ -186,7 +188,9 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     if config.layer is None:
         raise ValueError("VEADConfig.layer is not set (train_vead needs l_e; see choose_edit_layer)")
     torch.manual_seed(config.seed)
-    train, val = holdout_split(records, config.val_share, config.val_edits, random.Random(config.seed))
+    # validation holds out whole (entity, fact) pairs: the eval split's edits are of pairs never trained on
+    train, val = holdout_split(records, config.val_share, config.val_edits, random.Random(config.seed),
+                               group=pair_key)
     editor = VEADEditor(vllm, config)
     vead = editor.adapter
     cache = Cache(vllm, editor.layer, config)
