@@ -31,7 +31,7 @@ def test_evaluate_none_is_the_sanity_baseline(capsys, tmp_path):
     assert (tmp_path / "summary.json").exists() and len((tmp_path / "edits.jsonl").read_text().splitlines()) == 12
 
 
-@pytest.mark.parametrize("name", ["ft_l", "ft_v", "ike", "mend"])
+@pytest.mark.parametrize("name", ["ft_l", "ft_v", "ike", "mend", "vead"])
 def test_restore_is_bit_identical_on_the_embedded_model(embedded, eval_records, name):
     editor = get_editor(name, embedded)
     r = eval_records[0]
@@ -61,3 +61,26 @@ def test_the_embedded_model_reads_stated_facts(embedded, eval_records):
     assert ike["reliability"] >= 0.7 and ike["t_generality"] >= 0.7 and ike["t_locality"] == 1.0
     notes = note_reading(embedded, sample)
     assert notes.reliability >= 0.5 and notes.m_generality >= 0.5
+
+
+VEAD_SAMPLE = slice(None, None, 21)  # 24 eval edits spread over creatures and facts
+
+
+def test_shipped_vead_edits_new_pairs(embedded, eval_records):
+    """The shipped VEAD (trained on the train split; eval pairs are never trained on) on 24 eval edits:
+    it moves the answer on most of them, on paraphrases and new renderings too, and never touches
+    text-only inputs. (Its measured numbers are in chapter 5; the issue's targets are the next test.)"""
+    summary = evaluate(get_editor("vead", embedded), eval_records[VEAD_SAMPLE], progress=False)
+    token = summary.token
+    assert token["t_locality"] == 1.0
+    assert token["reliability"] >= 0.8 and token["t_generality"] >= 0.75 and token["m_generality"] >= 0.75
+    assert token["m_locality"] >= 0.7  # measured on this sample: 0.917 / 0.875 / 0.875 / 1.0 / 0.875
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 targets not reached: on 504 eval edits the shipped "
+                   "VEAD scores 0.871 / 0.871 / 0.863 / 1.0 / 0.749 (rel / T-Gen / M-Gen / T-Loc / M-Loc)")
+def test_vead_reaches_the_issue_targets(embedded, eval_records):
+    summary = evaluate(get_editor("vead", embedded), eval_records[VEAD_SAMPLE], progress=False)
+    token = summary.token
+    assert token["reliability"] >= 0.95 and token["t_generality"] >= 0.90 and token["m_generality"] >= 0.90
+    assert token["t_locality"] >= 0.99 and token["m_locality"] >= 0.95
