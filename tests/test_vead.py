@@ -252,7 +252,7 @@ def test_written_words_reads_the_change_as_words(tiny_random, records, editor):
         written_words(at_input, records[3].image, records[3].src)
     with at_input.edit(EditRequest.from_record(records[1])):
         result = written_words(at_input, records[3].image, records[3].src)
-        delta = at_input.last_change[0]
+        delta = at_input.last_visual[1][0] - at_input.last_visual[0][0]
         with pytest.raises(ValueError, match="needs an image"):
             written_words(at_input, None, records[3].loc)
     assert hook_count(tiny_random.model) == hooks

@@ -258,11 +258,12 @@ def _sweep_vead(args) -> int:
             tag = ("in" if config.at == "input" else "layer") + str(layer) + ("" if use_im else "-noim")
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
-            row = {"layer": layer, "at": config.at, "use_im": use_im, "train_seconds": info["wall_seconds"], **summary.to_dict()}
+            row = {"layer": layer, "at": config.at, "use_im": use_im, "train_seconds": info["wall_seconds"],
+                   **summary.to_dict()}
             write_json(args.out / f"{tag}.json", row)
             rows.append(row)
-    print(json.dumps([{k: r[k] for k in ("layer", "at", "use_im", "mean", "reliability", "t_generality", "m_generality",
-                                         "t_locality", "m_locality")} for r in rows], indent=1))
+    keys = ("layer", "at", "use_im", "mean", "reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+    print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
     return 0
 
 

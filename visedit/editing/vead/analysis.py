@@ -43,8 +43,7 @@ def gate_agreement(editor, records: Sequence, *, radius: int = 0, n: int = 4) ->
     from ...attribution import noise_perturbation, score_heatmap
 
     vllm = editor.vllm
-    first = editor.layer if editor.at_input else editor.layer + 1
-    layers = list(range(first, vllm.n_layers)) or [editor.layer]
+    layers = list(range(editor.first_layer_after, vllm.n_layers)) or [editor.layer]
     rows = []
     for i, rec in enumerate(records):
         with editor.edit(EditRequest.from_record(rec)):
@@ -204,7 +203,7 @@ def written_words(editor, image, question: str) -> WrittenWords:
     import torch
     import torch.nn.functional as F
 
-    from ...hooks import Trace, stop_after
+    from ...hooks import stop_after
 
     if not editor.applied:
         raise RuntimeError("written_words() needs an applied edit: use `with editor.edit(request):`")
@@ -213,14 +212,11 @@ def written_words(editor, image, question: str) -> WrittenWords:
     if inputs.visual_spans[0] is None:
         raise ValueError("written_words() needs an image: VEAD is off on text-only inputs")
     start, stop = inputs.visual_spans[0]
-    block = vllm.site(f"llm.layers.{editor.layer}")
-    # VEAD's hook was attached first, so the trace sees the stream after VEAD rewrote it
-    with torch.no_grad(), Trace({"block": block}, inputs=editor.at_input, outputs=not editor.at_input) as trace, \
-            stop_after(block):
+    with torch.no_grad(), stop_after(vllm.site(f"llm.layers.{editor.layer}")):
         vllm.model(**inputs.tensors, use_cache=False)
-    delta = editor.last_change[0]
-    edited = (trace.inputs if editor.at_input else trace.outputs)["block"][0, start:stop].float()
-    change = delta.norm(dim=-1) / (edited - delta).norm(dim=-1).clamp_min(1e-9)
+    before, after = (t[0].float() for t in editor.last_visual)
+    delta = after - before
+    change = delta.norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-9)
     embed = vllm.model.get_input_embeddings().weight.detach().float()
     best = (F.normalize(delta, dim=-1) @ F.normalize(embed, dim=-1).T).max(-1)
     words = tuple(vllm.tokenizer.decode([int(i)]).strip() for i in best.indices)

@@ -104,6 +104,11 @@ class VEADEditor(Editor):
         """True when VEAD rewrites the input of layer l_e (``at: input``) rather than its output."""
         return self.config.at == "input"
 
+    @property
+    def first_layer_after(self) -> int:
+        """The first layer that reads VEAD's rewrite (l_e with ``at: input``, else l_e + 1)."""
+        return self.config.first_layer_after(self.layer)
+
     def layer_states(self, items) -> tuple[torch.Tensor, object]:
         """Residual stream at l_e (its output, or its input with ``at: input``) (B, S, d) for
         (image, question[, target]) items, from a forward pass stopped there (VEAD off unless an edit
@@ -182,7 +187,7 @@ class VEADEditor(Editor):
                                  f"{hidden.shape[0]} rows ({len(rows)} with an image)")
             states, mask, prompt = states[rows], mask[rows], prompt[rows]
         new, self.last_gate_logits = self.adapter(V.float(), states.float(), mask, prompt.float())
-        self.last_change = (new - V.float()).detach()  # what VEAD wrote into each visual token (rows, N, d)
+        self.last_visual = (V, new)  # the visual slice before and after VEAD (read by analysis.written_words)
         hidden = hidden.clone()
         hidden[rows[:, None], cols] = new.to(hidden.dtype)
         return hidden

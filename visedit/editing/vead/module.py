@@ -81,6 +81,10 @@ class VEADConfig(StrictConfig):
         if not 0 < self.val_share < 1:
             raise ValueError(f"VEADConfig.val_share must be in (0, 1), got {self.val_share}")
 
+    def first_layer_after(self, layer: int) -> int:
+        """The first layer that reads VEAD's rewrite when it sits at ``layer``."""
+        return layer if self.at == "input" else layer + 1
+
     def resolved(self, d: int) -> dict:
         """The module's sizes for hidden size ``d``."""
         width = self.width or max(8, d // 4)

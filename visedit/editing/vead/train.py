@@ -68,7 +68,7 @@ class Cache:
         self.vllm, self.layer, self.config = vllm, layer, config
         L = vllm.n_layers
         self.at_input = config.at == "input"
-        self.first = layer if self.at_input else layer + 1  # the first layer that runs after the cached states
+        self.first = config.first_layer_after(layer)  # the first layer that runs after the cached states
         after = list(range(self.first, L)) or [layer]
         if config.it_layers is not None:
             after = after[: config.it_layers]
