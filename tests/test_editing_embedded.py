@@ -4,6 +4,7 @@ shipped MEND, bit-identical restore on the real model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,23 +65,44 @@ def test_the_embedded_model_reads_stated_facts(embedded, eval_records):
 
 
 VEAD_SAMPLE = slice(None, None, 21)  # 24 eval edits spread over creatures and facts
+RESULTS = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "evaluate"
 
 
-def test_shipped_vead_edits_new_pairs(embedded, eval_records):
+@pytest.fixture(scope="module")
+def vead_sample(embedded, eval_records):
+    return evaluate(get_editor("vead", embedded), eval_records[VEAD_SAMPLE], progress=False)
+
+
+def test_shipped_vead_edits_new_pairs(vead_sample):
     """The shipped VEAD (trained on the train split; eval pairs are never trained on) on 24 eval edits:
-    it moves the answer on most of them, on paraphrases and new renderings too, and never touches
-    text-only inputs. (Its measured numbers are in chapter 5; the issue's targets are the next test.)"""
-    summary = evaluate(get_editor("vead", embedded), eval_records[VEAD_SAMPLE], progress=False)
-    token = summary.token
+    it moves the answer on most of them, on paraphrases and new renderings too, leaves most unrelated
+    images alone and never touches text-only inputs. (The issue's targets are the next test.)"""
+    token = vead_sample.token
     assert token["t_locality"] == 1.0
     assert token["reliability"] >= 0.8 and token["t_generality"] >= 0.75 and token["m_generality"] >= 0.75
-    assert token["m_locality"] >= 0.7  # measured on this sample: 0.917 / 0.875 / 0.875 / 1.0 / 0.875
+    assert token["m_locality"] >= 0.85  # measured on this sample: 0.917 / 0.917 / 0.917 / 1.0 / 0.958
+
+
+def _baseline_means_on_the_sample(n: int) -> dict:
+    """Each baseline's mean of the five token accuracies on the same eval edits, from its committed
+    full run (chapter 6): the protocol is deterministic, so these are the numbers a rerun gives."""
+    from visedit.evaluation import METRICS
+
+    means = {}
+    for name in ("ft_l", "ft_v", "ike", "mend"):
+        rows = [json.loads(line) for line in (RESULTS / name / "edits.jsonl").read_text().splitlines()]
+        rows = rows[VEAD_SAMPLE]
+        assert len(rows) == n
+        means[name] = sum(sum(r["token"][m] for m in METRICS) / len(METRICS) for r in rows) / n
+    return means
 
 
 @pytest.mark.xfail(strict=False, reason="issue 6 targets not reached: on 504 eval edits the shipped "
-                   "VEAD scores 0.871 / 0.871 / 0.863 / 1.0 / 0.749 (rel / T-Gen / M-Gen / T-Loc / M-Loc)")
-def test_vead_reaches_the_issue_targets(embedded, eval_records):
-    summary = evaluate(get_editor("vead", embedded), eval_records[VEAD_SAMPLE], progress=False)
-    token = summary.token
+                   "VEAD scores 0.946 / 0.946 / 0.937 / 1.0 / 0.943 (rel / T-Gen / M-Gen / T-Loc / M-Loc), "
+                   "mean 0.954 against FT-L 0.991")
+def test_vead_reaches_the_issue_targets(vead_sample):
+    token = vead_sample.token
     assert token["reliability"] >= 0.95 and token["t_generality"] >= 0.90 and token["m_generality"] >= 0.90
     assert token["t_locality"] >= 0.99 and token["m_locality"] >= 0.95
+    baselines = _baseline_means_on_the_sample(vead_sample.n)
+    assert all(vead_sample.mean > m for m in baselines.values()), baselines

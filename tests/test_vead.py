@@ -192,6 +192,8 @@ def test_vead_config_errors(tiny_random):
         VEADEditor(tiny_random, VEADConfig(layer=9))
     with pytest.raises(ValueError, match="at must be 'output' or 'input'"):
         VEADConfig(layer=0, at="middle")
+    with pytest.raises(ValueError, match="im_reads must be 'prompt' or 'image'"):
+        VEADConfig(layer=0, im_reads="text")
     with pytest.raises(FileNotFoundError, match="train-vead"):
         get_editor("vead", tiny_random, weights="/nonexistent/vead")
 
@@ -216,6 +218,11 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     assert code == 0 and [r["layer"] for r in rows] == [0, 2] and {r["at"] for r in rows} == {"output"}
     assert all(r["t_locality"] == 1.0 for r in rows)  # VEAD never touches text-only inputs
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
+    code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--eval-limit", "2", "--model",
+                 str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
+                 "--at", "input", "--im-reads", "image"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and rows[0]["im_reads"] == "image" and (tmp_path / "sweep" / "in1-im-image.json").exists()
 
 
 def test_reachability_bounds_visual_slice_edits(tiny_random, records):
@@ -264,3 +271,32 @@ def test_written_words_reads_the_change_as_words(tiny_random, records, editor):
     assert result.words[0] == tiny_random.tokenizer.decode([int(cos.argmax())]).strip()
     assert result.cosine[0] == pytest.approx(float(cos.max()), abs=1e-4)
     assert all(c > 0 for c in result.change) and sum(k for _, k in result.top(3, share=1.0)) <= n
+
+
+def test_im_reading_the_edit_image_takes_each_tokens_best_match(tiny_random, records):
+    """Oracle: with K keys the gate logit of a token is the max of its K single-key logits (the paper's
+    formula, one key = p); the editor and the cached training path hand the IM the edit sample's visual
+    tokens, and the two paths agree on the loss."""
+    torch.manual_seed(0)
+    config = VEADConfig(layer=1, im_reads="image", w_im=0.0)
+    ed = VEADEditor(tiny_random, config)
+    torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+    V, keys = torch.randn(2, 5, 48), torch.randn(2, 3, 48)
+    single = torch.stack([ed.adapter.gate_logits(V, keys[:, k]) for k in range(3)], -1)
+    assert torch.allclose(ed.adapter.gate_logits(V, keys), single.amax(-1), atol=1e-6)
+    assert torch.allclose(ed.adapter.gate_logits(V, keys[:, :1]), single[..., 0], atol=1e-6)
+    req = EditRequest.from_record(records[1])
+    states, inputs = ed.layer_states([(req.image, req.prompt, req.target)])
+    start, stop = inputs.visual_spans[0]
+    with ed.edit(req):
+        assert torch.equal(ed.memory.prompt_state, states[:, start:stop])
+        with pytest.raises(ValueError, match="needs every edit sample to have an image"):
+            ed._im_keys(*ed.layer_states([(None, req.prompt, req.target)]))
+    with ed.edit(req), torch.no_grad():  # the cached path edits the record's own inputs: compare there
+        own = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
+    cache = vead_train.Cache(tiny_random, 1, config)
+    _, parts = vead_train.step_loss(ed.adapter, cache, [cache.record(records[1])], config, np.random.default_rng(0))
+    assert parts["rel"] == pytest.approx(own, rel=1e-4)
+    with torch.no_grad():
+        plain = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
+    assert plain != pytest.approx(own, rel=1e-3)  # the edit changed the loss

@@ -219,6 +219,8 @@ def _train_vead(args) -> int:
         settings["use_im"] = False
     if args.at is not None:
         settings["at"] = args.at
+    if args.im_reads is not None:
+        settings["im_reads"] = args.im_reads
     vllm = load_vllm(args.model, device=args.device)
     records = load_world_split("train", progress=not args.json)
     if args.limit is not None:
@@ -251,18 +253,23 @@ def _sweep_vead(args) -> int:
     settings["steps"] = args.steps
     if args.at is not None:
         settings["at"] = args.at
+    if args.im_reads is not None:
+        settings["im_reads"] = args.im_reads
     rows = []
     for layer in args.layers:
         for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
             config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
-            tag = ("in" if config.at == "input" else "layer") + str(layer) + ("" if use_im else "-noim")
+            tag = (("in" if config.at == "input" else "layer") + str(layer)
+                   + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else ""))
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
-            row = {"layer": layer, "at": config.at, "use_im": use_im, "train_seconds": info["wall_seconds"],
+            row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads,
+                   "train_seconds": info["wall_seconds"],
                    **summary.to_dict()}
             write_json(args.out / f"{tag}.json", row)
             rows.append(row)
-    keys = ("layer", "at", "use_im", "mean", "reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+    keys = ("layer", "at", "use_im", "im_reads", "mean", "reliability", "t_generality", "m_generality",
+            "t_locality", "m_locality")
     print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
     return 0
 
@@ -351,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-im", action="store_true", help="ablation: no influence mapper (gate = 1)")
     p.add_argument("--at", choices=["output", "input"], default=None,
                    help="rewrite the output (the paper) or the input of layer l_e (default: the preset's)")
+    p.add_argument("--im-reads", choices=["prompt", "image"], default=None,
+                   help="what the influence mapper compares visual tokens with: the edit prompt's last-token "
+                   "state (the paper) or the edit sample's visual tokens (default: the preset's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
     p.set_defaults(func=_train_vead)
@@ -365,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-im", action="store_true", help="train only without the influence mapper (gate = 1)")
     p.add_argument("--at", choices=["output", "input"], default=None,
                    help="rewrite the output or the input of each layer (default: the preset's)")
+    p.add_argument("--im-reads", choices=["prompt", "image"], default=None,
+                   help="what the influence mapper compares visual tokens with: the edit prompt's last-token "
+                   "state (the paper) or the edit sample's visual tokens (default: the preset's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--config", default=None)
     p.add_argument("--model", default=None)

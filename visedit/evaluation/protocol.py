@@ -314,7 +314,8 @@ def plot_layer_sweep(rows: Sequence[dict], profile=None):
     if not rows:
         raise ValueError("no sweep rows given: pass the JSON rows written by `python -m visedit sweep-vead`")
     df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1),
-                        "IM": "with IM" if r.get("use_im", True) else "no IM",
+                        "IM": ("no IM" if not r.get("use_im", True) else
+                               "IM reads the edit image" if r.get("im_reads") == "image" else "IM reads the prompt"),
                         **{m: r[m] for m in (*METRICS, "mean")}} for r in rows])
     long = df.melt(id_vars=["into layer", "IM"], value_vars=["reliability", "m_generality", "m_locality", "mean"],
                    var_name="metric", value_name="token accuracy")

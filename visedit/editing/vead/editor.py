@@ -44,8 +44,9 @@ def choose_edit_layer(vllm, records: Sequence, *, at: str = "output", limit: int
 
 @dataclasses.dataclass
 class EditMemory:
-    """What an applied edit keeps: layer-l_e states H (1, S, d), their mask (1, S), the last prompt
-    token's state p (1, d)."""
+    """What an applied edit keeps: layer-l_e states H (1, S, d), their mask (1, S), and the IM's keys:
+    the last prompt token's state p (1, d), or the edit sample's visual tokens (1, N, d) with
+    ``im_reads: image``."""
 
     states: torch.Tensor
     mask: torch.Tensor
@@ -123,14 +124,24 @@ class VEADEditor(Editor):
     def remember(self, request: EditRequest) -> EditMemory:
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs = self.layer_states([(request.image, request.prompt, request.target)])
-        mask = inputs.tensors["attention_mask"].bool()
-        return EditMemory(states, mask, states[:, inputs.last_prompt[0]])
+        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs))
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
         states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
-        prompt = states[torch.arange(len(requests)), torch.tensor(inputs.last_prompt)]
-        return EditMemory(states, inputs.tensors["attention_mask"].bool(), prompt)
+        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs))
+
+    def _im_keys(self, states: torch.Tensor, inputs) -> torch.Tensor:
+        """What the IM compares visual tokens with: the last prompt token's state (B, d), or with
+        ``im_reads: image`` the edit sample's visual tokens (B, N, d)."""
+        if self.config.im_reads == "prompt":
+            return states[torch.arange(states.shape[0]), torch.tensor(inputs.last_prompt)]
+        spans = set(inputs.visual_spans)
+        if len(spans) != 1 or None in spans:
+            raise ValueError("im_reads: image needs every edit sample to have an image, with the same "
+                             f"visual-token span (got {sorted(map(str, spans))})")
+        start, stop = spans.pop()
+        return states[:, start:stop]
 
     @contextlib.contextmanager
     def edit_each(self, requests: Sequence[EditRequest]):

@@ -11,6 +11,10 @@ real positions) with ``p = H[n_e]`` (B or 1, d), the state of its last prompt to
     V' = V + C ⊙ O
 
 ``W_end`` starts at zero, so an untrained VEAD is the identity.
+
+With ``im_reads: image`` (our option, not the paper's) the IM reads the edit sample's own visual tokens
+P = H[image] (K, d) instead of p, and each visual token is gated by its best match among them:
+s_j = max_k mean_h ⟨Ṽ_{j,h}, P̃_{k,h}⟩ / √(d / heads). With K = 1 this is the formula above.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class VEADConfig(StrictConfig):
     im_heads: int | None = None
     it_layers: int | None = None
     use_im: bool = True
+    im_reads: str = "prompt"
     sigma: float = 0.7
     noise_copies: int = 4
     sampled_tokens: int = 16
@@ -68,6 +73,8 @@ class VEADConfig(StrictConfig):
     def __post_init__(self) -> None:
         if self.at not in ("output", "input"):
             raise ValueError(f"VEADConfig.at must be 'output' or 'input', got {self.at!r}")
+        if self.im_reads not in ("prompt", "image"):
+            raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -121,12 +128,16 @@ class VEAD(nn.Module):
         self.r1, self.r2 = _Residual(d, im_width), _Residual(d, im_width)
 
     def gate_logits(self, V: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """IM scores s (B, N) of visual tokens V (B, N, d) for prompt states p (B or 1, d)."""
+        """IM scores s (B, N) of visual tokens V (B, N, d) against the edit's IM keys: prompt states p
+        (B or 1, d), or K states (B or 1, K, d), of which each token takes its best match."""
         B, N, d = V.shape
         h = self.im_heads
         v = self.r1(self.ln3(V)).view(B, N, h, d // h)
-        q = self.r2(self.ln4(p)).view(p.shape[0], 1, h, d // h)
-        return (v * q).sum(-1).mean(-1) / math.sqrt(d / h)
+        if p.dim() == 2:
+            q = self.r2(self.ln4(p)).view(p.shape[0], 1, h, d // h)
+            return (v * q).sum(-1).mean(-1) / math.sqrt(d / h)
+        q = self.r2(self.ln4(p)).view(p.shape[0], p.shape[1], h, d // h).expand(B, -1, -1, -1)
+        return (torch.einsum("bnhc,bkhc->bnkh", v, q).mean(-1) / math.sqrt(d / h)).amax(-1)
 
     def forward(self, V: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, p: torch.Tensor):
         B, N, _ = V.shape

@@ -127,9 +127,12 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     mask = torch.cat([_pad(list(r.mask[:, :, None].float()), width)[..., 0] for r in batch]).bool()
     edit_rows = torch.arange(len(batch)).repeat_interleave(len(ROLES)) * len(ROLES)
     memory, memory_mask = states[edit_rows], mask[edit_rows]
-    prompt = torch.stack([states[i * len(ROLES), r.last_prompt] for i, r in enumerate(batch)])
-    prompt = prompt.repeat_interleave(len(ROLES), 0)
     start, stop = batch[0].span
+    if config.im_reads == "prompt":
+        prompt = torch.stack([states[i * len(ROLES), r.last_prompt] for i, r in enumerate(batch)])
+    else:  # the edit sample's own visual tokens (every record of a batch has the same span)
+        prompt = states[:: len(ROLES), start:stop]
+    prompt = prompt.repeat_interleave(len(ROLES), 0)
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
     if cache.first < vllm.n_layers:
