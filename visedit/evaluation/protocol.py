@@ -314,8 +314,8 @@ def plot_layer_sweep(rows: Sequence[dict], profile=None):
     if not rows:
         raise ValueError("no sweep rows given: pass the JSON rows written by `python -m visedit sweep-vead`")
     df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1),
-                        "IM": ("no IM" if not r.get("use_im", True) else
-                               "IM reads the edit image" if r.get("im_reads") == "image" else "IM reads the prompt"),
+                        "IM": ("no IM" if not r.get("use_im", True) else "IM reads the edit image"
+                               if r.get("im_reads") == "image" else "IM reads the prompt"),
                         **{m: r[m] for m in (*METRICS, "mean")}} for r in rows])
     long = df.melt(id_vars=["into layer", "IM"], value_vars=["reliability", "m_generality", "m_locality", "mean"],
                    var_name="metric", value_name="token accuracy")
@@ -327,9 +327,10 @@ def plot_layer_sweep(rows: Sequence[dict], profile=None):
     ax.set_title("editor trained at the stream entering layer l")
     ax.legend(fontsize=7, ncol=2, frameon=False)
     if profile is not None:
-        contrib = pd.DataFrame({"layer": list(range(len(profile.mean["attn"]))) * 2,
-                                "module": ["attention"] * len(profile.mean["attn"]) + ["MLP"] * len(profile.mean["mlp"]),
-                                "contribution": list(profile.mean["attn"]) + list(profile.mean["mlp"])})
+        attn, mlp = list(profile.mean["attn"]), list(profile.mean["mlp"])
+        contrib = pd.DataFrame({"layer": list(range(len(attn))) + list(range(len(mlp))),
+                                "module": ["attention"] * len(attn) + ["MLP"] * len(mlp),
+                                "contribution": attn + mlp})
         ax2 = axes[1, 0]
         sns.barplot(contrib, x="layer", y="contribution", hue="module", ax=ax2, native_scale=True)
         ax2.set_title(f"contribution of each layer's modules to the answer (paper formula, {profile.n} records)")

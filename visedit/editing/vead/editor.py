@@ -134,14 +134,11 @@ class VEADEditor(Editor):
     def _im_keys(self, states: torch.Tensor, inputs) -> torch.Tensor:
         """What the IM compares visual tokens with: the last prompt token's state (B, d), or with
         ``im_reads: image`` the edit sample's visual tokens (B, N, d)."""
-        if self.config.im_reads == "prompt":
-            return states[torch.arange(states.shape[0]), torch.tensor(inputs.last_prompt)]
         spans = set(inputs.visual_spans)
-        if len(spans) != 1 or None in spans:
+        if self.config.im_reads == "image" and (len(spans) != 1 or None in spans):
             raise ValueError("im_reads: image needs every edit sample to have an image, with the same "
                              f"visual-token span (got {sorted(map(str, spans))})")
-        start, stop = spans.pop()
-        return states[:, start:stop]
+        return self.config.im_keys(states, inputs.last_prompt, inputs.visual_spans[0])
 
     @contextlib.contextmanager
     def edit_each(self, requests: Sequence[EditRequest]):

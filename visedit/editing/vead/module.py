@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,14 @@ class VEADConfig(StrictConfig):
     def first_layer_after(self, layer: int) -> int:
         """The first layer that reads VEAD's rewrite when it sits at ``layer``."""
         return layer if self.at == "input" else layer + 1
+
+    def im_keys(self, states: torch.Tensor, last_prompt: Sequence[int], span: tuple[int, int]) -> torch.Tensor:
+        """What the IM compares visual tokens with, from edit-sample states (B, S, d): the last prompt
+        token's state (B, d) per row, or with ``im_reads: image`` the visual slice ``span`` (B, N, d)."""
+        if self.im_reads == "prompt":
+            return states[torch.arange(states.shape[0]), torch.as_tensor(list(last_prompt))]
+        start, stop = span
+        return states[:, start:stop]
 
     def resolved(self, d: int) -> dict:
         """The module's sizes for hidden size ``d``."""

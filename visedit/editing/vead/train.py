@@ -128,10 +128,8 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     edit_rows = torch.arange(len(batch)).repeat_interleave(len(ROLES)) * len(ROLES)
     memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
-    if config.im_reads == "prompt":
-        prompt = torch.stack([states[i * len(ROLES), r.last_prompt] for i, r in enumerate(batch)])
-    else:  # the edit sample's own visual tokens (every record of a batch has the same span)
-        prompt = states[:: len(ROLES), start:stop]
+    # the IM's keys come from each record's edit row (every record of a batch has the same span)
+    prompt = config.im_keys(states[:: len(ROLES)], [r.last_prompt for r in batch], (start, stop))
     prompt = prompt.repeat_interleave(len(ROLES), 0)
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
