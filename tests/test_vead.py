@@ -150,7 +150,8 @@ def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_
         train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
     assert not (tmp_path / "vead").exists()  # nothing half-written under the final name
     monkeypatch.setattr(vead_train, "step_loss", original)
-    resumed, _ = train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+    resumed, resumed_info = train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+    assert resumed_info["history"] == info["history"]  # the resumed steps repeat the reference's losses
     for k, v in reference.adapter.state_dict().items():
         assert torch.equal(resumed.adapter.state_dict()[k], v), k
     loaded = get_editor("vead", tiny_random, weights=str(tmp_path / "vead"))
@@ -220,9 +221,11 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
     code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--eval-limit", "2", "--model",
                  str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
-                 "--at", "input", "--im-reads", "image"])
+                 "--at", "input", "--im-reads", "image", "--width", "16"])
     rows = json.loads(capsys.readouterr().out)
-    assert code == 0 and rows[0]["im_reads"] == "image" and (tmp_path / "sweep" / "in1-im-image.json").exists()
+    assert code == 0 and rows[0]["im_reads"] == "image" and rows[0]["width"] == 16
+    assert (tmp_path / "sweep" / "in1-im-image-w16.json").exists()  # a width other than the release's d/4 is named
+    assert json.loads((tmp_path / "sweep" / "layer0.json").read_text())["width"] == 12  # d = 48: the release's d/4
 
 
 def test_reachability_bounds_visual_slice_edits(tiny_random, records):

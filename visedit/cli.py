@@ -204,6 +204,23 @@ def _train_mend(args) -> int:
     return 0
 
 
+def _vead_overrides(settings: dict, args) -> None:
+    """Apply ``--at``, ``--im-reads`` and ``--width`` (when given) to VEAD preset ``settings``."""
+    for key in ("at", "im_reads", "width"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+
+
+def _add_vead_options(p, where: str) -> None:
+    p.add_argument("--at", choices=["output", "input"], default=None,
+                   help=f"rewrite the output (the paper) or the input of {where} (default: the preset's)")
+    p.add_argument("--im-reads", choices=["prompt", "image"], default=None,
+                   help="what the influence mapper compares visual tokens with: the edit prompt's last-token "
+                   "state (the paper) or the edit sample's visual tokens (default: the preset's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="the adapter's width m (default: the preset's; the release's ratio is m = d/4)")
+
+
 def _train_vead(args) -> int:
     from .editing import VEADConfig, load_preset
     from .editing.vead import choose_edit_layer, train_vead
@@ -217,10 +234,7 @@ def _train_vead(args) -> int:
             settings[key] = getattr(args, key)
     if args.no_im:
         settings["use_im"] = False
-    if args.at is not None:
-        settings["at"] = args.at
-    if args.im_reads is not None:
-        settings["im_reads"] = args.im_reads
+    _vead_overrides(settings, args)
     vllm = load_vllm(args.model, device=args.device)
     records = load_world_split("train", progress=not args.json)
     if args.limit is not None:
@@ -251,24 +265,25 @@ def _sweep_vead(args) -> int:
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
     settings["steps"] = args.steps
-    if args.at is not None:
-        settings["at"] = args.at
-    if args.im_reads is not None:
-        settings["im_reads"] = args.im_reads
+    _vead_overrides(settings, args)
     rows = []
     for layer in args.layers:
         for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
             config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
+            d = vllm.model.config.text_config.hidden_size
+            width = config.resolved(d)["width"]
+            # the tag names each setting that differs from the paper's (a width other than the release's d/4)
             tag = (("in" if config.at == "input" else "layer") + str(layer)
-                   + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else ""))
+                   + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
+                   + (f"-w{width}" if width != config.resolved(d, release=True)["width"] else ""))
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
-            row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads,
+            row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,
                    "train_seconds": info["wall_seconds"],
                    **summary.to_dict()}
             write_json(args.out / f"{tag}.json", row)
             rows.append(row)
-    keys = ("layer", "at", "use_im", "im_reads", "mean", "reliability", "t_generality", "m_generality",
+    keys = ("layer", "at", "use_im", "im_reads", "width", "mean", "reliability", "t_generality", "m_generality",
             "t_locality", "m_locality")
     print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
     return 0
@@ -356,11 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="train on N records spread over the split")
     p.add_argument("--no-im", action="store_true", help="ablation: no influence mapper (gate = 1)")
-    p.add_argument("--at", choices=["output", "input"], default=None,
-                   help="rewrite the output (the paper) or the input of layer l_e (default: the preset's)")
-    p.add_argument("--im-reads", choices=["prompt", "image"], default=None,
-                   help="what the influence mapper compares visual tokens with: the edit prompt's last-token "
-                   "state (the paper) or the edit sample's visual tokens (default: the preset's)")
+    _add_vead_options(p, "layer l_e")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
     p.set_defaults(func=_train_vead)
@@ -373,11 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=100, help="eval edits (spread over the split)")
     p.add_argument("--ablate-im", action="store_true", help="also train each layer without the influence mapper")
     p.add_argument("--no-im", action="store_true", help="train only without the influence mapper (gate = 1)")
-    p.add_argument("--at", choices=["output", "input"], default=None,
-                   help="rewrite the output or the input of each layer (default: the preset's)")
-    p.add_argument("--im-reads", choices=["prompt", "image"], default=None,
-                   help="what the influence mapper compares visual tokens with: the edit prompt's last-token "
-                   "state (the paper) or the edit sample's visual tokens (default: the preset's)")
+    _add_vead_options(p, "each layer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--config", default=None)
     p.add_argument("--model", default=None)

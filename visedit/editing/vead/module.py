@@ -101,9 +101,10 @@ class VEADConfig(StrictConfig):
         start, stop = span
         return states[:, start:stop]
 
-    def resolved(self, d: int) -> dict:
-        """The module's sizes for hidden size ``d``."""
-        width = self.width or max(8, d // 4)
+    def resolved(self, d: int, *, release: bool = False) -> dict:
+        """The module's sizes for hidden size ``d`` (``release``: as if ``width`` were null, the release's
+        m = d/4)."""
+        width = (None if release else self.width) or max(8, d // 4)
         heads = self.heads or (8 if width >= 512 else 4)
         if width % heads or d % (self.im_heads or heads):
             raise ValueError(f"width {width} must divide by heads {heads}, and d = {d} by im_heads "
