@@ -266,11 +266,11 @@ def _sweep_vead(args) -> int:
     settings.pop("weights", None)
     settings["steps"] = args.steps
     _vead_overrides(settings, args)
+    d = vllm.model.config.text_config.hidden_size
     rows = []
     for layer in args.layers:
         for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
             config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
-            d = vllm.model.config.text_config.hidden_size
             width = config.resolved(d)["width"]
             # the tag names each setting that differs from the paper's (a width other than the release's d/4)
             tag = (("in" if config.at == "input" else "layer") + str(layer)
