@@ -204,9 +204,9 @@ def _train_mend(args) -> int:
     return 0
 
 
-def _vead_overrides(settings: dict, args) -> None:
-    """Apply ``--at``, ``--im-reads`` and ``--width`` (when given) to VEAD preset ``settings``."""
-    for key in ("at", "im_reads", "width"):
+def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width")) -> None:
+    """Apply the VEAD options ``keys`` that were given on the command line to preset ``settings``."""
+    for key in keys:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
 
@@ -229,12 +229,9 @@ def _train_vead(args) -> int:
 
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
-    for key in ("steps", "seed", "layer"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    _vead_overrides(settings, args, ("steps", "seed", "layer", "at", "im_reads", "width"))
     if args.no_im:
         settings["use_im"] = False
-    _vead_overrides(settings, args)
     vllm = load_vllm(args.model, device=args.device)
     records = load_world_split("train", progress=not args.json)
     if args.limit is not None:
@@ -252,6 +249,7 @@ def _train_vead(args) -> int:
 def _sweep_vead(args) -> int:
     from .editing import VEADConfig, load_preset
     from .editing.vead import train_vead
+    from .editing.vead.module import release_width
     from .evaluation import evaluate
     from .io import write_json
     from .models import load_vllm
@@ -275,7 +273,7 @@ def _sweep_vead(args) -> int:
             # the tag names each setting that differs from the paper's (a width other than the release's d/4)
             tag = (("in" if config.at == "input" else "layer") + str(layer)
                    + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
-                   + (f"-w{width}" if width != config.resolved(d, release=True)["width"] else ""))
+                   + (f"-w{width}" if width != release_width(d) else ""))
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
             row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,

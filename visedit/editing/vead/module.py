@@ -30,6 +30,11 @@ from torch import nn
 from ...config import StrictConfig
 
 
+def release_width(d: int) -> int:
+    """The adapter width the release's ratio gives for hidden size ``d`` (m = 1024 on d = 4096: m = d/4)."""
+    return max(8, d // 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class VEADConfig(StrictConfig):
     """VEAD's shape, where it sits, and how it is trained (preset: ``presets/vead.yaml``).
@@ -101,10 +106,9 @@ class VEADConfig(StrictConfig):
         start, stop = span
         return states[:, start:stop]
 
-    def resolved(self, d: int, *, release: bool = False) -> dict:
-        """The module's sizes for hidden size ``d`` (``release``: as if ``width`` were null, the release's
-        m = d/4)."""
-        width = (None if release else self.width) or max(8, d // 4)
+    def resolved(self, d: int) -> dict:
+        """The module's sizes for hidden size ``d``."""
+        width = self.width or release_width(d)
         heads = self.heads or (8 if width >= 512 else 4)
         if width % heads or d % (self.im_heads or heads):
             raise ValueError(f"width {width} must divide by heads {heads}, and d = {d} by im_heads "
