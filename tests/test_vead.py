@@ -132,7 +132,8 @@ def test_the_input_of_a_layer_is_the_output_of_the_one_before(tiny_random, recor
 
 
 def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_path, monkeypatch):
-    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
+    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2,
+                        decay_share=0.5)  # the schedule is a function of the step: a resumed run follows it
     reference, info = train_vead(tiny_random, records, config, progress=False)
     assert [h["step"] for h in info["history"]] == [3, 6]
 
@@ -158,6 +159,26 @@ def test_training_is_seeded_resumable_and_round_trips(tiny_random, records, tmp_
     assert loaded.layer == 1 and loaded.config == config
     for k, v in reference.adapter.state_dict().items():
         assert torch.equal(loaded.adapter.state_dict()[k], v), k
+
+
+def test_learning_rate_is_constant_then_decays_linearly(tiny_random, records, monkeypatch):
+    config = VEADConfig(layer=1, steps=10, batch=2, val_every=10, val_edits=2, sampled_tokens=4, lr=1e-2,
+                        decay_share=0.4)
+    expected = [1e-2] * 6 + [1e-2 * k / 4 for k in (4, 3, 2, 1)]
+    assert [config.lr_at(step) for step in range(10)] == pytest.approx(expected)
+    assert VEADConfig(lr=1e-2, steps=10).lr_at(9) == 1e-2  # decay_share 0: constant, as in the release
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    train_vead(tiny_random, records, config, progress=False)
+    assert seen == pytest.approx(expected)  # what Adam used at each step
+    with pytest.raises(ValueError, match="decay_share must be in"):
+        VEADConfig(decay_share=1.0)
 
 
 def test_holdout_by_group_keeps_pairs_apart(records):
@@ -221,11 +242,14 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
     code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--eval-limit", "2", "--model",
                  str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
-                 "--at", "input", "--im-reads", "image", "--width", "16"])
+                 "--at", "input", "--im-reads", "image", "--width", "16", "--decay-share", "0.5"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and rows[0]["im_reads"] == "image" and rows[0]["width"] == 16
-    assert (tmp_path / "sweep" / "in1-im-image-w16.json").exists()  # a width other than the release's d/4 is named
-    assert json.loads((tmp_path / "sweep" / "layer0.json").read_text())["width"] == 12  # d = 48: the release's d/4
+    assert rows[0]["decay_share"] == 0.5
+    # a width other than the release's d/4 and a decaying learning rate are named
+    assert (tmp_path / "sweep" / "in1-im-image-w16-decay0.5.json").exists()
+    first = json.loads((tmp_path / "sweep" / "layer0.json").read_text())
+    assert first["width"] == 12 and first["decay_share"] == 0.0  # d = 48: the release's d/4, a constant lr
 
 
 def test_reachability_bounds_visual_slice_edits(tiny_random, records):
@@ -303,3 +327,4 @@ def test_im_reading_the_edit_image_takes_each_tokens_best_match(tiny_random, rec
     with torch.no_grad():
         plain = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
     assert plain != pytest.approx(own, rel=1e-3)  # the edit changed the loss
+

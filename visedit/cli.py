@@ -204,7 +204,7 @@ def _train_mend(args) -> int:
     return 0
 
 
-def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width")) -> None:
+def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width", "decay_share")) -> None:
     """Apply the VEAD options ``keys`` that were given on the command line to preset ``settings``."""
     for key in keys:
         if getattr(args, key) is not None:
@@ -219,6 +219,9 @@ def _add_vead_options(p, where: str) -> None:
                    "state (the paper) or the edit sample's visual tokens (default: the preset's)")
     p.add_argument("--width", type=int, default=None,
                    help="the adapter's width m (default: the preset's; the release's ratio is m = d/4)")
+    p.add_argument("--decay-share", type=float, default=None,
+                   help="the last share of the steps over which the learning rate falls linearly towards 0 "
+                   "(0: constant, as in the release; default: the preset's)")
 
 
 def _train_vead(args) -> int:
@@ -229,7 +232,7 @@ def _train_vead(args) -> int:
 
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
-    _vead_overrides(settings, args, ("steps", "seed", "layer", "at", "im_reads", "width"))
+    _vead_overrides(settings, args, ("steps", "seed", "layer", "at", "im_reads", "width", "decay_share"))
     if args.no_im:
         settings["use_im"] = False
     vllm = load_vllm(args.model, device=args.device)
@@ -273,16 +276,18 @@ def _sweep_vead(args) -> int:
             # the tag names each setting that differs from the paper's (a width other than the release's d/4)
             tag = (("in" if config.at == "input" else "layer") + str(layer)
                    + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
-                   + (f"-w{width}" if width != release_width(d) else ""))
+                   + (f"-w{width}" if width != release_width(d) else "")
+                   + (f"-decay{config.decay_share:g}" if config.decay_share else ""))
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
             row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,
+                   "decay_share": config.decay_share,
                    "train_seconds": info["wall_seconds"],
                    **summary.to_dict()}
             write_json(args.out / f"{tag}.json", row)
             rows.append(row)
-    keys = ("layer", "at", "use_im", "im_reads", "width", "mean", "reliability", "t_generality", "m_generality",
-            "t_locality", "m_locality")
+    keys = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "mean", "reliability", "t_generality",
+            "m_generality", "t_locality", "m_locality")
     print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=1))
     return 0
 

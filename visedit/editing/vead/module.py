@@ -48,8 +48,9 @@ class VEADConfig(StrictConfig):
     when m ≥ 512 else 4, im_width = d, im_heads = heads. ``it_layers``: how many layers after l_e the
     IM's noise-perturbation target is averaged over (None: all). ``use_im``: False ablates the IM (gate 1).
     Training: ``sampled_tokens`` visual tokens per input for the IM losses, noise ``sigma`` and
-    ``noise_copies``, loss weights, ``steps`` × ``batch`` edits at Adam ``lr``, validation on ``val_edits``
-    of a held-out ``val_share`` of the train split every ``val_every`` steps.
+    ``noise_copies``, loss weights, ``steps`` × ``batch`` edits at Adam ``lr`` — constant, then falling
+    linearly towards 0 over the last ``decay_share`` of the steps (0: constant, as in the release) —
+    validation on ``val_edits`` of a held-out ``val_share`` of the train split every ``val_every`` steps.
     """
 
     layer: int | None = None
@@ -71,6 +72,7 @@ class VEADConfig(StrictConfig):
     steps: int = 3000
     batch: int = 4
     lr: float = 1e-3
+    decay_share: float = 0.0
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64
@@ -91,8 +93,18 @@ class VEADConfig(StrictConfig):
                 raise ValueError(f"VEADConfig.{name} must be a positive int, got {v!r}")
         if not self.lr > 0 or not self.sigma > 0:
             raise ValueError("VEADConfig.lr and sigma must be > 0")
+        if not 0 <= self.decay_share < 1:
+            raise ValueError(f"VEADConfig.decay_share must be in [0, 1), got {self.decay_share}")
         if not 0 < self.val_share < 1:
             raise ValueError(f"VEADConfig.val_share must be in (0, 1), got {self.val_share}")
+
+    def lr_at(self, step: int) -> float:
+        """Adam's learning rate at (0-based) ``step``: ``lr`` until the last ``decay_share`` of the steps,
+        then linearly down to lr / n at the last step (n = the number of decay steps)."""
+        start = self.steps - round(self.steps * self.decay_share)
+        if step < start:
+            return self.lr
+        return self.lr * (self.steps - step) / (self.steps - start)
 
     def first_layer_after(self, layer: int) -> int:
         """The first layer that reads VEAD's rewrite when it sits at ``layer``."""

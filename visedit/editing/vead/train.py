@@ -213,6 +213,8 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
         vead.train()
         rng = np.random.default_rng([config.seed, step])
         batch = [cached[i] for i in rng.choice(len(cached), size=min(config.batch, len(cached)), replace=False)]
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
         with torch.enable_grad():
             loss, parts = step_loss(vead, cache, batch, config, rng)
             optimizer.zero_grad(set_to_none=True)
