@@ -328,3 +328,16 @@ def test_im_reading_the_edit_image_takes_each_tokens_best_match(tiny_random, rec
         plain = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
     assert plain != pytest.approx(own, rel=1e-3)  # the edit changed the loss
 
+
+def test_shipped_vead_was_trained_with_the_preset():
+    """`python -m visedit train-vead` trains with the preset: the shipped adapter's card must say it was
+    trained with exactly those settings, or the command does not reproduce it."""
+    import json
+
+    from visedit.editing import load_preset
+    from visedit.editing.vead.editor import TRAINED_DIR
+
+    card = json.loads((TRAINED_DIR / "vead.json").read_text())
+    preset = load_preset("vead")
+    preset.pop("weights", None)
+    assert card["config"] == dataclasses.asdict(VEADConfig.from_dict(preset))
