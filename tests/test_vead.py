@@ -208,6 +208,10 @@ def test_no_hook_survives(tiny_random, records, editor):
 def test_vead_config_errors(tiny_random):
     with pytest.raises(ValueError, match="unknown VEADConfig key"):
         VEADConfig.from_dict({"lyer": 3})
+    assert VEADConfig.from_dict({"lr": "1e-3", "w_loc": 5}).lr == 1e-3  # YAML reads 1e-3 as a string
+    assert isinstance(VEADConfig.from_dict({"w_loc": 5}).w_loc, float)
+    with pytest.raises(ValueError, match="lr must be a number"):
+        VEADConfig.from_dict({"lr": "fast"})
     with pytest.raises(ValueError, match="layer is not set"):
         VEADEditor(tiny_random, VEADConfig())
     with pytest.raises(ValueError, match="out of range"):
@@ -242,12 +246,18 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     assert (tmp_path / "sweep" / "layer2.json").exists() and (tmp_path / "sweep" / "layer0" / "vead.safetensors").exists()
     code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--eval-limit", "2", "--model",
                  str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
-                 "--at", "input", "--im-reads", "image", "--width", "16", "--decay-share", "0.5"])
+                 "--at", "input", "--im-reads", "image", "--width", "16", "--decay-share", "0.5",
+                 "--set", "w_loc=2"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and rows[0]["im_reads"] == "image" and rows[0]["width"] == 16
     assert rows[0]["decay_share"] == 0.5
-    # a width other than the release's d/4 and a decaying learning rate are named
-    assert (tmp_path / "sweep" / "in1-im-image-w16-decay0.5.json").exists()
+    # a width other than the release's d/4, a decaying learning rate and every --set are named
+    row = json.loads((tmp_path / "sweep" / "in1-im-image-w16-decay0.5-w_loc2.json").read_text())
+    assert row["settings"]["config"]["w_loc"] == 2.0
+    for bad, message in (("w_lco=2", "unknown VEADConfig key"), ("w_loc", "--set takes KEY=VALUE")):
+        code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--model", str(tiny_random_dir),
+                     "--config", str(config), "--out", str(tmp_path / "bad"), "--set", bad])
+        assert code == 2 and message in capsys.readouterr().err
     first = json.loads((tmp_path / "sweep" / "layer0.json").read_text())
     assert first["width"] == 12 and first["decay_share"] == 0.0  # d = 48: the release's d/4, a constant lr
 

@@ -204,11 +204,26 @@ def _train_mend(args) -> int:
     return 0
 
 
+def _set_items(args) -> list[tuple[str, object]]:
+    """The ``--set KEY=VALUE`` overrides, each value read as YAML (``--set use_im=false``, ``--set w_loc=5``)."""
+    import yaml
+
+    items = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--set takes KEY=VALUE, e.g. --set w_loc=5; got {item!r}")
+        items.append((key.strip(), yaml.safe_load(value)))
+    return items
+
+
 def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width", "decay_share")) -> None:
-    """Apply the VEAD options ``keys`` that were given on the command line to preset ``settings``."""
+    """Apply the VEAD options ``keys`` that were given on the command line, then every ``--set``, to preset
+    ``settings`` (an unknown key is refused when the config is built)."""
     for key in keys:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    settings.update(_set_items(args))
 
 
 def _add_vead_options(p, where: str) -> None:
@@ -222,6 +237,8 @@ def _add_vead_options(p, where: str) -> None:
     p.add_argument("--decay-share", type=float, default=None,
                    help="the last share of the steps over which the learning rate falls linearly towards 0 "
                    "(0: constant, as in the release; default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any other preset setting, e.g. --set w_loc=5 (repeatable; the value is read as YAML)")
 
 
 def _train_vead(args) -> int:
@@ -277,7 +294,8 @@ def _sweep_vead(args) -> int:
             tag = (("in" if config.at == "input" else "layer") + str(layer)
                    + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
                    + (f"-w{width}" if width != release_width(d) else "")
-                   + (f"-decay{config.decay_share:g}" if config.decay_share else ""))
+                   + (f"-decay{config.decay_share:g}" if config.decay_share else "")
+                   + "".join(f"-{key}{value}" for key, value in _set_items(args)))
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
             row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,
