@@ -80,7 +80,7 @@ def test_shipped_vead_edits_new_pairs(vead_sample):
     token = vead_sample.token
     assert token["t_locality"] == 1.0
     assert token["reliability"] >= 0.8 and token["t_generality"] >= 0.75 and token["m_generality"] >= 0.75
-    assert token["m_locality"] >= 0.85  # measured on this sample: 0.958 / 0.958 / 0.958 / 1.0 / 0.917
+    assert token["m_locality"] >= 0.85  # measured on this sample: 0.958 / 0.875 / 0.958 / 1.0 / 0.958
 
 
 def _baseline_means_on_the_sample(n: int) -> dict:
@@ -97,12 +97,35 @@ def _baseline_means_on_the_sample(n: int) -> dict:
     return means
 
 
-@pytest.mark.xfail(strict=False, reason="issue 6 targets not reached: on 504 eval edits the shipped "
-                   "VEAD scores 0.958 / 0.960 / 0.954 / 1.0 / 0.939 (rel / T-Gen / M-Gen / T-Loc / M-Loc), "
-                   "mean 0.962 against FT-L 0.991")
-def test_vead_reaches_the_issue_targets(vead_sample):
-    token = vead_sample.token
+@pytest.fixture(scope="module")
+def vead_sample_results(embedded, eval_records):
+    from visedit.evaluation import score_edit
+
+    editor = get_editor("vead", embedded)
+    return [score_edit(editor, r) for r in eval_records[VEAD_SAMPLE]]
+
+
+def test_vead_reaches_the_issue_targets(vead_sample_results):
+    """The issue's per-metric targets, on the committed full run over all 504 eval edits (chapter 6). The
+    run is live-checked: the 24 edits recomputed here must give exactly the committed per-edit lines (the
+    protocol is deterministic), so the committed file is what the shipped VEAD scores."""
+    from visedit.evaluation import METRICS, EvalSummary
+
+    rows = [json.loads(line) for line in (RESULTS / "vead" / "edits.jsonl").read_text().splitlines()]
+    assert len(vead_sample_results) == len(rows[VEAD_SAMPLE]) == 24
+    for row, live in zip(rows[VEAD_SAMPLE], vead_sample_results):
+        assert row["token"] == live.token and row["exact"] == live.exact, row["index"]
+    full = EvalSummary.load(RESULTS / "vead" / "summary.json")
+    assert full.n == len(rows) >= 500
+    token = full.token
     assert token["reliability"] >= 0.95 and token["t_generality"] >= 0.90 and token["m_generality"] >= 0.90
     assert token["t_locality"] >= 0.99 and token["m_locality"] >= 0.95
+    assert full.edit_seconds_mean <= 2 * full.forward_seconds
+    assert all(token[m] == pytest.approx(sum(r["token"][m] for r in rows) / len(rows), abs=1e-4) for m in METRICS)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 6 target not reached: on 504 eval edits the shipped VEAD's mean "
+                   "is 0.983, above FT-V (0.982), MEND (0.981) and IKE (0.844) but below FT-L (0.991)")
+def test_vead_mean_is_above_every_baseline(vead_sample):
     baselines = _baseline_means_on_the_sample(vead_sample.n)
     assert all(vead_sample.mean > m for m in baselines.values()), baselines
