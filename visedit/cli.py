@@ -217,13 +217,15 @@ def _set_items(args) -> list[tuple[str, object]]:
     return items
 
 
-def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width", "decay_share")) -> None:
+def _vead_overrides(settings: dict, args, keys=("at", "im_reads", "width", "decay_share")) -> dict:
     """Apply the VEAD options ``keys`` that were given on the command line, then every ``--set``, to preset
-    ``settings`` (an unknown key is refused when the config is built)."""
+    ``settings`` (an unknown key is refused when the config is built); returns the ``--set`` items."""
     for key in keys:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    settings.update(_set_items(args))
+    sets = dict(_set_items(args))
+    settings.update(sets)
+    return sets
 
 
 def _add_vead_options(p, where: str) -> None:
@@ -283,19 +285,21 @@ def _sweep_vead(args) -> int:
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
     settings["steps"] = args.steps
-    _vead_overrides(settings, args)
+    sets = _vead_overrides(settings, args)
+    # the tag names each setting that differs from the paper's: those below from the config, then any other --set
+    named = ("layer", "at", "use_im", "im_reads", "width", "decay_share")
+    extra = "".join(f"-{key}{value}" for key, value in sets.items() if key not in named)
     d = vllm.model.config.text_config.hidden_size
     rows = []
     for layer in args.layers:
         for use_im in ([True, False] if args.ablate_im else [not args.no_im]):
             config = VEADConfig.from_dict({**settings, "layer": layer, "use_im": use_im})
             width = config.resolved(d)["width"]
-            # the tag names each setting that differs from the paper's (a width other than the release's d/4)
             tag = (("in" if config.at == "input" else "layer") + str(layer)
                    + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
                    + (f"-w{width}" if width != release_width(d) else "")
                    + (f"-decay{config.decay_share:g}" if config.decay_share else "")
-                   + "".join(f"-{key}{value}" for key, value in _set_items(args)))
+                   + extra)
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
             row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,
