@@ -51,6 +51,9 @@ class VEADConfig(StrictConfig):
     ``noise_copies``, loss weights, ``steps`` × ``batch`` edits at Adam ``lr`` — constant, then falling
     linearly towards 0 over the last ``decay_share`` of the steps (0: constant, as in the release) —
     validation on ``val_edits`` of a held-out ``val_share`` of the train split every ``val_every`` steps.
+    ``eos`` (ours; the release: False): the training targets end with the end-of-sequence token — the edit
+    and generality cross-entropies include it, and the locality KL covers its position — so the edited
+    model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
     """
 
     layer: int | None = None
@@ -73,6 +76,7 @@ class VEADConfig(StrictConfig):
     batch: int = 4
     lr: float = 1e-3
     decay_share: float = 0.0
+    eos: bool = False
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64

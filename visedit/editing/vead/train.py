@@ -77,7 +77,7 @@ class Cache:
 
     def record(self, record) -> CachedRecord:
         vllm = self.vllm
-        inputs = vllm.inputs(_items(record))
+        inputs = vllm.inputs(_items(record), add_eos=self.config.eos)
         block = vllm.site(f"llm.layers.{self.layer}")
         with torch.no_grad(), Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace:
             logits = vllm.model(**inputs.tensors, use_cache=False).logits.float()
@@ -97,7 +97,10 @@ class Cache:
             targets.append(c / c.sum() if c.sum() > 0 else np.full_like(c, 1 / len(c)))
         # without the influence mapper's losses its targets are never read: skip the three perturbation runs
         im_target = torch.tensor(np.stack(targets)).float() if targets else torch.zeros(0)
-        return CachedRecord(states, inputs.tensors["attention_mask"].bool(), span, inputs.target_positions,
+        mask = inputs.tensors["attention_mask"].bool()
+        if self.config.eos:  # the edit row is also the memory: image + prompt + answer, as an applied edit
+            mask[0, inputs.target_positions[0][-1]] = False  # remembers it — without the end token
+        return CachedRecord(states, mask, span, inputs.target_positions,
                             inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs)
 
     def kwargs(self, length: int) -> dict:
