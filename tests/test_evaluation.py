@@ -47,6 +47,10 @@ def test_none_editor_is_the_identity(tiny_random, records):
     assert summary.token["t_locality"] == summary.token["m_locality"] == 1.0
     assert summary.exact["t_locality"] == summary.exact["m_locality"] == 1.0
     assert summary.n == 4
+    # the two means: over the five token accuracies / exact matches, and as the JSON writes them
+    assert summary.mean == pytest.approx(sum(summary.token.values()) / 5)
+    assert summary.exact_mean == pytest.approx(sum(summary.exact.values()) / 5)
+    assert summary.to_dict()["exact_match_mean"] == round(summary.exact_mean, 4)
 
 
 def _strip(rows):

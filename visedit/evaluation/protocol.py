@@ -120,11 +120,16 @@ class EvalSummary:
         """Mean of the five token-accuracy metrics (the single number editors are ranked by)."""
         return float(np.mean([self.token[m] for m in METRICS]))
 
+    @property
+    def exact_mean(self) -> float:
+        """Mean of the five exact-match metrics (reported beside :attr:`mean`)."""
+        return float(np.mean([self.exact[m] for m in METRICS]))
+
     def to_dict(self) -> dict:
         """The ``evaluate --json`` schema: token accuracies at the top level, exact match beside them."""
         return {"editor": self.editor, "n": self.n, **{m: self.token[m] for m in METRICS},
                 "mean": round(self.mean, 4), "exact_match": dict(self.exact),
-                "exact_match_mean": round(float(np.mean([self.exact[m] for m in METRICS])), 4),
+                "exact_match_mean": round(self.exact_mean, 4),
                 "intervals": {"token": self.token_ci, "exact_match": self.exact_ci},
                 "edit_seconds_mean": self.edit_seconds_mean, "forward_seconds": self.forward_seconds,
                 "run_seconds": self.run_seconds,
