@@ -276,7 +276,7 @@ def results_table(summaries: Sequence[EvalSummary], *, score: str = "token"):
     for s in summaries:
         values = getattr(s, score)
         rows.append({"editor": s.editor, "n": s.n, **{m: values[m] for m in METRICS},
-                     "mean": round(float(np.mean([values[m] for m in METRICS])), 4),
+                     "mean": round(s.mean if score == "token" else s.exact_mean, 4),
                      "edit s": s.edit_seconds_mean})
     return pd.DataFrame(rows).set_index("editor")
 

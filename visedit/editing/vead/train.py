@@ -42,7 +42,8 @@ ROLES = ("edit", "t_gen", "m_gen", "m_loc")
 
 @dataclasses.dataclass
 class CachedRecord:
-    """One training record, VEAD off: states at l_e (4, S, d) for ROLES, their masks, target
+    """One training record, VEAD off: states at l_e (4, S, d) for ROLES, their masks (row 0's is the
+    edit memory's: with ``eos`` it leaves out the end token, as an applied edit does), target
     positions/ids per role, the edit's last prompt position, IM targets (3, N) for the first three
     roles, and the frozen model's log-probs at M-Loc's answer positions."""
 
