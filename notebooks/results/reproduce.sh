@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Recompute every committed result of the book that depends on the tiny model, in dependency order:
+# the tuned baseline settings, the shipped MEND and VEAD weights, the six 504-edit evaluations, the
+# four VEAD ablations and the layer sweep. About 4.5 hours on 2 CPU threads (times per step below).
+#
+#   bash notebooks/results/reproduce.sh                 # on the embedded model, into the repository
+#   MODEL=DIR STAGE=DIR bash notebooks/results/reproduce.sh
+#                                                       # on another tiny model (e.g. a retrained one),
+#                                                       # into a staging tree that mirrors the repository
+#   DRY=1 bash notebooks/results/reproduce.sh           # print the commands only
+#
+# Resumable: a step whose output exists is skipped (delete it to redo it), and the long trainings
+# resume from their own checkpoints. Every step writes atomically, so an interrupted step leaves nothing
+# half-written under its final name. Run it alone: the machine has two cores.
+# Tuning does not change the presets: when a tune step's best setting differs from its preset, the
+# script stops and says so; edit the preset (visedit/editing/presets/) and run it again.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+STAGE=${STAGE:-.}
+R=$STAGE/notebooks/results
+T=$STAGE/visedit/editing/trained
+W=${WORK:-$STAGE/.reproduce}          # intermediate weights of ablations and sweeps (not committed)
+M=()
+L=()
+if [[ -n "${MODEL:-}" ]]; then
+  M=(--model "$MODEL")
+  L=(--layer 0)                        # the preset's l_e (another --model would choose it from its profile)
+fi
+
+step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
+  local out=$1; shift
+  if [[ -e $out ]]; then echo "done    $out"; return; fi
+  echo "run     $out: $(printf '%q ' "$@")"
+  [[ -n "${DRY:-}" ]] && return
+  local t0=$SECONDS
+  "$@"
+  echo "        $out: $((SECONDS - t0)) s"
+}
+
+to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to FILE
+  local file=$1; shift
+  mkdir -p "$(dirname "$file")"
+  "$@" > "$file.part" && mv "$file.part" "$file"
+}
+
+check_tune() {  # the preset must hold tune's best setting
+  [[ -n "${DRY:-}" ]] && return
+  $PY - "$R/tune/$1.json" "$1" <<'EOF'
+import json, sys
+from visedit.editing import load_preset
+best, preset = json.load(open(sys.argv[1]))["best"], load_preset(sys.argv[2])
+differs = {k: (v, preset.get(k)) for k, v in best.items() if preset.get(k) != v}
+if differs:
+    sys.exit(f"tune's best for {sys.argv[2]} differs from its preset (best, preset): {differs}; "
+             f"edit visedit/editing/presets/{sys.argv[2]}.yaml, then run this script again")
+EOF
+}
+
+# ---- baseline settings, chosen on 40 train edits (a few minutes each) ---------------------------------
+step "$R/tune/ft_l.json" to_file "$R/tune/ft_l.json" $PY -m visedit tune "${M[@]}" --json --editor ft_l \
+  --grid '{"layer": [0, 2, 4, 6, 7], "lr": [1e-3, 3e-4]}'
+step "$R/tune/ft_v.json" to_file "$R/tune/ft_v.json" $PY -m visedit tune "${M[@]}" --json --editor ft_v \
+  --grid '{"lr": [1e-2, 1e-3, 1e-4], "vision_layers": [0, 1]}'
+step "$R/tune/ike.json" to_file "$R/tune/ike.json" $PY -m visedit tune "${M[@]}" --json --editor ike \
+  --grid '{"n_demos": [0, 2, 4, 8]}'
+for e in ft_l ft_v ike; do check_tune $e; done
+
+# ---- trained editors (MEND 6 min, VEAD 47 min) ------------------------------------------------------
+step "$T/mend" $PY -m visedit train-mend "${M[@]}" --json --out "$T/mend"
+step "$T/vead" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$T/vead"
+
+# ---- the 504-edit evaluations (2–3 min each) --------------------------------------------------------
+for e in none ft_l ft_v ike; do
+  step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --json --fresh --out "$R/evaluate/$e"
+done
+for e in mend vead; do
+  step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --weights "$T/$e" --json --fresh \
+    --out "$R/evaluate/$e"
+done
+
+# ---- VEAD ablations (32–40 min each), chapter 6 -----------------------------------------------------
+ablation() {  # ablation NAME TRAIN-OPTIONS...
+  local name=$1; shift
+  if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi
+  step "$W/$name" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$W/$name" "$@"
+  step "$R/ablations/$name" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$W/$name" --json --fresh \
+    --out "$R/ablations/$name"
+  [[ -n "${DRY:-}" ]] || cp "$W/$name/vead.json" "$R/ablations/$name/vead.json"
+}
+ablation vead-wloc5 --set w_im=0.1
+ablation vead-wloc3 --set w_im=0.1 --set w_loc=3
+ablation vead-constant-lr --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0
+ablation vead-width192 --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0 --width 192
+
+# ---- the layer sweep (5–9 min per row), chapter 6; files are named without the --set suffix ----------
+sweep() {  # sweep ROW-TAG... -- SWEEP-OPTIONS...
+  local tags=()
+  while [[ $1 != -- ]]; do tags+=("$1"); shift; done; shift
+  local missing=0
+  for tag in "${tags[@]}"; do [[ -e $R/sweep/$tag.json ]] || missing=1; done
+  if [[ $missing == 0 ]]; then echo "done    $R/sweep/{${tags[*]}}.json"; return; fi
+  step "$W/sweep/${tags[-1]}-w_loc3-w_im0.1.json" $PY -m visedit sweep-vead "${M[@]}" --json --at input \
+    --limit 600 --steps 1000 --eval-limit 100 --decay-share 0 --set w_loc=3 --set w_im=0.1 --out "$W/sweep" "$@"
+  [[ -n "${DRY:-}" ]] && return
+  mkdir -p "$R/sweep"
+  for tag in "${tags[@]}"; do cp "$W/sweep/$tag-w_loc3-w_im0.1.json" "$R/sweep/$tag.json"; done
+}
+sweep in0 in0-noim -- --layers 0 --ablate-im --im-reads prompt
+sweep in0-im-image -- --layers 0 --im-reads image
+sweep in1-noim in3-noim in6-noim -- --layers 1 3 6 --no-im
+sweep in0-im-image-w192 -- --layers 0 --im-reads image --width 192
+echo "all results are in place under $STAGE"

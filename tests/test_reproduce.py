@@ -1,0 +1,57 @@
+"""notebooks/results/reproduce.sh: it covers every committed result, and its commands are valid."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from visedit.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "notebooks" / "results" / "reproduce.sh"
+
+
+def _dry(**env) -> list[str]:
+    done = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "DRY": "1", **env}, capture_output=True,
+                          text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def _expand(path: str) -> list[str]:
+    """``a/{x y}.json`` → ``a/x.json``, ``a/y.json`` (the script's way of naming a sweep's rows)."""
+    m = re.fullmatch(r"(.*)\{(.*)\}(.*)", path)
+    return [path] if m is None else [m[1] + tag + m[3] for tag in m[2].split()]
+
+
+def test_the_script_declares_every_committed_result_and_finds_it_in_place():
+    lines = _dry()
+    assert lines[-1].startswith("all results are in place")
+    steps = lines[:-1]
+    assert steps and all(line.startswith("done ") for line in steps), [s for s in steps if not s.startswith("done")]
+    declared = {os.path.normpath(p) for line in steps for p in _expand(line.split(None, 1)[1])}
+    results = ROOT / "notebooks" / "results"
+    committed = {str(p.relative_to(ROOT)) for pattern in ("tune/*.json", "evaluate/*", "ablations/*", "sweep/*.json")
+                 for p in results.glob(pattern)}
+    committed |= {"visedit/editing/trained/mend", "visedit/editing/trained/vead"}
+    assert declared == committed
+
+
+def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path):
+    lines = _dry(MODEL="/models/retrained", STAGE=str(tmp_path))
+    runs = [line for line in lines if line.startswith("run ")]
+    assert len(runs) == 3 + 2 + 6 + 4 * 2 + 4 and len(runs) == len(lines) - 1
+    parser = build_parser()
+    verbs = []
+    for line in runs:
+        out, command = line[len("run "):].strip().split(": ", 1)
+        assert out.startswith(str(tmp_path))
+        argv = shlex.split(command)
+        args = parser.parse_args(argv[argv.index("visedit") + 1:])
+        assert args.model == "/models/retrained"
+        if args.command == "train-vead":
+            assert args.layer == 0  # the preset's l_e, not one chosen from the new model's profile
+        verbs.append(args.command)
+    assert verbs.count("tune") == 3 and verbs.count("evaluate") == 10 and verbs.count("sweep-vead") == 4
