@@ -4,6 +4,7 @@ determinism and resuming, and hook hygiene."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -375,3 +376,26 @@ def test_shipped_vead_was_trained_with_the_preset():
     preset.pop("weights", None)
     # read as a config: a setting added after the card was written takes its default (the old behaviour)
     assert VEADConfig.from_dict(card["config"]) == VEADConfig.from_dict(preset)
+
+
+def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, records, tmp_path, monkeypatch):
+    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
+    original, calls = vead_train.step_loss, {"n": 0}
+
+    def counting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5 and calls.get("die"):
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    monkeypatch.setattr(vead_train, "step_loss", counting)
+    calls["die"] = True
+    with pytest.raises(KeyboardInterrupt):  # leaves the step-3 checkpoint beside the output folder
+        train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+    other = copy.deepcopy(tiny_random)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.5)
+    assert copy.deepcopy(tiny_random).fingerprint == tiny_random.fingerprint != other.fingerprint
+    calls.update(n=0, die=False)
+    train_vead(other, records, config, out=tmp_path / "vead", progress=False)
+    assert calls["n"] == 6  # all six steps ran on the other model: nothing was resumed

@@ -97,6 +97,19 @@ class VLLM:
     def image_token(self) -> str:
         return self.processor.image_token
 
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of the weights (64 evenly spaced values of every parameter): two models share
+        it only if they are, for every practical purpose, the same weights. Resumable runs check it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def site(self, name: str) -> torch.nn.Module:
         """The module behind a canonical site name, e.g. ``"llm.layers.3.attn"`` (see ``backbones``)."""
         return self.adapter.site(name)

@@ -184,7 +184,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
                progress: bool = True, resume: bool = True) -> tuple[VEADEditor, dict]:
     """Train VEAD on train-split ``records``; returns the editor (best validation checkpoint) and a
     training record. With ``out``: saves there atomically, and checkpoints beside it so that an
-    interrupted run resumes (same settings) where it stopped."""
+    interrupted run resumes (same settings, records and model weights) where it stopped."""
     from tqdm.auto import tqdm
 
     from ...evaluation.protocol import quick_scores
@@ -205,10 +205,11 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     optimizer = torch.optim.Adam(vead.parameters(), lr=config.lr)
     first, history, best, best_state = 0, [], -1.0, None
     ckpt = _checkpoint_path(Path(out)) if out is not None else None
-    settings = dataclasses.asdict(config)
+    settings, weights = dataclasses.asdict(config), vllm.fingerprint
     if ckpt is not None and resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        if saved["config"] == settings and saved["n_train"] == len(train):
+        # a checkpoint of another run (other settings, records or model weights) is not resumed
+        if saved["config"] == settings and saved["n_train"] == len(train) and saved.get("model") == weights:
             vead.load_state_dict(saved["vead"])
             optimizer.load_state_dict(saved["optimizer"])
             first, history, best, best_state = saved["step"], saved["history"], saved["best"], saved["best_state"]
@@ -234,7 +235,8 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
                 best_state = {k: v.detach().clone() for k, v in vead.state_dict().items()}
             if ckpt is not None:
                 with atomic_path(ckpt) as tmp:
-                    torch.save({"config": settings, "n_train": len(train), "vead": vead.state_dict(),
+                    torch.save({"config": settings, "n_train": len(train), "model": weights,
+                                "vead": vead.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step + 1, "history": history,
                                 "best": best, "best_state": best_state}, tmp)
     vead.load_state_dict(best_state)
