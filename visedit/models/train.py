@@ -54,9 +54,9 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     world_seed: int = 0
     n_entities: int = 70
-    vision_steps: int = 2000
+    vision_steps: int = 4000
     vision_batch: int = 64
-    vision_lr: float = 1e-3
+    vision_lr: float = 2e-3
     aux_weight: float = 0.5
     steps: int = 2600
     batch_images: int = 24
