@@ -66,15 +66,13 @@ step "$R/tune/ike.json" to_file "$R/tune/ike.json" $PY -m visedit tune "${M[@]}"
   --grid '{"n_demos": [0, 2, 4, 8]}'
 for e in ft_l ft_v ike; do check_tune $e; done
 
-# ---- trained editors (MEND 6 min, VEAD 47 min) ------------------------------------------------------
-step "$T/mend" $PY -m visedit train-mend "${M[@]}" --json --out "$T/mend"
-step "$T/vead" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$T/vead"
-
-# ---- the 504-edit evaluations (2–3 min each) --------------------------------------------------------
+# ---- the 504-edit evaluations (2–3 min each) of the baselines, MEND (trained in 6 min) and VEAD (47 min)
 for e in none ft_l ft_v ike; do
   step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --json --fresh --out "$R/evaluate/$e"
 done
 for e in mend vead; do
+  [[ $e == mend ]] && step "$T/mend" $PY -m visedit train-mend "${M[@]}" --json --out "$T/mend"
+  [[ $e == vead ]] && step "$T/vead" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$T/vead"
   step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --weights "$T/$e" --json --fresh \
     --out "$R/evaluate/$e"
 done
