@@ -3,10 +3,12 @@ files, the `evaluate` CLI and its sanity check (`--editor none`)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import pytest
+import torch
 
 from visedit.cli import main
 from visedit.editing import EditRequest, get_editor
@@ -94,6 +96,18 @@ def test_resume_refuses_a_different_run(tiny_random, records, tmp_path):
         evaluate(get_editor("none", tiny_random), records[:3], out=tmp_path, progress=False)
     fresh = evaluate(get_editor("none", tiny_random), records[:3], out=tmp_path, resume=False, progress=False)
     assert fresh.n == 3
+
+
+def test_resume_refuses_a_folder_evaluated_on_other_weights(tiny_random, records, tmp_path):
+    """Two tiny models share a name; a retrained one must not resume (and mix with) the other's edits."""
+    evaluate(get_editor("none", tiny_random), records[:2], out=tmp_path, progress=False)
+    other = copy.deepcopy(tiny_random)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.5)
+    assert other.name == tiny_random.name
+    with pytest.raises(ValueError, match="differs in model_fingerprint"):
+        evaluate(get_editor("none", other), records[:2], out=tmp_path, progress=False)
+    assert json.loads((tmp_path / "run.json").read_text())["model_fingerprint"] == tiny_random.fingerprint
 
 
 def test_evaluate_cli_reads_real_evqa_files(tiny_random_dir, records, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -55,3 +56,15 @@ def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path
             assert args.layer == 0  # the preset's l_e, not one chosen from the new model's profile
         verbs.append(args.command)
     assert verbs.count("tune") == 3 and verbs.count("evaluate") == 10 and verbs.count("sweep-vead") == 4
+
+
+def test_every_committed_evaluation_was_run_on_the_shipped_model():
+    """Results and model move together: retraining the tiny model without rerunning the script fails here."""
+    from visedit.models import load_vllm
+
+    runs = sorted((ROOT / "notebooks" / "results").glob("*/*/run.json"))
+    assert len(runs) >= 6
+    shipped = load_vllm().fingerprint
+    stale = [str(p.parent.relative_to(ROOT)) for p in runs
+             if json.loads(p.read_text()).get("model_fingerprint") != shipped]
+    assert not stale, f"evaluated on other weights than the shipped model: {stale}; rerun reproduce.sh"

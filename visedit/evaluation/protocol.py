@@ -211,7 +211,8 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
              progress: bool = True) -> EvalSummary:
     """Run the single-edit protocol over ``records``.
 
-    With ``out`` (a folder): ``run.json`` (what is evaluated), ``edits.jsonl`` (one line per edit, synced
+    With ``out`` (a folder): ``run.json`` (what is evaluated: editor, settings, records and the model's name
+    and ``fingerprint``), ``edits.jsonl`` (one line per edit, synced
     as it is written) and ``summary.json`` (atomic). A folder holding an interrupted run with the same
     settings is resumed; one holding a different run is an error (pass another ``out`` or
     ``resume=False`` to start over).
@@ -221,7 +222,8 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
     if len(records) == 0:
         raise ValueError("no records to evaluate: pass at least one MMEdit record")
     settings = {"editor": editor.name, "config": json.loads(json.dumps(dataclasses.asdict(editor.config))),
-                "model": editor.vllm.name, "n": len(records), "records": _fingerprint(records)}
+                "model": editor.vllm.name, "model_fingerprint": editor.vllm.fingerprint, "n": len(records),
+                "records": _fingerprint(records)}
     done: list[EditResult] = []
     jsonl = None
     if out is not None:
@@ -231,8 +233,10 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
         if resume and run_file.exists():
             previous = json.loads(run_file.read_text())
             if previous != settings:
+                differs = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
                 raise ValueError(f"{out} holds a different evaluation run ({previous.get('editor')}, "
-                                 f"n={previous.get('n')}); pass another output folder or resume=False / --fresh")
+                                 f"n={previous.get('n')}; differs in {', '.join(differs)}): pass another output "
+                                 f"folder or resume=False / --fresh")
             done = _read_done(jsonl)
         else:
             done = []
