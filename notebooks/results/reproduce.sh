@@ -77,21 +77,7 @@ for e in mend vead; do
     --out "$R/evaluate/$e"
 done
 
-# ---- VEAD ablations (32–40 min each), chapter 6 -----------------------------------------------------
-ablation() {  # ablation NAME TRAIN-OPTIONS...
-  local name=$1; shift
-  if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi
-  step "$W/$name" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$W/$name" "$@"
-  step "$R/ablations/$name" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$W/$name" --json --fresh \
-    --out "$R/ablations/$name"
-  [[ -n "${DRY:-}" ]] || cp "$W/$name/vead.json" "$R/ablations/$name/vead.json"
-}
-ablation vead-wloc5 --set w_im=0.1
-ablation vead-wloc3 --set w_im=0.1 --set w_loc=3
-ablation vead-constant-lr --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0
-ablation vead-width192 --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0 --width 192
-
-# ---- the layer sweep (5–9 min per row), chapter 6; files are named without the --set suffix ----------
+# ---- the layer sweep (5–9 min per row), chapters 5–7; files are named without the --set suffix ----------
 sweep() {  # sweep ROW-TAG... -- SWEEP-OPTIONS...
   local tags=()
   while [[ $1 != -- ]]; do tags+=("$1"); shift; done; shift
@@ -108,4 +94,18 @@ sweep in0 in0-noim -- --layers 0 --ablate-im --im-reads prompt
 sweep in0-im-image -- --layers 0 --im-reads image
 sweep in1-noim in3-noim in6-noim -- --layers 1 3 6 --no-im
 sweep in0-im-image-w192 -- --layers 0 --im-reads image --width 192
+
+# ---- VEAD ablations (32–40 min each), chapter 6 only-----------------------------------------------------
+ablation() {  # ablation NAME TRAIN-OPTIONS...
+  local name=$1; shift
+  if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi
+  step "$W/$name" $PY -m visedit train-vead "${M[@]}" "${L[@]}" --json --out "$W/$name" "$@"
+  step "$R/ablations/$name" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$W/$name" --json --fresh \
+    --out "$R/ablations/$name"
+  [[ -n "${DRY:-}" ]] || cp "$W/$name/vead.json" "$R/ablations/$name/vead.json"
+}
+ablation vead-wloc5 --set w_im=0.1
+ablation vead-wloc3 --set w_im=0.1 --set w_loc=3
+ablation vead-constant-lr --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0
+ablation vead-width192 --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0 --width 192
 echo "all results are in place under $STAGE"
