@@ -34,6 +34,20 @@ def tiny_random(tiny_random_dir):
     return load_vllm(tiny_random_dir)
 
 
+@pytest.fixture
+def tiny_random_retrained(tiny_random):
+    """A copy of ``tiny_random`` with one weight tensor shifted: same name and config, other weights (what a
+    retrained model looks like to code that identifies models)."""
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(tiny_random)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(0.5)
+    return other
+
+
 @pytest.fixture(scope="session")
 def embedded():
     from visedit.models import load_vllm

@@ -3,12 +3,10 @@ files, the `evaluate` CLI and its sanity check (`--editor none`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
 import pytest
-import torch
 
 from visedit.cli import main
 from visedit.editing import EditRequest, get_editor
@@ -98,12 +96,10 @@ def test_resume_refuses_a_different_run(tiny_random, records, tmp_path):
     assert fresh.n == 3
 
 
-def test_resume_refuses_a_folder_evaluated_on_other_weights(tiny_random, records, tmp_path):
+def test_resume_refuses_a_folder_evaluated_on_other_weights(tiny_random, tiny_random_retrained, records, tmp_path):
     """Two tiny models share a name; a retrained one must not resume (and mix with) the other's edits."""
     evaluate(get_editor("none", tiny_random), records[:2], out=tmp_path, progress=False)
-    other = copy.deepcopy(tiny_random)
-    with torch.no_grad():
-        next(other.model.parameters()).add_(0.5)
+    other = tiny_random_retrained
     assert other.name == tiny_random.name
     with pytest.raises(ValueError, match="differs in model_fingerprint"):
         evaluate(get_editor("none", other), records[:2], out=tmp_path, progress=False)

@@ -378,7 +378,8 @@ def test_shipped_vead_was_trained_with_the_preset():
     assert VEADConfig.from_dict(card["config"]) == VEADConfig.from_dict(preset)
 
 
-def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, records, tmp_path, monkeypatch):
+def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, tiny_random_retrained, records, tmp_path,
+                                                           monkeypatch):
     config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
     original, calls = vead_train.step_loss, {"n": 0}
 
@@ -392,9 +393,7 @@ def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, records,
     calls["die"] = True
     with pytest.raises(KeyboardInterrupt):  # leaves the step-3 checkpoint beside the output folder
         train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
-    other = copy.deepcopy(tiny_random)
-    with torch.no_grad():
-        next(other.model.parameters()).add_(0.5)
+    other = tiny_random_retrained
     assert copy.deepcopy(tiny_random).fingerprint == tiny_random.fingerprint != other.fingerprint
     calls.update(n=0, die=False)
     train_vead(other, records, config, out=tmp_path / "vead", progress=False)
