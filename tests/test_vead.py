@@ -105,6 +105,37 @@ def test_cached_training_path_reproduces_the_model(tiny_random, records, at):
     assert vead_train.Cache(tiny_random, 1, VEADConfig(layer=1, at=at)).record(records[0]).im_target.shape == (3, 16)
 
 
+@pytest.mark.parametrize("im_reads", ["prompt", "image"])
+def test_hard_negative_is_the_other_entity_the_gate_opens_on_most(tiny_random, records, im_reads):
+    """``hard_loc``: each record's fifth row is, of the sampled pool, the record of another entity whose
+    edit image the gate opens on most (oracle: brute force over the pool); at the identity its KL is zero
+    (the cached log-probs are the frozen model's on that row), and the loss grows by nothing else."""
+    config = VEADConfig(layer=1, im_reads=im_reads, hard_loc=len(records))  # the pool: every record
+    cache = vead_train.Cache(tiny_random, 1, config)
+    pool = [cache.record(r) for r in records[:8]]
+    assert {c.group for c in pool} == {r.extra["entity"] for r in records[:8]}
+    torch.manual_seed(0)
+    vead = VEAD(**config.resolved(tiny_random.model.config.text_config.hidden_size))
+    batch = pool[:3]
+    chosen = vead_train.hard_negatives(vead, batch, pool, config, np.random.default_rng(0))
+    start, stop = batch[0].span
+    for r, neg in zip(batch, chosen):
+        keys = config.im_keys(r.states[:1], [r.last_prompt], (start, stop))
+        with torch.no_grad():
+            opens = {id(c): float(torch.sigmoid(vead.gate_logits(c.states[:1, start:stop], keys)).mean())
+                     for c in pool if c.group != r.group}
+        assert neg.group != r.group and opens[id(neg)] == pytest.approx(max(opens.values()), abs=1e-6)
+    _, parts = vead_train.step_loss(vead, cache, batch, config, np.random.default_rng(0), pool=pool)
+    _, plain = vead_train.step_loss(vead, cache, batch, dataclasses.replace(config, hard_loc=0),
+                                    np.random.default_rng(0))
+    assert abs(parts["loc"]) < 1e-6 and parts["rel"] == plain["rel"] and parts["gen"] == plain["gen"]
+    assert parts["im"] != plain["im"]  # the negative's gate joins L_down
+    with pytest.raises(ValueError, match="more than one entity"):
+        vead_train.hard_negatives(vead, batch[:1], batch[:1], config, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="hard_loc"):
+        VEADConfig(hard_loc=-1)
+
+
 @pytest.mark.parametrize("at", ["output", "input"])
 def test_eos_training_scores_the_end_token_and_remembers_what_an_edit_remembers(tiny_random, records, editor, at):
     """``eos``: the edit's cross-entropy covers the end-of-sequence token (oracle: the model's own loss on

@@ -51,6 +51,9 @@ class VEADConfig(StrictConfig):
     ``noise_copies``, loss weights, ``steps`` × ``batch`` edits at Adam ``lr`` — constant, then falling
     linearly towards 0 over the last ``decay_share`` of the steps (0: constant, as in the release) —
     validation on ``val_edits`` of a held-out ``val_share`` of the train split every ``val_every`` steps.
+    ``hard_loc`` (ours; the release and 0: off): besides each record's own M-Loc input, train locality on
+    a *hard negative* — of ``hard_loc`` other records' edit inputs (another entity), the one whose image
+    the current gate opens on most — with the same KL and gate-down losses.
     ``eos`` (ours; the release: False): the training targets end with the end-of-sequence token — the edit
     and generality cross-entropies include it, and the locality KL covers its position — so the edited
     model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
@@ -76,6 +79,7 @@ class VEADConfig(StrictConfig):
     batch: int = 4
     lr: float = 1e-3
     decay_share: float = 0.0
+    hard_loc: int = 0
     eos: bool = False
     val_share: float = 0.1
     val_every: int = 250
@@ -95,6 +99,8 @@ class VEADConfig(StrictConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"VEADConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.hard_loc, int) or self.hard_loc < 0:
+            raise ValueError(f"VEADConfig.hard_loc must be an int >= 0 (0: off), got {self.hard_loc!r}")
         if not self.lr > 0 or not self.sigma > 0:
             raise ValueError("VEADConfig.lr and sigma must be > 0")
         if not 0 <= self.decay_share < 1:

@@ -13,6 +13,11 @@ Loss = w_rel·CE(edit) + w_gen·[CE(T-Gen) + CE(M-Gen)] + w_loc·KL(pre ‖ post
        + w_im·(L_a + L_up + L_down),
 L_a = −Σ_j c_j log softmax(s)_j and L_up = −mean log σ(s_j) on edit/generality inputs,
 L_down = −mean log(1 − σ(s_j)) on locality inputs, over ``sampled_tokens`` random visual tokens.
+With ``hard_loc`` = P > 0 each record gets a fifth input, a hard negative: of P random other records'
+edit inputs (another entity), the one whose visual tokens the current gate opens on most (mean σ(s)). Its
+KL (against the frozen model's log-probs on its own edit answer positions) joins the locality term and its
+gate joins L_down. A look-alike creature is where the gate — each token's best match among the edit
+image's tokens — opens by mistake; the record's own M-Loc creature is random and rarely one.
 
 Seeded (batches and token samples are a function of (seed, step)), resumable (a checkpoint beside the
 output folder every ``val_every`` steps), validated on a held-out part of the train split.
@@ -45,7 +50,9 @@ class CachedRecord:
     """One training record, VEAD off: states at l_e (4, S, d) for ROLES, their masks (row 0's is the
     edit memory's: with ``eos`` it leaves out the end token, as an applied edit does), target
     positions/ids per role, the edit's last prompt position, IM targets (3, N) for the first three
-    roles, and the frozen model's log-probs at M-Loc's answer positions."""
+    roles, and the frozen model's log-probs at M-Loc's answer positions; with ``hard_loc``, also at the
+    edit row's target positions (for when it is another record's hard negative) and the record's entity
+    (``group``: ``extra["entity"]``, else the image path)."""
 
     states: torch.Tensor
     mask: torch.Tensor
@@ -55,6 +62,8 @@ class CachedRecord:
     last_prompt: int
     im_target: torch.Tensor
     loc_logprobs: torch.Tensor
+    edit_logprobs: torch.Tensor | None = None
+    group: str = ""
 
 
 def _items(record):
@@ -88,6 +97,9 @@ class Cache:
             raise ValueError("VEAD training needs the same visual-token span in every input of a record")
         loc_pos = torch.tensor(inputs.target_positions[3]) - 1
         loc_logprobs = logits[3, loc_pos].log_softmax(-1)
+        edit_logprobs = None
+        if self.config.hard_loc:
+            edit_logprobs = logits[0, torch.tensor(inputs.target_positions[0]) - 1].log_softmax(-1)
         from ...attribution import noise_perturbation
 
         targets = []
@@ -102,7 +114,8 @@ class Cache:
         if self.config.eos:  # the edit row is also the memory: image + prompt + answer, as an applied edit
             mask[0, inputs.target_positions[0][-1]] = False  # remembers it — without the end token
         return CachedRecord(states, mask, span, inputs.target_positions,
-                            inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs)
+                            inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs,
+                            edit_logprobs, group=str(record.extra.get("entity", record.image)))
 
     def kwargs(self, length: int) -> dict:
         """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens."""
@@ -122,34 +135,70 @@ def _pad(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     return torch.stack([F.pad(t, (0, 0) * (t.dim() - 1) + (0, width - t.shape[0])) for t in tensors])
 
 
+def hard_negatives(vead: VEAD, batch: Sequence[CachedRecord], pool: Sequence[CachedRecord],
+                   config: VEADConfig, rng: np.random.Generator) -> list[CachedRecord]:
+    """For each record of ``batch``: of ``config.hard_loc`` random records of ``pool`` that show another
+    entity, the one whose edit image the gate (keyed by the record's own edit) opens on most."""
+    start, stop = batch[0].span
+    chosen = []
+    with torch.no_grad():
+        for r in batch:
+            idx = rng.choice(len(pool), size=min(config.hard_loc, len(pool)), replace=False)
+            cands = [pool[i] for i in idx if pool[i].group != r.group]
+            if not cands:
+                cands = [c for c in pool if c.group != r.group][:1]
+            if not cands:
+                raise ValueError("hard_loc needs training records of more than one entity "
+                                 "(records are grouped by extra['entity'], else by image path)")
+            keys = config.im_keys(r.states[:1], [r.last_prompt], (start, stop))
+            V = torch.stack([c.states[0, start:stop] for c in cands])
+            opens = torch.sigmoid(vead.gate_logits(V, keys)).mean(-1)
+            chosen.append(cands[int(opens.argmax())])
+    return chosen
+
+
 def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: VEADConfig,
-              rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
-    """VEAD's training loss on a batch of cached records (differentiable w.r.t. ``vead``)."""
+              rng: np.random.Generator, pool: Sequence[CachedRecord] | None = None) -> tuple[torch.Tensor, dict]:
+    """VEAD's training loss on a batch of cached records (differentiable w.r.t. ``vead``). With
+    ``config.hard_loc`` each record's hard negative is mined from ``pool`` (default: the batch)."""
     vllm = cache.vllm
-    width = max(r.states.shape[1] for r in batch)
-    states = torch.cat([_pad(list(r.states), width) for r in batch])  # (4B, S, d)
-    mask = torch.cat([_pad(list(r.mask[:, :, None].float()), width)[..., 0] for r in batch]).bool()
-    edit_rows = torch.arange(len(batch)).repeat_interleave(len(ROLES)) * len(ROLES)
+    negatives = hard_negatives(vead, batch, pool or batch, config, rng) if config.hard_loc else []
+    n_rows = len(ROLES) + bool(negatives)  # rows per record: its four roles, then its hard negative
+    rows, row_masks = [], []
+    for i, r in enumerate(batch):
+        rows += list(r.states) + ([negatives[i].states[0]] if negatives else [])
+        row_masks += list(r.mask[:, :, None].float()) + ([negatives[i].mask[0, :, None].float()] if negatives else [])
+    width = max(t.shape[0] for t in rows)
+    states = _pad(rows, width)  # (rows, S, d)
+    mask = _pad(row_masks, width)[..., 0].bool()
+    edit_rows = torch.arange(len(batch)).repeat_interleave(n_rows) * n_rows
     memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
     # the IM's keys come from each record's edit row (every record of a batch has the same span)
-    prompt = config.im_keys(states[:: len(ROLES)], [r.last_prompt for r in batch], (start, stop))
-    prompt = prompt.repeat_interleave(len(ROLES), 0)
+    prompt = config.im_keys(states[::n_rows], [r.last_prompt for r in batch], (start, stop))
+    prompt = prompt.repeat_interleave(n_rows, 0)
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
     if cache.first < vllm.n_layers:
         hidden = vllm.adapter.run_from(cache.first, hidden, cache.kwargs(width))
+
+    def kl(row: int, positions: Sequence[int], pre: torch.Tensor) -> torch.Tensor:  # KL(pre ‖ post)
+        post = unembed(vllm.adapter, hidden[row, torch.tensor(positions) - 1]).float().log_softmax(-1)
+        return (pre.exp() * (pre - post)).sum(-1).mean()
+
     losses = {"rel": [], "gen": [], "loc": []}
     for i, r in enumerate(batch):
         for k, role in enumerate(ROLES):
-            pos = torch.tensor(r.positions[k]) - 1
-            logits = unembed(vllm.adapter, hidden[i * len(ROLES) + k, pos]).float()
             if role == "m_loc":
-                post = logits.log_softmax(-1)
-                losses["loc"].append((r.loc_logprobs.exp() * (r.loc_logprobs - post)).sum(-1).mean())
+                losses["loc"].append(kl(i * n_rows + k, r.positions[k], r.loc_logprobs))
             else:
+                pos = torch.tensor(r.positions[k]) - 1
+                logits = unembed(vllm.adapter, hidden[i * n_rows + k, pos]).float()
                 ce = F.cross_entropy(logits, torch.tensor(r.target_ids[k], device=logits.device))
                 losses["rel" if role == "edit" else "gen"].append(ce)
+        if negatives:
+            neg = negatives[i]
+            losses["loc"].append(kl(i * n_rows + len(ROLES), neg.positions[0], neg.edit_logprobs))
     l_rel = torch.stack(losses["rel"]).mean()
     l_gen = torch.stack(losses["gen"]).mean() * 2  # CE(T-Gen) + CE(M-Gen), averaged over the batch
     l_loc = torch.stack(losses["loc"]).mean()
@@ -160,15 +209,15 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
         k = min(config.sampled_tokens, n_vis)
         l_a, l_up, l_down = [], [], []
         for i, r in enumerate(batch):
-            for j in range(len(ROLES)):
+            for j in range(n_rows):
                 idx = torch.from_numpy(rng.choice(n_vis, size=k, replace=False))
-                row = s[i * len(ROLES) + j, idx.to(s.device)]
+                row = s[i * n_rows + j, idx.to(s.device)]
                 if j < 3:
                     c = r.im_target[j, idx].to(row.device)
                     c = c / c.sum() if c.sum() > 0 else torch.full_like(c, 1 / k)
                     l_a.append(-(c * row.log_softmax(-1)).sum())
                     l_up.append(-F.logsigmoid(row).mean())
-                else:
+                else:  # M-Loc and the hard negative
                     l_down.append(-F.logsigmoid(-row).mean())
         l_im = torch.stack(l_a).mean() + torch.stack(l_up).mean() + torch.stack(l_down).mean()
         total = total + config.w_im * l_im
@@ -209,7 +258,9 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     if ckpt is not None and resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         # a checkpoint of another run (other settings, records or model weights) is not resumed
-        if saved["config"] == settings and saved["n_train"] == len(train) and saved.get("model") == weights:
+        # (a setting added since the checkpoint was written counts as its default)
+        same = {**dataclasses.asdict(VEADConfig()), **saved["config"]} == settings
+        if same and saved["n_train"] == len(train) and saved.get("model") == weights:
             vead.load_state_dict(saved["vead"])
             optimizer.load_state_dict(saved["optimizer"])
             first, history, best, best_state = saved["step"], saved["history"], saved["best"], saved["best_state"]
@@ -221,7 +272,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         with torch.enable_grad():
-            loss, parts = step_loss(vead, cache, batch, config, rng)
+            loss, parts = step_loss(vead, cache, batch, config, rng, pool=cached)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
