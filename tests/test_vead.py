@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -302,13 +303,13 @@ def test_sweep_cli_trains_and_evaluates_each_layer(tiny_random_dir, tmp_path, ca
     code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--eval-limit", "2", "--model",
                  str(tiny_random_dir), "--config", str(config), "--out", str(tmp_path / "sweep"), "--json",
                  "--at", "input", "--im-reads", "image", "--width", "16", "--decay-share", "0.5",
-                 "--set", "w_loc=2"])
+                 "--set", "w_loc=2", "--set", "hard_loc=2"])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and rows[0]["im_reads"] == "image" and rows[0]["width"] == 16
     assert rows[0]["decay_share"] == 0.5
-    # a width other than the release's d/4, a decaying learning rate and every --set are named
-    row = json.loads((tmp_path / "sweep" / "in1-im-image-w16-decay0.5-w_loc2.json").read_text())
-    assert row["settings"]["config"]["w_loc"] == 2.0
+    # a width other than the release's d/4, a decaying learning rate, hard negatives and every --set are named
+    row = json.loads((tmp_path / "sweep" / "in1-im-image-w16-decay0.5-hard2-w_loc2.json").read_text())
+    assert row["settings"]["config"]["w_loc"] == 2.0 and row["settings"]["config"]["hard_loc"] == 2
     for bad, message in (("w_lco=2", "unknown VEADConfig key"), ("w_loc", "--set takes KEY=VALUE")):
         code = main(["sweep-vead", "--layers", "1", "--limit", "4", "--steps", "2", "--model", str(tiny_random_dir),
                      "--config", str(config), "--out", str(tmp_path / "bad"), "--set", bad])
@@ -409,18 +410,25 @@ def test_shipped_vead_was_trained_with_the_preset():
     assert VEADConfig.from_dict(card["config"]) == VEADConfig.from_dict(preset)
 
 
-def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, tiny_random_retrained, records, tmp_path,
-                                                           monkeypatch):
-    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
-    original, calls = vead_train.step_loss, {"n": 0}
+def _count_steps(monkeypatch) -> dict:
+    """Wrap the training step: ``calls["n"]`` counts steps; while ``calls["die"]`` the fifth raises
+    KeyboardInterrupt (after the step-3 checkpoint)."""
+    original, calls = vead_train.step_loss, {"n": 0, "die": False}
 
     def counting(*args, **kw):
         calls["n"] += 1
-        if calls["n"] == 5 and calls.get("die"):
+        if calls["n"] == 5 and calls["die"]:
             raise KeyboardInterrupt
         return original(*args, **kw)
 
     monkeypatch.setattr(vead_train, "step_loss", counting)
+    return calls
+
+
+def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, tiny_random_retrained, records, tmp_path,
+                                                           monkeypatch):
+    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
+    calls = _count_steps(monkeypatch)
     calls["die"] = True
     with pytest.raises(KeyboardInterrupt):  # leaves the step-3 checkpoint beside the output folder
         train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
@@ -429,3 +437,26 @@ def test_a_checkpoint_left_by_another_model_is_not_resumed(tiny_random, tiny_ran
     calls.update(n=0, die=False)
     train_vead(other, records, config, out=tmp_path / "vead", progress=False)
     assert calls["n"] == 6  # all six steps ran on the other model: nothing was resumed
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_as_its_default(tiny_random, records, tmp_path,
+                                                                              monkeypatch):
+    """A run interrupted under an older VEADConfig (no ``hard_loc`` key) resumes: the missing setting counts
+    as its default. A checkpoint whose setting differs is not resumed."""
+    config = VEADConfig(layer=1, steps=6, batch=2, val_every=3, val_edits=2, sampled_tokens=4, seed=2)
+    calls = _count_steps(monkeypatch)
+    ckpt = vead_train._checkpoint_path(tmp_path / "vead")
+    for saved_hard_loc, expected_steps in ((None, 3), (4, 6)):
+        calls.update(n=0, die=True)
+        with pytest.raises(KeyboardInterrupt):  # leaves the step-3 checkpoint beside the output folder
+            train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+        saved = torch.load(ckpt, weights_only=False)
+        if saved_hard_loc is None:
+            del saved["config"]["hard_loc"]
+        else:
+            saved["config"]["hard_loc"] = saved_hard_loc
+        torch.save(saved, ckpt)
+        calls.update(n=0, die=False)
+        train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
+        assert calls["n"] == expected_steps
+        shutil.rmtree(tmp_path / "vead")

@@ -287,7 +287,7 @@ def _sweep_vead(args) -> int:
     settings["steps"] = args.steps
     sets = _vead_overrides(settings, args)
     # the tag names each setting that differs from the paper's: those below from the config, then any other --set
-    named = ("layer", "at", "use_im", "im_reads", "width", "decay_share")
+    named = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "hard_loc")
     extra = "".join(f"-{key}{value}" for key, value in sets.items() if key not in named)
     d = vllm.model.config.text_config.hidden_size
     rows = []
@@ -299,6 +299,7 @@ def _sweep_vead(args) -> int:
                    + ("-noim" if not use_im else "-im-image" if config.im_reads == "image" else "")
                    + (f"-w{width}" if width != release_width(d) else "")
                    + (f"-decay{config.decay_share:g}" if config.decay_share else "")
+                   + (f"-hard{config.hard_loc}" if config.hard_loc else "")
                    + extra)
             editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
             summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
