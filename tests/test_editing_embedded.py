@@ -80,7 +80,7 @@ def test_shipped_vead_edits_new_pairs(vead_sample):
     token = vead_sample.token
     assert token["t_locality"] == 1.0
     assert token["reliability"] >= 0.9 and token["t_generality"] >= 0.9 and token["m_generality"] >= 0.9
-    assert token["m_locality"] >= 0.9  # measured on this sample: 0.958 / 0.958 / 0.958 / 1.0 / 1.0
+    assert token["m_locality"] >= 0.9  # measured on this sample: 1.0 / 1.0 / 0.958 / 1.0 / 1.0
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,11 @@ def test_vead_reaches_the_issue_targets(vead_sample_results):
 
 def test_vead_mean_is_above_every_baseline():
     """The issue's last target, on the committed full runs of chapter 6 (504 eval edits each; VEAD's is
-    live-checked edit by edit above, the baselines' in chapter 6). Measured: VEAD 0.994 against FT-L 0.991,
-    FT-V 0.982, MEND 0.981 and IKE 0.844."""
+    live-checked edit by edit above, the baselines' in chapter 6). Measured on the tiny model before its
+    vision retraining: VEAD 0.994 against FT-L 0.991, FT-V 0.982, MEND 0.981 and IKE 0.844. On the
+    retrained model (branch retrain-tiny): VEAD 0.987 (hard_loc 16; 0.989 without) against FT-L 0.991,
+    FT-V 0.989, MEND 0.974 and IKE 0.887 — this fails, and the retrained model is not merged until it holds
+    or the issue's target is changed on purpose."""
     from visedit.evaluation import EvalSummary
 
     means = {name: EvalSummary.load(RESULTS / name / "summary.json").mean for name in ("ft_l", "ft_v", "ike", "mend")}
