@@ -25,6 +25,15 @@ def test_world_has_enough_unique_entities(world):
         assert min(Counter(getattr(e, attr) for e in world.entities).values()) >= 3
 
 
+def test_looks_shared_counts_equal_visual_attributes(world):
+    a, b = world.entities[0], world.entities[1]
+    oracle = (a.shape == b.shape) + (a.colour == b.colour) + (a.pattern == b.pattern)
+    assert a.looks_shared(b) == b.looks_shared(a) == oracle
+    assert all(e.looks_shared(e) == 3 for e in world.entities)
+    counts = Counter(a.looks_shared(b) for a in world.entities for b in world.entities if a is not b)
+    assert set(counts) <= {0, 1, 2} and counts[2] > 0  # unique triples: another entity shares at most two
+
+
 def test_world_is_seeded(world):
     assert make_world(0) == world
     assert make_world(1) != world

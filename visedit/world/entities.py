@@ -54,6 +54,11 @@ class Entity:
             raise ValueError(f"unknown fact {fact!r}; choose one of {', '.join(FACTS)}")
         return getattr(self, fact)
 
+    def looks_shared(self, other: "Entity") -> int:
+        """How many of the visual attributes (shape, colour, pattern) ``other`` shares with this entity: 3
+        for itself, at most 2 for another entity of one world (its triples are unique)."""
+        return sum(self.fact(f) == other.fact(f) for f in VISUAL_FACTS)
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
