@@ -32,3 +32,19 @@ def test_ci_runs_the_readme_test_command():
 def test_embedded_model_is_small():
     weights = ROOT / "visedit/models/embedded/model.safetensors"
     assert weights.exists() and weights.stat().st_size <= 30 * 2**20
+
+
+def test_no_virtualenv_build_output_or_cache_is_tracked():
+    """Nothing under .venv, _build or a cache is committed — a symlinked .venv slipped past `.venv/` in
+    .gitignore once (the pattern with a slash matches directories only) and broke `make` on a fresh clone."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    bad = [p for p in tracked if p.split("/")[0] in (".venv", "_build", ".pytest_cache", ".reproduce")
+           or "__pycache__" in p.split("/") or p.endswith(".pyc")]
+    assert not bad, f"tracked files that must not be committed: {bad[:10]}"
