@@ -153,3 +153,33 @@ def test_layer_sweep_plot_puts_each_row_on_the_stream_it_edits():
     assert len(plot_layer_sweep(rows).axes) == 1
     with pytest.raises(ValueError, match="no sweep rows"):
         plot_layer_sweep([])
+
+
+def _write_run(folder, token_rows, indices=None):
+    from visedit.evaluation import EditResult
+
+    folder.mkdir()
+    lines = [json.dumps(EditResult(i, dict(zip(METRICS, t)), {}, 0.0, {}).to_dict())
+             for i, t in zip(indices or range(len(token_rows)), token_rows)]
+    (folder / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_paired_difference_against_hand_computed_means(tmp_path):
+    from visedit.evaluation import load_results, paired_difference
+
+    a = _write_run(tmp_path / "a", [(1, 1, 1, 1, 1), (1, 0, 1, 1, 1), (0, 0, 0, 1, 1)])
+    b = _write_run(tmp_path / "b", [(1, 1, 1, 1, 0), (1, 0, 1, 1, 1), (1, 1, 1, 1, 1)])
+    d = paired_difference(a, b, n_boot=200)
+    # per edit: +0.2, 0, -0.6 → mean -0.4/3; one better, one worse, one tie
+    assert d.n == 3 and d.mean == pytest.approx(-0.4 / 3, abs=1e-6) and (d.better, d.worse) == (1, 1)
+    assert d.lo <= d.mean <= d.hi and -0.6 - 1e-9 <= d.lo and d.hi <= 0.2 + 1e-9
+    assert (d.a, d.b) == ("a", "b") and paired_difference(a, b, names=("A", "B")).a == "A"
+    same = paired_difference(a, a)
+    assert (same.mean, same.lo, same.hi, same.better, same.worse) == (0, 0, 0, 0, 0)
+    assert [r.index for r in load_results(a)] == [0, 1, 2]
+    other = _write_run(tmp_path / "c", [(1, 1, 1, 1, 1)] * 3, indices=[0, 2, 1])
+    with pytest.raises(ValueError, match="same edits"):
+        paired_difference(a, other)
+    with pytest.raises(FileNotFoundError, match="evaluate --out"):
+        load_results(tmp_path / "missing")

@@ -207,6 +207,54 @@ def _read_done(path: Path) -> list[EditResult]:
     return rows
 
 
+def load_results(folder: str | os.PathLike) -> list[EditResult]:
+    """The per-edit results (``edits.jsonl``) that ``evaluate(..., out=folder)`` wrote, in edit order."""
+    path = Path(folder) / "edits.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass a folder written by `python -m visedit evaluate --out`")
+    return [EditResult.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+    """A − B in the five-metric token mean, paired by edit: its mean, 95 % bootstrap interval, and on how
+    many edits A is better or worse."""
+
+    a: str
+    b: str
+    n: int
+    mean: float
+    lo: float
+    hi: float
+    better: int
+    worse: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.a} − {self.b}, five-metric mean, paired by edit: {self.mean:+.4f} (95 % bootstrap "
+                f"interval {self.lo:+.4f} to {self.hi:+.4f}); {self.a} better on {self.better} edits, "
+                f"worse on {self.worse}")
+
+
+def paired_difference(a: str | os.PathLike, b: str | os.PathLike, *, names: tuple[str, str] | None = None,
+                      n_boot: int = 2000, seed: int = 0) -> PairedDifference:
+    """Compare two evaluation runs (folders written by ``evaluate --out``) edit by edit: A − B in each edit's
+    mean over the five token metrics, with a percentile bootstrap interval over edits. Both runs must
+    hold the same edits in the same order. ``names`` labels A and B (default: the folders' names)."""
+    ra, rb = load_results(a), load_results(b)
+    if [r.index for r in ra] != [r.index for r in rb]:
+        raise ValueError(f"{a} and {b} do not hold the same edits in the same order: evaluate both editors "
+                         f"on the same records")
+    diff = np.array([np.mean([x.token[m] for m in METRICS]) - np.mean([y.token[m] for m in METRICS])
+                     for x, y in zip(ra, rb)])
+    mean, lo, hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    name_a, name_b = names or (Path(a).name, Path(b).name)
+    return PairedDifference(name_a, name_b, len(diff), round(float(mean), 6), round(float(lo), 6),
+                            round(float(hi), 6), int((diff > 0).sum()), int((diff < 0).sum()))
+
+
 def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None = None, resume: bool = True,
              progress: bool = True) -> EvalSummary:
     """Run the single-edit protocol over ``records``.
