@@ -24,12 +24,15 @@ from ..io import atomic_path
 from .entities import FACTS, World, make_world
 from .questions import TEXT_FACTS, image_question, text_question
 from .render import render
+from .scene import askable, render_scene, scene_question, selectors
 
 REQUIRED_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans",
                    "m_loc", "m_loc_q", "m_loc_a")
 #: Fields that may hold a list of acceptable strings in real files (the first one is used).
 _MAYBE_LIST = ("pred", "alt", "loc_ans", "m_loc_a")
 DATASET_VERSION = 2  # bump when the world or renderer changes: cached datasets are rebuilt
+#: Extra fields that hold image paths (relative to the image root, like the MMEdit image fields).
+_EXTRA_PATHS = ("mask", "mask_rephrase", "m_loc_mask", "i_loc_mask", "la_loc", "la_loc_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +59,10 @@ class EditRecord:
     def mask(self, which: str = "image") -> np.ndarray:
         """Ground-truth object mask (H, W bool) of ``image``, ``image_rephrase`` or ``m_loc`` (our
         generated datasets only; real E-VQA files have no masks)."""
-        key = {"image": "mask", "image_rephrase": "mask_rephrase", "m_loc": "m_loc_mask"}.get(which)
+        key = {"image": "mask", "image_rephrase": "mask_rephrase", "m_loc": "m_loc_mask", "i_loc": "i_loc_mask",
+               "la_loc": "la_loc_mask"}.get(which)
         if key is None:
-            raise ValueError(f"which must be 'image', 'image_rephrase' or 'm_loc', got {which!r}")
+            raise ValueError(f"which must be 'image', 'image_rephrase', 'm_loc', 'i_loc' or 'la_loc', got {which!r}")
         if key not in self.extra:
             raise ValueError("this record has no object masks (only datasets made by make_edit_dataset do)")
         return np.asarray(Image.open(self.extra[key])) > 0
@@ -106,7 +110,7 @@ def _parse_record(i: int, rec: Any, root: Path, path: Path) -> EditRecord:
     for field in ("image", "image_rephrase", "m_loc"):
         values[field] = (root / values[field]).resolve()
     extra = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS}
-    for key in ("mask", "mask_rephrase", "m_loc_mask"):
+    for key in _EXTRA_PATHS:
         if isinstance(extra.get(key), str):
             extra[key] = (root / extra[key]).resolve()
     return EditRecord(**values, extra=extra)
@@ -115,19 +119,34 @@ def _parse_record(i: int, rec: Any, root: Path, path: Path) -> EditRecord:
 # --------------------------------------------------------------------------------------------- generator
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What :func:`make_edit_dataset` builds. Same spec → byte-identical files."""
+    """What :func:`make_edit_dataset` builds. Same spec → byte-identical files.
+
+    ``edition`` 1: one creature per image (the first model's world). ``edition`` 2: scenes of 2–4
+    creatures whose questions select the edited one, with two more locality probes (see
+    :func:`make_edit_dataset`); use ``image_size=80`` (:data:`SCENE_SPEC`).
+    """
 
     seed: int = 0
     n_entities: int = 70
     edits_per_pair: int = 6
     eval_share: float = 0.2
     image_size: int = 64
+    edition: int = 1
 
     def __post_init__(self) -> None:
+        if self.edition not in (1, 2):
+            raise ValueError(f"edition must be 1 (one creature per image) or 2 (scenes), got {self.edition!r}")
+        if self.edition == 2 and self.image_size < 48:
+            raise ValueError(f"edition 2 scenes need image_size ≥ 48 (80 is the default scene size), "
+                             f"got {self.image_size}")
         if self.edits_per_pair < 1:
             raise ValueError(f"edits_per_pair must be ≥ 1, got {self.edits_per_pair}")
         if not 0 < self.eval_share < 1:
             raise ValueError(f"eval_share must be in (0, 1), got {self.eval_share}")
+
+
+#: The second edition's dataset: scenes of 80×80 pixels.
+SCENE_SPEC = DatasetSpec(image_size=80, edition=2)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -145,6 +164,14 @@ def split_pairs(world: World, eval_share: float, seed: int) -> dict[str, list[tu
 def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(), *,
                       progress: bool = True) -> Path:
     """Write ``train.json``, ``eval.json`` and ``images/`` (plus ``masks/``) under ``out``.
+
+    Edition 2 records are scenes of 2–4 creatures; ``src``/``rephrase`` select the edited creature
+    (``extra["selector"]`` says how) and ``image_rephrase`` is a fresh scene of the same creatures in which
+    the same selector still picks it. Two probes are added: **in-image locality** (``i_loc_q``/``i_loc_a``:
+    the same image, the same fact asked of another creature in it) and **look-alike locality**
+    (``la_loc``/``la_loc_q``/``la_loc_a``: a creature sharing two of shape, colour and pattern with the
+    edited one — or one if the world has none — alone in its picture, asked the same fact). Every queried
+    creature's mask is saved.
 
     The folder appears atomically (built beside it, then renamed). If ``out`` already holds a dataset
     made from the same spec it is reused.
@@ -168,7 +195,8 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
             for entity_idx, fact in pairs:
                 for k in range(spec.edits_per_pair):
                     idx = len(records)
-                    records.append(_make_record(world, spec, split, split_id, idx, entity_idx, fact, k, rng, tmp))
+                    make = _make_record if spec.edition == 1 else _make_scene_record
+                    records.append(make(world, spec, split, split_id, idx, entity_idx, fact, k, rng, tmp))
                     bar.update()
             bar.close()
             (tmp / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
@@ -176,10 +204,33 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
     return out
 
 
-def _save(rendering, tmp: Path, stem: str) -> tuple[str, str]:
+def _save(rendering, tmp: Path, stem: str, mask: np.ndarray | None = None) -> tuple[str, str]:
     rendering.image.save(tmp / "images" / f"{stem}.png", optimize=False)
-    Image.fromarray(rendering.mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{stem}.png")
+    mask = rendering.mask if mask is None else mask
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{stem}.png")
     return f"images/{stem}.png", f"masks/{stem}.png"
+
+
+def _save_mask(mask: np.ndarray, tmp: Path, stem: str) -> str:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / f"{stem}.png")
+    return f"masks/{stem}.png"
+
+
+def _scene_with(entity, others: list, size: int, seed_key: tuple, rng: random.Random,
+                fact: str, keep: str | None = None):
+    """A scene of ``entity`` (drawn at a random slot) and ``others`` in which ``entity`` can be asked
+    ``fact``; with ``keep`` (a selector kind), one in which that selector picks it. Tries up to 64 seeds."""
+    for attempt in range(64):
+        ents = [entity] + list(others)
+        order = random.Random(f"{seed_key}-{attempt}")
+        order.shuffle(ents)
+        scene = render_scene(ents, seed=_rng(*seed_key, attempt), size=size)
+        k = ents.index(entity)
+        options = askable(scene, k, fact)
+        companion = any(selectors(scene, j) for j in range(len(scene)) if j != k)  # for the in-image probe
+        if companion and ((keep is None and options) or (keep is not None and keep in options)):
+            return scene, k, options
+    raise RuntimeError(f"no scene lets {entity.name}'s {fact} be asked (selector {keep}); report this as a bug")
 
 
 def _make_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx: int, entity_idx: int,
@@ -218,6 +269,91 @@ def _make_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx
     }
 
 
+def _look_alike(world: World, entity, rng: random.Random):
+    """Another creature sharing two of shape, colour and pattern with ``entity`` (else one, else none)."""
+    for shared in (2, 1, 0):
+        pool = [e for e in world.entities if e is not entity and entity.looks_shared(e) == shared]
+        if pool:
+            return rng.choice(pool)
+    raise ValueError("the world needs at least two creatures")  # pragma: no cover - make_world ensures it
+
+
+def _make_scene_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx: int, entity_idx: int,
+                       fact: str, k: int, rng: random.Random, tmp: Path) -> dict[str, Any]:
+    entity = world.entities[entity_idx]
+    pred = entity.fact(fact)
+    alt = rng.choice([a for a in world.answers(fact) if a != pred])
+    others = [e for e in world.entities if e is not entity]
+    companions = rng.sample(others, rng.randint(1, 3))
+    size = spec.image_size
+    scene, at, options = _scene_with(entity, companions, size, (spec.seed, split_id, idx, 0), rng, fact)
+    kind = rng.choice(sorted(options))
+    selector = options[kind]
+    scene_r, at_r, _ = _scene_with(entity, companions, size, (spec.seed, split_id, idx, 1), rng, fact,
+                                   keep=kind)
+    # in-image locality: the same fact asked of another creature of the same image
+    j = rng.choice([i for i in range(len(scene)) if i != at and selectors(scene, i)])
+    i_fact = fact if askable(scene, j, fact) else rng.choice([f for f in FACTS if askable(scene, j, f)])
+    i_options = askable(scene, j, i_fact)
+    i_kind = rng.choice(sorted(i_options))
+    # multimodal locality: another scene (without the edited creature), one of its creatures asked
+    m_ents = rng.sample(others, rng.randint(1, 4))
+    m_fact = rng.choice(FACTS)
+    m_scene = None
+    for attempt in range(64):
+        cand = render_scene(m_ents, seed=_rng(spec.seed, split_id, idx, 2, attempt), size=size)
+        m_at = rng.randrange(len(cand))
+        if askable(cand, m_at, m_fact):
+            m_scene = cand
+            break
+    if m_scene is None:  # pragma: no cover - some creature is always askable something
+        raise RuntimeError("no askable creature in the locality scene; report this as a bug")
+    m_options = askable(m_scene, m_at, m_fact)
+    # look-alike locality: a creature that looks like the edited one, alone, asked the same fact
+    twin = _look_alike(world, entity, rng)
+    loc_entity, loc_fact = rng.choice(others), rng.choice(TEXT_FACTS)
+    la_scene = render_scene([twin], seed=_rng(spec.seed, split_id, idx, 3), size=size)
+    stem = f"{split}_{idx:05d}"
+    img, mask = _save(scene, tmp, stem, scene.masks[at])
+    i_mask = _save_mask(scene.masks[j], tmp, stem + "_iloc")
+    img_r, mask_r = _save(scene_r, tmp, stem + "_rephrase", scene_r.masks[at_r])
+    img_m, mask_m = _save(m_scene, tmp, stem + "_mloc", m_scene.masks[m_at])
+    img_la, mask_la = _save(la_scene, tmp, stem + "_laloc", la_scene.masks[0])
+    template = k % 3
+    return {
+        "src": scene_question(fact, selector, template),
+        "pred": pred,
+        "alt": alt,
+        "rephrase": scene_question(fact, selector, template, heldout=True),
+        "image": img,
+        "image_rephrase": img_r,
+        "loc": text_question(loc_entity, loc_fact, rng.randrange(2)),
+        "loc_ans": loc_entity.fact(loc_fact),
+        "m_loc": img_m,
+        "m_loc_q": scene_question(m_fact, m_options[rng.choice(sorted(m_options))], rng.randrange(3)),
+        "m_loc_a": m_scene.entities[m_at].fact(m_fact),
+        "i_loc_q": scene_question(i_fact, i_options[i_kind], rng.randrange(3)),
+        "i_loc_a": scene.entities[j].fact(i_fact),
+        "la_loc": img_la,
+        "la_loc_q": scene_question(fact, "this creature", rng.randrange(3)),
+        "la_loc_a": twin.fact(fact),
+        "edition": 2,
+        "entity": entity.name,
+        "fact": fact,
+        "selector": kind,
+        "n_creatures": len(scene),
+        "i_loc_entity": scene.entities[j].name,
+        "m_loc_entity": m_scene.entities[m_at].name,
+        "la_loc_entity": twin.name,
+        "la_loc_shared": entity.looks_shared(twin),
+        "mask": mask,
+        "mask_rephrase": mask_r,
+        "m_loc_mask": mask_m,
+        "i_loc_mask": i_mask,
+        "la_loc_mask": mask_la,
+    }
+
+
 def default_dataset_dir() -> Path:
     """Where the embedded model's edit dataset is generated once and shared by the CLI, the tests and
     the notebooks: ``$VISEDIT_DATA/world``, else ``$XDG_CACHE_HOME/visedit/world`` (``~/.cache/…``)."""
@@ -232,5 +368,8 @@ def load_world_split(split: str = "eval", spec: DatasetSpec = DatasetSpec(), *, 
     """Generate (once) and load a split of the world's edit dataset."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    root = make_edit_dataset(root or default_dataset_dir(), spec, progress=progress)
+    default = default_dataset_dir()
+    if spec.edition == 2:
+        default = default.with_name("world2")
+    root = make_edit_dataset(root or default, spec, progress=progress)
     return load_mmedit(root / f"{split}.json")

@@ -106,20 +106,11 @@ def _pattern(pattern: str, u: np.ndarray, v: np.ndarray, period: float) -> np.nd
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def render(entity: Entity, *, seed: int | np.random.Generator, size: int = 64,
-           noise: float = 6.0) -> Rendering:
-    """Draw ``entity`` on a cluttered background.
-
-    Position, scale (object radius 23–29% of the image side), rotation, colour jitter, background
-    and pixel noise (std ``noise`` in 0–255 units) all come from ``seed``. Same seed → same bytes.
-    """
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    img = _background(rng, size)
-    radius = rng.uniform(0.23, 0.29) * size
-    cx, cy = rng.uniform(radius, size - radius, size=2)
-    theta = rng.uniform(0, 2 * math.pi) if entity.shape not in ("circle", "ring") else 0.0
+def _paint(img: np.ndarray, entity: Entity, cx: float, cy: float, radius: float, theta: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint ``entity`` centred at (cx, cy) over ``img`` (H, W, 3 float); returns the new image and the
+    object's coverage alpha (H, W) in [0, 1]. Draws the colour jitter from ``rng``."""
+    size = img.shape[0]
     c, s = math.cos(theta), math.sin(theta)
     big = size * _SUPERSAMPLE
     mask_img = Image.new("L", (big, big), 0)
@@ -136,7 +127,24 @@ def render(entity: Entity, *, seed: int | np.random.Generator, size: int = 64,
     colour = np.asarray(COLOURS[entity.colour], dtype=np.float32) + rng.uniform(-18, 18, size=3)
     dark = colour * 0.35
     fill = light[:, :, None] * colour + (1 - light[:, :, None]) * dark
-    img = alpha[:, :, None] * fill + (1 - alpha[:, :, None]) * img
+    return alpha[:, :, None] * fill + (1 - alpha[:, :, None]) * img, alpha
+
+
+def render(entity: Entity, *, seed: int | np.random.Generator, size: int = 64,
+           noise: float = 6.0) -> Rendering:
+    """Draw ``entity`` on a cluttered background.
+
+    Position, scale (object radius 23–29% of the image side), rotation, colour jitter, background
+    and pixel noise (std ``noise`` in 0–255 units) all come from ``seed``. Same seed → same bytes.
+    """
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    img = _background(rng, size)
+    radius = rng.uniform(0.23, 0.29) * size
+    cx, cy = rng.uniform(radius, size - radius, size=2)
+    theta = rng.uniform(0, 2 * math.pi) if entity.shape not in ("circle", "ring") else 0.0
+    img, alpha = _paint(img, entity, cx, cy, radius, theta, rng)
     img = img + rng.normal(0, noise, size=img.shape)
     image = Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8), "RGB")
     mask = alpha >= 0.5
