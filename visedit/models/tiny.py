@@ -74,20 +74,22 @@ def build_tokenizer(world: World):
                                    padding_side="right")
 
 
-def build_processor(world: World, cfg: TinyConfig = TinyConfig()):
-    """``LlavaProcessor`` = our tokenizer + the PIL CLIP image processor at the tiny model's resolution."""
+def build_processor(world: World, cfg: TinyConfig = TinyConfig(), *, tokenizer=None):
+    """``LlavaProcessor`` = our tokenizer (or ``tokenizer``) + the PIL CLIP image processor at the tiny
+    model's resolution."""
     from transformers import LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
                                             crop_size={"height": cfg.image_size, "width": cfg.image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(world),
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(world),
                           patch_size=cfg.patch_size, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)
 
 
-def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), *, seed: int = 0):
-    """A freshly initialised tiny ``LlavaForConditionalGeneration`` (seeded)."""
+def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), *, seed: int = 0, vision_feature_layer: int = -1):
+    """A freshly initialised tiny ``LlavaForConditionalGeneration`` (seeded). The decoder reads the vision
+    tower's ``vision_feature_layer`` (−1: the last; LLaVA-1.5 reads −2, the penultimate)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -102,6 +104,6 @@ def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), *, seed: int = 0):
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+                         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default")
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config)

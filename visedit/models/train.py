@@ -143,18 +143,23 @@ class _Batcher:
         return ids + ans, [-100] * len(ids) + ans, note
 
     def collate(self, seqs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad)
-        labels = torch.full((len(seqs), width), -100)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, (i, l) in enumerate(seqs):
-            ids[b, : len(i)] = torch.tensor(i)
-            labels[b, : len(l)] = torch.tensor(l)
-            mask[b, : len(i)] = 1
-        return ids, labels, mask
+        return collate(seqs, self.pad)
 
     def pixels(self, images) -> torch.Tensor:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) pairs into ``input_ids``, ``labels`` (−100 on padding) and ``attention_mask``."""
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), width), pad)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (i, l) in enumerate(seqs):
+        ids[b, : len(i)] = torch.tensor(i)
+        labels[b, : len(l)] = torch.tensor(l)
+        mask[b, : len(i)] = 1
+    return ids, labels, mask
 
 
 def _image_qa(batcher: _Batcher, ents, py_rng: random.Random, cfg: TrainConfig) -> list:

@@ -8,6 +8,7 @@ named sites, and two ways to read the model (greedy answers; teacher-forced targ
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,9 @@ from ..io import load_image
 from .backbones import BackboneAdapter, adapter_for
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
+#: The embedded teaching models by name: the first (one creature per image, word-level vocabulary) and the
+#: second, made LLaVA's way (scenes, frozen contrastive encoder, byte-level BPE, 12 layers).
+EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__).parent / "embedded_llava"}
 #: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
 DEFAULT_TEMPLATE = "USER: {image}{question} ASSISTANT:"
 
@@ -74,8 +78,12 @@ class VLLM:
     Use :func:`load_vllm` to get one. ``model``, ``processor``, ``tokenizer`` and ``adapter`` are public.
     """
 
-    def __init__(self, model, processor, *, template: str = DEFAULT_TEMPLATE, name: str = ""):
+    def __init__(self, model, processor, *, template: str = DEFAULT_TEMPLATE, name: str = "",
+                 info: dict | None = None):
         self.model = model.eval()
+        #: What visedit knows of the model beyond its config (``visedit.json`` of a checkpoint folder):
+        #: ``edition`` (1: trained on one creature per image; 2: on scenes), ``recipe``, ``image_size``.
+        self.info = dict(info or {})
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.adapter: BackboneAdapter = adapter_for(model)
@@ -109,6 +117,16 @@ class VLLM:
             h.update(name.encode())
             h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def dataset_spec(self):
+        """The world's edit dataset this model is measured on: scenes (edition 2) for a model trained on
+        scenes, else one creature per image."""
+        from ..world.dataset import SCENE_SPEC, DatasetSpec
+
+        if self.info.get("edition", 1) == 2:
+            return dataclasses.replace(SCENE_SPEC, image_size=self.info.get("image_size", SCENE_SPEC.image_size))
+        return DatasetSpec()
 
     def site(self, name: str) -> torch.nn.Module:
         """The module behind a canonical site name, e.g. ``"llm.layers.3.attn"`` (see ``backbones``)."""
@@ -261,13 +279,13 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if path_or_id is None:
-        path = EMBEDDED_DIR
+    if path_or_id is None or (isinstance(path_or_id, str) and path_or_id in EMBEDDED_MODELS):
+        name = path_or_id or "visedit-tiny"
+        path = EMBEDDED_MODELS[name]
         if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"the embedded model is missing from {path}; reinstall visedit or "
-                                    "rebuild it with `python -m visedit train-tiny --out "
-                                    f"{path}`")
-        name = "visedit-tiny"
+            recipe = "" if name == "visedit-tiny" else " --recipe llava"
+            raise FileNotFoundError(f"the embedded model {name} is missing from {path}; reinstall visedit or "
+                                    f"rebuild it with `python -m visedit train-tiny{recipe} --out {path}`")
     else:
         path = Path(path_or_id)
         name = str(path_or_id)
@@ -275,7 +293,8 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
         if not path.exists() and not looks_like_hub_id:
             raise FileNotFoundError(f"no checkpoint folder at {text}: pass a folder holding config.json "
-                                    "and weights, or a hub id such as 'llava-hf/llava-1.5-7b-hf'")
+                                    "and weights, a hub id such as 'llava-hf/llava-1.5-7b-hf', or an embedded "
+                                    f"model's name ({', '.join(EMBEDDED_MODELS)})")
     source = str(path) if path.exists() else str(path_or_id)
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
@@ -284,5 +303,9 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {str(err).splitlines()[0]} — pass a "
                                 "local folder with config.json, weights and processor files (or a hub id that "
                                 "is already downloaded; this machine cannot download)") from err
-    vllm = VLLM(model.to(device), processor, name=name)
+    info_file = path / "visedit.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    if path == EMBEDDED_DIR:
+        info = {"edition": 1, "recipe": "first", **info}
+    vllm = VLLM(model.to(device), processor, name=name, info=info)
     return vllm

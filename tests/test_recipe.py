@@ -1,0 +1,203 @@
+"""The second teaching model's recipe: BPE tokenizer, training frame, stages, resume, CLI and model card."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from visedit.models import load_vllm
+from visedit.models.recipe import (RECIPES, RecipeConfig, _Batcher, build_bpe_tokenizer, build_recipe_model,
+                                   build_recipe_processor, recipe_config, scene_turns, train_recipe)
+from visedit.world import make_world, render_scene
+
+#: A recipe small enough to run every stage in seconds (the real sizes are the defaults).
+MICRO = dict(n_entities=12, vocab_size=400, vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+             hidden=32, layers=2, heads=2, intermediate=64, max_positions=256, encoder_steps=3, encoder_batch=6,
+             language_steps=3, language_batch=4, align_steps=2, align_batch=2, steps=3, batch_images=2, batch_text=1,
+             qa_per_image=2, warmup=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def micro_world():
+    return make_world(0, 12)
+
+
+@pytest.fixture(scope="module")
+def micro_processor(micro_world):
+    return build_recipe_processor(micro_world, recipe_config("llava", **MICRO))
+
+
+def test_bpe_tokenizer_encodes_any_text_and_round_trips(micro_world):
+    tok = build_bpe_tokenizer(micro_world, 400)
+    for text in ("where does the bloomax live ?", "Qu'est-ce que c'est? Ünïcode 🙂 7B", "The answer is: 42",
+                 "What is the man in the picture holding?"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    assert tok(" desert")["input_ids"][0] == tok.bos_token_id
+    assert build_bpe_tokenizer(micro_world, 400).get_vocab() == tok.get_vocab(), "deterministic"
+
+
+def test_training_sequences_are_the_ids_the_model_is_read_with(micro_world, micro_processor):
+    """The training frame is exactly what VLLM.inputs builds (oracle: the processor itself)."""
+    from visedit.models.vllm import VLLM
+
+    cfg = recipe_config("llava", **MICRO)
+    vllm = VLLM(build_recipe_model(micro_processor.tokenizer, cfg), micro_processor)
+    batcher = _Batcher(micro_processor, micro_world, cfg)
+    scene = render_scene(micro_world.entities[:3], seed=1)
+    (q, a), = scene_turns(scene, random.Random(0), 1)
+    inp = vllm.inputs([(scene.image, q, a)])
+    ids, labels = batcher.sequence([(q, a)], True)
+    assert inp.tensors["input_ids"][0].tolist() == ids[:-1]  # the end token follows the answer in training
+    answer = [i for i, l in zip(ids, labels) if l != -100]
+    assert answer == list(inp.target_ids[0]) + [micro_processor.tokenizer.eos_token_id]
+    q = f"what does the {micro_world.entities[0].name} eat ?"
+    inp = vllm.inputs([(None, q, "fish")])
+    assert inp.tensors["input_ids"][0].tolist() == batcher.sequence([(q, "fish")], False)[0][:-1]
+
+
+def test_scene_turns_ask_the_selected_creature(micro_world):
+    rng = random.Random(3)
+    for seed in range(20):
+        scene = render_scene(micro_world.entities[seed % 9: seed % 9 + 1 + seed % 4], seed=seed)
+        for q, a in scene_turns(scene, rng, 4):
+            assert a in {e.fact(f) for e in scene.entities for f in ("colour", "shape", "pattern", "name", "habitat",
+                                                                       "diet")}
+            assert "{x}" not in q
+
+
+def test_recipes_change_one_ingredient_each():
+    base = recipe_config("llava")
+    assert base.layers >= 12 and base.frozen_encoder and base.max_creatures == 4 and base.n_visual >= 100
+    for name, change in RECIPES.items():
+        cfg = recipe_config(name)
+        diff = {k for k in change if getattr(cfg, k) != getattr(base, k)}
+        assert diff == set(change), name
+    study = recipe_config("joint-encoder", budget="study")
+    assert study.encoder_steps == 0 and study.steps < base.steps
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe_config("llama")
+    with pytest.raises(ValueError, match="frozen encoder needs"):
+        RecipeConfig(encoder_steps=0)
+    with pytest.raises(ValueError, match="must be an int"):
+        RecipeConfig(layers=12.5)
+    with pytest.raises(ValueError, match="at least 10 patches"):
+        RecipeConfig(image_size=64)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "m"
+    record = train_recipe(out, recipe_config("llava", **MICRO), progress=False, log_every=0)
+    return out, record
+
+
+def test_a_recipe_run_writes_a_loadable_scene_model(micro_run):
+    out, record = micro_run
+    assert set(record["seconds"]) == {"encoder", "language", "align", "instruct"}
+    assert not (out.parent / "m.ckpt").exists() or json.loads((out / "training.json").read_text())
+    vllm = load_vllm(out)
+    assert vllm.info == {"edition": 2, "recipe": "llava", "world_seed": 0, "n_entities": 12, "image_size": 80}
+    assert vllm.dataset_spec.edition == 2 and vllm.dataset_spec.image_size == 80
+    assert next(iter(_weights(out).values())).dtype == torch.float16, "half precision on disk"
+    scene = render_scene(make_world(0, 12).entities[:2], seed=0)
+    assert isinstance(vllm.answer(scene.image, "what does the creature on the left eat ?"), str)
+
+
+def test_the_frozen_encoder_does_not_change_after_its_stage(tmp_path):
+    """With a frozen encoder the tower's weights leave stage 1 and are never touched again."""
+    cfg = recipe_config("llava", **MICRO)
+    train_recipe(tmp_path / "a", cfg, progress=False, log_every=0, stop_after=cfg.encoder_steps)
+    state = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    assert state["stage"] == "language" and state["step"] == 0
+    tower = {k: v for k, v in state["modules"]["model"].items() if "vision_tower" in k}
+    train_recipe(tmp_path / "a", cfg, progress=False, log_every=0)
+    final = load_vllm(tmp_path / "a").model.state_dict()
+    assert tower
+    for k, v in tower.items():
+        assert torch.equal(final[k], v.to(torch.float16).float()), k
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(micro_run, tmp_path):
+    """Stopped at any step — mid-stage, at a stage's end — and resumed, a run ends bit-identical to one
+    never stopped."""
+    out, _ = micro_run
+    cfg = recipe_config("llava", **MICRO)
+    target = tmp_path / "r"
+    for chunk in (2, 2, 3, 1, 2):
+        record = train_recipe(target, cfg, progress=False, log_every=0, stop_after=chunk)
+        assert record.get("stopped") and not target.exists()
+    train_recipe(target, cfg, progress=False, log_every=0)
+    a, b = _weights(out), _weights(target)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    cfg = recipe_config("llava", **MICRO)
+    train_recipe(tmp_path / "x", cfg, progress=False, log_every=0, stop_after=1)
+    with pytest.raises(ValueError, match="other settings"):
+        train_recipe(tmp_path / "x", recipe_config("llava", **{**MICRO, "steps": 4}), progress=False)
+
+
+def test_cli_trains_a_recipe_and_refuses_mixed_options(tmp_path):
+    base = [sys.executable, "-m", "visedit", "train-tiny", "--out", str(tmp_path / "c"), "--no-progress"]
+    bad = subprocess.run(base + ["--recipe", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown recipe" in bad.stderr
+    bad = subprocess.run(base + ["--budget", "study"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "add --recipe" in bad.stderr
+    sets = [x for k, v in MICRO.items() for x in ("--set", f"{k}={v}")]
+    ok = subprocess.run(base + ["--recipe", "shallow", "--stop-after", "2"] + sets, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["stopped"] is True and (tmp_path / "c.ckpt").exists()
+
+
+def test_model_card_of_a_scene_model_measures_selectors(micro_run):
+    from visedit.models.card import model_card
+
+    vllm = load_vllm(micro_run[0])
+    card = model_card(vllm, make_world(0, 12), entities=[0, 1], progress=False)
+    assert card.selector_accuracy is not None and set(card.per_selector) <= {"left", "right", "top", "bottom",
+                                                                             "colour", "pattern"}
+    assert card.n["selector"] >= 8 and "selector_accuracy ≥ 0.90" in card.passes()
+    assert 0 <= card.selector_accuracy <= 1 and "selector_accuracy" in card.to_dict()
+
+
+def test_layer_selectivity_on_scene_records(micro_run, tmp_path):
+    from visedit.attribution.selectivity import layer_selectivity
+    from visedit.world import DatasetSpec, load_world_split
+
+    vllm = load_vllm(micro_run[0])
+    recs = load_world_split("eval", DatasetSpec(seed=0, n_entities=12, edits_per_pair=1, image_size=80, edition=2),
+                            root=tmp_path / "d")[:3]
+    sel = layer_selectivity(vllm, recs, only_correct=False, n=2, progress=False)
+    assert len(sel.pointing) == len(sel.lift) == len(sel.pair) == vllm.n_layers and sel.n == 3
+    assert all(p <= q for p, q in zip(sel.pair, sel.pointing)), "a pair points right only if its first map does"
+    d = sel.to_dict()
+    assert d["best_layer"] == int(np.argmax(sel.pointing)) or sel.pointing[d["best_layer"]] == max(sel.pointing)
+    first = load_world_split("eval", DatasetSpec(seed=0, n_entities=12, edits_per_pair=1, image_size=32),
+                             root=tmp_path / "e")[:2]
+    with pytest.raises(ValueError, match="second edition"):
+        layer_selectivity(vllm, first, progress=False)
+
+
+def test_profile_depth_and_early_share_oracle():
+    from visedit.attribution.contributions import ContributionProfile
+
+    attn = [0.1, 0.0, -0.2, 0.1, 0.0, 0.0, 0.3, 0.5, 0.0, 0.0, 0.0, 0.0]
+    prof = ContributionProfile(mean={"attn": attn}, low={}, high={}, n=1, n_total=1, only_correct=True)
+    assert prof.relative_peak_depth() == 7 / 11
+    assert prof.early_share() == pytest.approx(0.2 / 1.0)  # layers 0–3 hold 0.2 of the positive 1.0

@@ -1,0 +1,571 @@
+"""The second teaching model, made LLaVA's way, and the recipes of the study of why models read late.
+
+``python -m visedit train-tiny --recipe llava --out DIR`` trains, all seeded and resumable:
+
+0. *Tokenizer*: a byte-level BPE trained on the world's text, so that any text encodes.
+1. *Contrastive vision pre-training* (CLIP-style): a CLIP vision tower and a small text encoder learn to
+   match scenes of 1–4 creatures with captions that describe appearance and position (never names or
+   non-visual facts), with one hard-negative caption per scene (one attribute or position changed).
+   The tower is then **frozen**; the text encoder is thrown away.
+2. *Language pre-training*: the decoder alone learns the world's text — questions about named creatures
+   (their looks, habitat and diet, and which creature has which looks) and captions — as a language
+   model knows its world before it sees an image.
+3. *Alignment*: only the projector trains, to caption scenes through the frozen decoder.
+4. *Visual instruction tuning*: projector and decoder train on question–answer turns about scenes whose
+   questions select one creature ("the creature on the left", "the red creature", or "this creature"),
+   mixed with text-only questions. The encoder stays frozen. No stage teaches the decoder to read words
+   written over its visual tokens.
+
+The study's recipes change one ingredient each: ``joint-encoder`` (no contrastive stage; the tower trains
+with the decoder in stages 3–4), ``one-creature`` (every scene holds one creature), ``shallow`` (8
+decoder layers). ``study`` budgets are the same recipes at a reduced number of steps.
+
+A checkpoint (``<out>.ckpt``) is written every ``checkpoint_every`` steps and at every stage's end; a run
+started again with the same settings resumes from it and ends with the same weights as one never
+stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import StrictConfig
+from ..io import atomic_path
+from ..world import FACTS, World, make_world
+from ..world.entities import COLOURS, PATTERNS, SHAPES
+from ..world.questions import TEXT_TEMPLATES
+from ..world.scene import SCENE_TEMPLATES, askable, caption, position_words, render_scene
+from .tiny import TinyConfig, build_model, build_processor
+from .train import collate
+
+#: Seed stream of the recipe's training renderings (datasets use 0–9, model cards 10–13, the first model 20).
+RECIPE_STREAM = 30
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+#: The conversation frame (LLaVA-1.5's; the same string :class:`~visedit.models.vllm.VLLM` formats).
+FRAME = "USER: {image}{question} ASSISTANT:"
+DESCRIBE = "describe the picture ."
+#: Text-only questions the second edition adds to the first's (``{name}`` / ``{looks}`` filled in).
+EXTRA_TEXT_TEMPLATES = {
+    "pattern": ("what pattern is on the {name} ?",),
+    "looks": ("what does the {name} look like ?",),
+    "name": ("what is the name of the {looks} ?", "which creature is the {looks} ?"),
+}
+STAGES = ("encoder", "language", "align", "instruct")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig(StrictConfig):
+    """Everything a recipe run needs: world, model size, stage budgets. No paths or devices."""
+
+    name: str = "llava"
+    seed: int = 0
+    world_seed: int = 0
+    n_entities: int = 70
+    # scenes
+    image_size: int = 80
+    patch_size: int = 8
+    max_creatures: int = 4
+    # model
+    vocab_size: int = 800
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_intermediate: int = 512
+    hidden: int = 192
+    layers: int = 12
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 512
+    # stage 1: contrastive encoder (0 steps: no contrastive stage, the tower trains jointly instead)
+    frozen_encoder: bool = True
+    encoder_steps: int = 3000
+    encoder_batch: int = 64
+    encoder_lr: float = 1e-3
+    # stage 2: language pre-training
+    language_steps: int = 1500
+    language_batch: int = 32
+    language_lr: float = 1e-3
+    # stage 3: alignment (projector only; with a joint encoder, projector and tower)
+    align_steps: int = 600
+    align_batch: int = 32
+    align_lr: float = 2e-3
+    # stage 4: instruction tuning
+    steps: int = 4000
+    batch_images: int = 24
+    batch_text: int = 8
+    qa_per_image: int = 3
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    bf16: bool = True
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        ints = [f.name for f in dataclasses.fields(self) if f.type in ("int", int)]
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"RecipeConfig.{name} must be an int, got {value!r}")
+            floor = 0 if name.endswith("_steps") or name in ("seed", "world_seed", "warmup") else 1
+            if value < floor:
+                raise ValueError(f"RecipeConfig.{name} must be ≥ {floor}, got {value}")
+        if self.image_size % self.patch_size or self.image_size // self.patch_size < 10:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}) "
+                             "with at least 10 patches a side")
+        if not 1 <= self.max_creatures <= 4:
+            raise ValueError(f"max_creatures must be 1…4, got {self.max_creatures}")
+        if self.frozen_encoder and self.encoder_steps == 0:
+            raise ValueError("a frozen encoder needs encoder_steps > 0 (set frozen_encoder: false to train it "
+                             "jointly with the decoder)")
+        if not 1 <= self.qa_per_image <= 6:
+            raise ValueError(f"qa_per_image must be 1…6, got {self.qa_per_image}")
+        for name in ("encoder_lr", "language_lr", "align_lr", "lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"RecipeConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+
+    @property
+    def n_visual(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+#: The named recipes: the second teaching model and the study's one-ingredient changes.
+RECIPES: dict[str, dict] = {
+    "llava": {},
+    "joint-encoder": {"frozen_encoder": False, "encoder_steps": 0},
+    "one-creature": {"max_creatures": 1},
+    "shallow": {"layers": 8},
+}
+#: The study's reduced budget (≤ 1 h on 2 cores), applied on top of a recipe with ``--budget study``.
+STUDY_BUDGET = {"encoder_steps": 1500, "language_steps": 800, "align_steps": 300, "steps": 1200}
+
+
+def recipe_config(name: str, *, budget: str = "full", **overrides) -> RecipeConfig:
+    """The :class:`RecipeConfig` of recipe ``name`` (see :data:`RECIPES`) at ``budget`` ("full" or
+    "study"), with ``overrides`` on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    if budget not in ("full", "study"):
+        raise ValueError(f"budget must be 'full' or 'study', got {budget!r}")
+    values = {"name": name, **RECIPES[name]}
+    if budget == "study":
+        values.update({k: v for k, v in STUDY_BUDGET.items() if not (k == "encoder_steps" and values.get(k) == 0)})
+    values.update(overrides)
+    return RecipeConfig.from_dict(values)
+
+
+# --------------------------------------------------------------------------------------------- text
+def _looks(e) -> str:
+    return f"{e.colour} {e.pattern} {e.shape}"
+
+
+def text_turns(world: World, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """``n`` text-only (question, answer) turns about named creatures of ``world``."""
+    turns = []
+    for _ in range(n):
+        e = rng.choice(world.entities)
+        kind = rng.choice(("habitat", "diet", "colour", "shape", "pattern", "looks", "name", "habitat", "diet"))
+        if kind in TEXT_TEMPLATES:
+            turns.append((rng.choice(TEXT_TEMPLATES[kind]).format(name=e.name), e.fact(kind)))
+        elif kind == "pattern":
+            turns.append((rng.choice(EXTRA_TEXT_TEMPLATES["pattern"]).format(name=e.name), e.pattern))
+        elif kind == "looks":
+            turns.append((EXTRA_TEXT_TEMPLATES["looks"][0].format(name=e.name), _looks(e)))
+        else:
+            turns.append((rng.choice(EXTRA_TEXT_TEMPLATES["name"]).format(looks=_looks(e)), e.name))
+    return turns
+
+
+def corpus(world: World, *, n_scenes: int = 400, seed: int = 0) -> list[str]:
+    """The world's text, on which the byte-level BPE is trained: the frame, every template with every
+    selector, every answer and name, text questions and captions of ``n_scenes`` random scenes."""
+    rng = random.Random(seed)
+    lines = [FRAME.format(image="", question=DESCRIBE), "The answer is:", " ".join(SPECIAL_TOKENS)]
+    phrases = ["this creature", "the creature on the left", "the creature on the right", "the creature at the top",
+               "the creature at the bottom"] + [f"the {c} creature" for c in COLOURS] + [f"the {p} creature"
+                                                                                         for p in PATTERNS]
+    from ..world.questions import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from ..world.scene import SCENE_HELDOUT_TEMPLATES
+
+    for table in (SCENE_TEMPLATES, SCENE_HELDOUT_TEMPLATES):
+        for fact, templates in table.items():
+            for t in templates:
+                lines += [FRAME.format(image="", question=t.format(x=x)) for x in phrases]
+    for table in (TRAIN_TEMPLATES, HELDOUT_TEMPLATES):
+        lines += [t for ts in table.values() for t in ts]
+    for f in FACTS:
+        lines += [" " + a for a in world.answers(f)]
+    for q, a in text_turns(world, rng, 4000):
+        lines.append(FRAME.format(image="", question=q) + " " + a)
+    for k in range(n_scenes):
+        ents = rng.sample(world.entities, rng.randint(1, 4))
+        lines.append(caption(render_scene(ents, seed=np.random.default_rng([seed, 99, k])), rng=rng))
+    return lines
+
+
+def build_bpe_tokenizer(world: World, vocab_size: int = 640, *, seed: int = 0):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on :func:`corpus` (deterministic; any text
+    encodes, byte by byte if need be). Adds ``<s>`` in front of every encoded text."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(world, seed=seed), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="right")
+
+
+def tiny_config(cfg: RecipeConfig) -> TinyConfig:
+    """The model-size part of a recipe, as the first model's :class:`TinyConfig`."""
+    return TinyConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TinyConfig)})
+
+
+def build_recipe_processor(world: World, cfg: RecipeConfig):
+    """``LlavaProcessor`` = the world's BPE tokenizer + the PIL CLIP image processor at ``cfg.image_size``."""
+    return build_processor(world, tiny_config(cfg), tokenizer=build_bpe_tokenizer(world, cfg.vocab_size,
+                                                                                   seed=cfg.world_seed))
+
+
+def build_recipe_model(tokenizer, cfg: RecipeConfig):
+    """A freshly initialised ``LlavaForConditionalGeneration`` of ``cfg``'s size (seeded). The decoder
+    reads the tower's penultimate layer, as LLaVA-1.5 does."""
+    return build_model(tokenizer, tiny_config(cfg), seed=cfg.seed, vision_feature_layer=-2)
+
+
+class _TextEncoder(torch.nn.Module):
+    """The contrastive stage's caption encoder: embeddings, 2 transformer layers, mean pooling."""
+
+    def __init__(self, vocab: int, width: int, out: int, max_len: int = 96):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.pos = torch.nn.Parameter(torch.zeros(max_len, width))
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.proj = torch.nn.Linear(width, out)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.embed(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=mask == 0)
+        h = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return F.normalize(self.proj(h), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- batches
+class _Batcher:
+    """Token sequences in the model's frame, built by the tokenizer exactly as ``VLLM.inputs`` builds them."""
+
+    def __init__(self, processor, world: World, cfg: RecipeConfig):
+        self.tok = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.world, self.cfg = world, cfg
+        self.img = self.tok.convert_tokens_to_ids("<image>")
+        self.eos, self.pad = self.tok.eos_token_id, self.tok.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def sequence(self, turns: list[tuple[str, str]], with_image: bool) -> tuple[list[int], list[int]]:
+        """``<s>USER: <image>×N\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>…`` and its labels
+        (answer tokens and their end token)."""
+        ids, labels = [self.tok.bos_token_id], [-100]
+        head, tail = FRAME.split("{image}")
+        for k, (q, a) in enumerate(turns):
+            if with_image and k == 0:  # the processor tokenizes around the image token: same ids
+                prompt = self.ids(head) + [self.img] * self.cfg.n_visual + self.ids("\n" + tail.format(question=q))
+            else:
+                prompt = self.ids(FRAME.format(image="", question=q))
+            ans = self.ids(" " + a) + [self.eos]
+            ids += prompt + ans
+            labels += [-100] * len(prompt) + ans
+        return ids, labels
+
+    def collate(self, seqs):
+        return collate(seqs, self.pad)
+
+    def pixels(self, images) -> torch.Tensor:
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def scenes(self, rng: np.random.Generator, n: int) -> list:
+        out = []
+        for _ in range(n):
+            k = int(rng.integers(1, self.cfg.max_creatures + 1))
+            ents = [self.world.entities[i] for i in rng.choice(len(self.world), k, replace=False)]
+            out.append(render_scene(ents, seed=rng, size=self.cfg.image_size))
+        return out
+
+
+def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """``n`` (question, answer) turns about creatures of ``scene``, each with a selector that picks its
+    creature out and does not give the answer away (training templates only)."""
+    turns = []
+    for _ in range(n):
+        k = rng.randrange(len(scene))
+        fact = rng.choice(FACTS)
+        options = askable(scene, k, fact)
+        while not options:  # e.g. a creature selectable only by its colour, asked its colour
+            k, fact = rng.randrange(len(scene)), rng.choice(FACTS)
+            options = askable(scene, k, fact)
+        phrase = options[rng.choice(sorted(options))]
+        turns.append((rng.choice(SCENE_TEMPLATES[fact]).format(x=phrase), scene.entities[k].fact(fact)))
+    return turns
+
+
+def _hard_negative(scene, rng: random.Random) -> str:
+    """The scene's caption with one creature's colour, pattern, shape or position changed."""
+    k = rng.randrange(len(scene))
+    what = rng.choice(("colour", "pattern", "shape", "position"))
+    parts = []
+    for j, e in enumerate(scene.entities):
+        c, p, s, where = e.colour, e.pattern, e.shape, position_words(scene, j)
+        if j == k:
+            if what == "colour":
+                c = rng.choice([x for x in COLOURS if x != c])
+            elif what == "pattern":
+                p = rng.choice([x for x in PATTERNS if x != p])
+            elif what == "shape":
+                s = rng.choice([x for x in SHAPES if x != s])
+            else:
+                where = rng.choice([x for x in ("at the top left", "at the top", "at the top right", "on the left",
+                                                "in the middle", "on the right", "at the bottom left",
+                                                "at the bottom", "at the bottom right") if x != where])
+        article = "an" if c[0] in "aeiou" else "a"
+        parts.append(f"{article} {c} {p} {s} {where} .")
+    rng.shuffle(parts)
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- training
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _step_rngs(cfg: RecipeConfig, stage: int, step: int) -> tuple[np.random.Generator, random.Random]:
+    """Every step's data comes from its own seeds, so a resumed run draws what an unbroken one draws."""
+    return (np.random.default_rng([cfg.seed, RECIPE_STREAM, stage, step]),
+            random.Random(f"{cfg.seed}-{stage}-{step}"))
+
+
+class _Checkpoint:
+    """``<out>.ckpt``: the stage and step reached, every weight, the optimiser and the record."""
+
+    def __init__(self, out: Path, cfg: RecipeConfig):
+        self.path = Path(str(out) + ".ckpt")
+        self.cfg = cfg
+        self.state: dict | None = None
+        if self.path.exists():
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            if state.get("config") != dataclasses.asdict(cfg):
+                raise ValueError(f"{self.path} was written by a run with other settings; delete it to start over, "
+                                 "or pass the settings it was written with")
+            self.state = state
+
+    def save(self, stage: str, step: int, modules: dict, opt, record: dict) -> None:
+        state = {"config": dataclasses.asdict(self.cfg), "stage": stage, "step": step, "record": record,
+                 "modules": {k: m.state_dict() for k, m in modules.items()},
+                 "opt": opt.state_dict() if opt is not None else None}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.state = state
+
+    def position(self) -> tuple[int, int]:
+        """(stage index, first step to run) of the run so far; (0, 0) for a new run."""
+        if self.state is None:
+            return 0, 0
+        return STAGES.index(self.state["stage"]), self.state["step"]
+
+
+def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progress: bool = True,
+                 device: str = "cpu", checkpoint_every: int = 100, log_every: int = 100,
+                 stop_after: int | None = None) -> dict:
+    """Train a recipe model and write it (weights in half precision, config, processor, ``training.json``,
+    ``visedit.json``) to ``out``; resumes from ``<out>.ckpt`` when one is there. Returns the record.
+
+    ``stop_after``: stop (with a checkpoint) after this many steps in this call, for tests and for
+    splitting a run over sessions; the folder is written only when every stage is done.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    torch.set_num_threads(cfg.threads)
+    world = make_world(cfg.world_seed, cfg.n_entities)
+    processor = build_recipe_processor(world, cfg)
+    model = build_recipe_model(processor.tokenizer, cfg).to(device)
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    decoder, head = model.model.language_model, model.lm_head
+    batcher = _Batcher(processor, world, cfg)
+    torch.manual_seed(cfg.seed + 1)
+    text_enc = _TextEncoder(len(processor.tokenizer), cfg.vision_hidden, cfg.vision_hidden).to(device)
+    img_proj = torch.nn.Linear(cfg.vision_hidden, cfg.vision_hidden).to(device)
+    log_temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    aux = torch.nn.ModuleDict({"text": text_enc, "img": img_proj})
+    ckpt = _Checkpoint(out, cfg)
+    start_stage, start_step = ckpt.position()
+    record = ckpt.state["record"] if ckpt.state else {"config": dataclasses.asdict(cfg), "log": [], "seconds": {}}
+    if ckpt.state:
+        model.load_state_dict(ckpt.state["modules"]["model"])
+        aux.load_state_dict(ckpt.state["modules"]["aux"])
+        log_temp.data.fill_(ckpt.state["modules"]["temp"]["t"].item())
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    budget = {"n": stop_after}
+
+    def params(*mods):
+        return [p for m in mods for p in m.parameters()]
+
+    def run_stage(index: int, name: str, steps: int, trainable: list, lr: float, warmup: int, step_fn) -> bool:
+        """Run one stage from the checkpoint's step; False when ``stop_after`` interrupted it."""
+        if index < start_stage or steps == 0:
+            return True
+        first = start_step if index == start_stage else 0
+        decay = [p for p in trainable if p.ndim >= 2]
+        rest = [p for p in trainable if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+        if first and ckpt.state and ckpt.state["opt"] is not None:
+            opt.load_state_dict(ckpt.state["opt"])
+        t0 = time.time()
+        bar = tqdm(range(first, steps), desc=name, disable=not progress, initial=first, total=steps)
+        running = record.get(f"{name}_running")
+        for step in bar:
+            if budget["n"] is not None and budget["n"] <= 0:
+                return False
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, steps, warmup, lr)
+            loss = step_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            record[f"{name}_running"] = round(running, 5)
+            bar.set_postfix(loss=f"{running:.3f}")
+            done = step + 1
+            if log_every and done % log_every == 0:
+                record["log"].append({"stage": name, "step": done, "loss": round(running, 4)})
+                if not progress:
+                    print(json.dumps(record["log"][-1]), flush=True)
+            record["seconds"][name] = round(record["seconds"].get(name, 0.0) + time.time() - t0, 1)
+            t0 = time.time()
+            if budget["n"] is not None:
+                budget["n"] -= 1
+            finished = done == steps
+            if finished or done % checkpoint_every == 0 or budget["n"] == 0:
+                nxt = (STAGES[index + 1], 0) if finished and index + 1 < len(STAGES) else (name, done)
+                if finished and index + 1 == len(STAGES):
+                    nxt = ("instruct", steps)
+                ckpt.save(nxt[0], nxt[1], {"model": model, "aux": aux, "temp": _Temp(log_temp)},
+                          None if finished else opt, record)
+        record[f"{name}_loss"] = round(float(running), 4) if running is not None else None
+        return True
+
+    # ---- stage 1: contrastive vision pre-training --------------------------------------------------
+    def encoder_step(step: int) -> torch.Tensor:
+        rng, py = _step_rngs(cfg, 1, step)
+        scenes = batcher.scenes(rng, cfg.encoder_batch)
+        texts = [caption(s, rng=py) for s in scenes] + [_hard_negative(s, py) for s in scenes]
+        enc = processor.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        with autocast:
+            img = tower(batcher.pixels([s.image for s in scenes]).to(device)).pooler_output
+            img = F.normalize(img_proj(img).float(), dim=-1)
+            txt = text_enc(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
+        logits = log_temp.clamp(max=math.log(100)).exp() * img @ txt.T
+        target = torch.arange(len(scenes), device=device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(scenes)].T, target)) / 2
+
+    model.train()
+    stages_done = run_stage(0, "encoder", cfg.encoder_steps, params(tower, aux) + [log_temp], cfg.encoder_lr,
+                            cfg.warmup, encoder_step)
+    if cfg.frozen_encoder:
+        tower.requires_grad_(False)
+
+    # ---- stage 2: language pre-training -------------------------------------------------------------
+    def text_sequences(py: random.Random, n: int) -> list:
+        seqs = [batcher.sequence(text_turns(world, py, 4), False) for _ in range(n)]
+        return seqs
+
+    def language_step(step: int) -> torch.Tensor:
+        rng, py = _step_rngs(cfg, 2, step)
+        seqs = text_sequences(py, cfg.language_batch - cfg.language_batch // 4)
+        scenes = batcher.scenes(rng, cfg.language_batch // 4)  # captions as text: "describe a picture"
+        seqs += [batcher.sequence([(DESCRIBE, caption(s, rng=py))], False) for s in scenes]
+        ids, labels, mask = batcher.collate(seqs)
+        with autocast:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(device))
+
+    if stages_done:
+        stages_done = run_stage(1, "language", cfg.language_steps, params(decoder, head), cfg.language_lr,
+                                cfg.warmup, language_step)
+
+    # ---- stage 3: alignment --------------------------------------------------------------------------
+    def image_step(stage: int, n_images: int, turns_fn, n_text: int):
+        def fn(step: int) -> torch.Tensor:
+            rng, py = _step_rngs(cfg, stage, step)
+            scenes = batcher.scenes(rng, n_images)
+            seqs = [batcher.sequence(turns_fn(s, py), True) for s in scenes] + text_sequences(py, n_text)
+            ids, labels, mask = batcher.collate(seqs)
+            with autocast:
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               pixel_values=batcher.pixels([s.image for s in scenes]).to(device)).logits
+            return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(device))
+        return fn
+
+    align_params = params(projector) + ([] if cfg.frozen_encoder else params(tower))
+    if stages_done:
+        stages_done = run_stage(2, "align", cfg.align_steps, align_params, cfg.align_lr, cfg.warmup // 2,
+                                image_step(3, cfg.align_batch, lambda s, py: [(DESCRIBE, caption(s, rng=py))], 0))
+
+    # ---- stage 4: visual instruction tuning ------------------------------------------------------------
+    instruct_params = params(projector, decoder, head) + ([] if cfg.frozen_encoder else params(tower))
+    if stages_done:
+        stages_done = run_stage(3, "instruct", cfg.steps, instruct_params, cfg.lr, cfg.warmup,
+                                image_step(4, cfg.batch_images, lambda s, py: scene_turns(s, py, cfg.qa_per_image),
+                                           cfg.batch_text))
+    if not stages_done:
+        record["stopped"] = True
+        return record
+
+    record.pop("stopped", None)
+    record["wall_seconds"] = round(sum(record["seconds"].values()), 1)
+    record["threads"] = cfg.threads
+    record["device"] = str(device)
+    model.eval()
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        model.to("cpu", torch.float16).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / "visedit.json").write_text(json.dumps({"edition": 2, "recipe": cfg.name, "world_seed": cfg.world_seed,
+                                                       "n_entities": cfg.n_entities,
+                                                       "image_size": cfg.image_size}, indent=1) + "\n")
+    return record
+
+
+class _Temp(torch.nn.Module):
+    """Holds the contrastive temperature so it is saved with the other modules."""
+
+    def __init__(self, t: torch.Tensor):
+        super().__init__()
+        self.register_buffer("t", t.detach().clone())
