@@ -7,9 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+MODEL_HELP = ("a checkpoint folder, or an embedded model's name: visedit-tiny (the default) or visedit-llava "
+              "(the second teaching model)")
+
 
 def _train_tiny(args) -> int:
     import yaml
+
+    if args.recipe is not None:
+        return _train_recipe(args)
+    if args.budget != "full" or args.set or args.device != "cpu":
+        raise ValueError("--budget, --set and --device apply to a recipe: add --recipe llava (or another recipe)")
 
     from .models.tiny import TinyConfig
     from .models.train import TrainConfig, train_tiny
@@ -25,6 +33,24 @@ def _train_tiny(args) -> int:
     record = train_tiny(args.out, cfg, tiny, progress=not args.no_progress, start_from=args.start_from)
     print(json.dumps({"out": str(args.out), "wall_seconds": record["wall_seconds"],
                       "final_loss": record["final_loss"], "context_loss": record.get("context_loss")}, indent=1))
+    return 0
+
+
+def _train_recipe(args) -> int:
+    from .models.recipe import recipe_config, train_recipe
+
+    if args.config or args.start_from:
+        raise ValueError("--config and --start-from belong to the first model's training; with --recipe use "
+                         "--set KEY=VALUE and --budget")
+    overrides = dict(_set_items(args))
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = recipe_config(args.recipe, budget=args.budget, **overrides)
+    record = train_recipe(args.out, cfg, progress=not args.no_progress, device=args.device,
+                          stop_after=args.stop_after)
+    print(json.dumps({"out": str(args.out), "recipe": cfg.name, "stopped": bool(record.get("stopped")),
+                      "wall_seconds": record.get("wall_seconds"), "seconds": record["seconds"],
+                      "instruct_loss": record.get("instruct_loss")}, indent=1))
     return 0
 
 
@@ -58,15 +84,16 @@ def _contributions(args) -> int:
     from tqdm.auto import tqdm
 
     from .attribution import contribution_profile, integrated_gradients, token_allocation
+    from .editing.vead.editor import choose_edit_layer
     from .models import load_vllm
     from .world import load_world_split
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     vllm = load_vllm(args.model)
-    records = load_world_split("eval", progress=not args.json)
+    records = load_world_split("eval", vllm.dataset_spec, progress=not args.json)
     if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
-        records = records[: args.limit]
+        records = _spread(records, args.limit) if args.spread else records[: args.limit]
     profile = contribution_profile(vllm, records, only_correct=True, progress=not args.json)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
     alloc_err, ig_delta = 0.0, 0.0
@@ -77,8 +104,10 @@ def _contributions(args) -> int:
             ig_delta = max(ig_delta, ig.relative_delta)
     out = {**{k: [round(x, 6) for x in v] for k, v in profile.mean.items()}, "low": profile.low, "high": profile.high,
            "n": profile.n, "n_total": profile.n_total, "layer": layer, "peak_attn": profile.peak("attn"),
-           "peak_mlp": profile.peak("mlp"), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
-           "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records))}
+           "peak_mlp": profile.peak("mlp"), "attention_peak_relative_depth": round(profile.relative_peak_depth("attn"), 4),
+           "early_share": round(profile.early_share("attn"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
+           "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records)),
+           "choose_edit_layer": choose_edit_layer(vllm, load_world_split("train", vllm.dataset_spec, progress=False))}
     print(json.dumps(out, indent=1) if args.json else json.dumps(out))
     return 0
 
@@ -86,7 +115,7 @@ def _contributions(args) -> int:
 def _correct_eval_records(vllm, limit: int | None, progress: bool):
     from .world import load_world_split
 
-    records = load_world_split("eval", progress=progress)
+    records = load_world_split("eval", vllm.dataset_spec, progress=progress)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {limit}")
     out = []
@@ -113,9 +142,21 @@ def _regions(args) -> int:
     from .bench import region_scores
     from .models import load_vllm
 
+    from .attribution.selectivity import layer_selectivity
+    from .world import load_world_split
+
+    if args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     vllm = load_vllm(args.model)
-    records = _correct_eval_records(vllm, args.limit, progress=not args.json)
-    result = region_scores(vllm, records, progress=not args.json)
+    result = {}
+    if args.methods in ("all", "masks"):
+        records = _correct_eval_records(vllm, args.limit, progress=not args.json)
+        result = region_scores(vllm, records, progress=not args.json)
+    if vllm.dataset_spec.edition == 2 and args.methods in ("all", "selectivity"):
+        records = _spread(load_world_split("eval", vllm.dataset_spec, progress=not args.json), args.selectivity_limit)
+        result["selectivity"] = layer_selectivity(vllm, records, progress=not args.json).to_dict()
+    elif args.methods == "selectivity":
+        raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
     print(json.dumps(result, indent=1) if args.json else json.dumps(result))
     return 0
 
@@ -326,10 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--start-from", type=Path, default=None,
                    help="a train-tiny folder with the same settings but context_steps 0: run stage 3 only")
+    p.add_argument("--recipe", default=None,
+                   help="train a model made LLaVA's way instead: llava (the second teaching model), or a study "
+                   "recipe (joint-encoder, one-creature, shallow); resumes from OUT.ckpt")
+    p.add_argument("--budget", choices=("full", "study"), default="full", help="with --recipe: the step budget")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --recipe: change any recipe setting, e.g. --set steps=2000 (repeatable)")
+    p.add_argument("--device", default="cpu", help="with --recipe: cpu, cuda, cuda:1 … (a GPU is never required)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="with --recipe: stop after this many steps (a checkpoint is kept; run again to go on)")
     p.set_defaults(func=_train_tiny)
 
     p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--renders", type=int, default=1, help="renderings per entity")
     p.add_argument("--json", action="store_true")
@@ -341,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_dataset)
 
     p = sub.add_parser("contributions", help="module contributions, per-token allocation and IG on the eval split")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--limit", type=int, default=None, help="use the first N eval records")
+    p.add_argument("--spread", action="store_true", help="with --limit: N records spread over the split")
     p.add_argument("--layer", type=int, default=None, help="layer for allocation and IG (default: attention peak)")
     p.add_argument("--ig-limit", type=int, default=8, help="records that also get allocation and IG")
     p.add_argument("--ig-steps", type=int, default=64)
@@ -351,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print ratios (speed goals live here, not in tests)")
     p.add_argument("what", choices=["tracing"], help="tracing: batched noise perturbation vs the reference loop")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--radius", type=int, default=1)
     p.add_argument("--n", type=int, default=10)
@@ -359,14 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("regions", help="score every heatmap method against ground-truth object masks")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--limit", type=int, default=30, help="correctly answered eval records to use")
+    p.add_argument("--methods", choices=("all", "masks", "selectivity"), default="all",
+                   help="masks: every heatmap method scored on the object masks; selectivity (scene models): noise "
+                   "maps per layer on the asked-about creature, and pairs of questions about one image")
+    p.add_argument("--selectivity-limit", type=int, default=48,
+                   help="eval records (spread over the split) for the selectivity scores")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
 
     p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor")
     p.add_argument("--editor", required=True, choices=_all_editors(), help="which editor")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the world's dataset")
     p.add_argument("--data", default=None, help="an MMEdit-schema JSON file instead (e.g. E-VQA's)")
     p.add_argument("--image-root", default=None, help="folder that --data's image paths are relative to")
@@ -383,13 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", required=True, choices=_all_editors())
     p.add_argument("--grid", required=True, help='JSON object, e.g. \'{"layer": [2, 4, 6], "lr": [1e-3, 1e-4]}\'')
     p.add_argument("--limit", type=int, default=40, help="train edits to score each setting on (spread over the split)")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("train-vead", help="train VisEdit's VEAD on the train split (seeded, resumable)")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically; resumes if interrupted)")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--config", default=None, help="YAML with VEAD settings (default: presets/vead.yaml)")
     p.add_argument("--layer", type=int, default=None, help="l_e (default: the preset's, or chosen from the "
                    "contribution profile for another --model)")
@@ -413,13 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vead_options(p, "each layer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--config", default=None)
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sweep_vead)
 
     p = sub.add_parser("train-mend", help="train MEND's editor networks on the train split")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--config", default=None, help="YAML with MEND settings (default: presets/mend.yaml)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -112,6 +112,17 @@ class ContributionProfile:
         """Layer with the largest mean contribution for ``key``."""
         return int(np.argmax(self.mean[key]))
 
+    def relative_peak_depth(self, key: str = "attn") -> float:
+        """The peak layer ÷ (L − 1): 0 reads the image at the first layer, 1 at the last (LLaVA-1.5: 28/31)."""
+        L = len(self.mean[key])
+        return self.peak(key) / (L - 1) if L > 1 else 0.0
+
+    def early_share(self, key: str = "attn") -> float:
+        """The first third of the layers' (l < L/3) share of the total positive mean contribution."""
+        pos = np.clip(np.asarray(self.mean[key], dtype=float), 0, None)
+        early = pos[: int(np.ceil(len(pos) / 3))]
+        return float(early.sum() / pos.sum()) if pos.sum() > 0 else 0.0
+
     def plot(self, *, method: str = "paper"):
         keys = ("attn", "mlp") if method == "paper" else ("dla_attn", "dla_mlp")
         return layer_bars({"attention": self.mean[keys[0]], "MLP": self.mean[keys[1]]},

@@ -109,3 +109,36 @@ def heatmap_grid(heatmaps: Sequence[np.ndarray], titles: Sequence[str], *, image
     fig.update_annotations(font_size=11)
     fig.update_layout(height=rows * size + 50, width=cols * size + 60, margin=dict(l=5, r=5, t=40, b=5))
     return fig
+
+
+def selectivity_figure(sel, *, title: str | None = None):
+    """Pointing game, lift and pair score of noise maps on the queried creature, per layer (a
+    :class:`~visedit.attribution.selectivity.LayerSelectivity`)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = list(range(len(sel.pointing)))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=layers, y=sel.pointing, name="pointing game", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=layers, y=sel.pair, name="both questions point right", mode="lines+markers"))
+    fig.add_trace(go.Bar(x=layers, y=sel.lift, name="lift (right axis)", opacity=0.3), secondary_y=True)
+    fig.update_layout(title=title or f"Noise maps on the asked-about creature (n = {sel.n})", height=360,
+                      xaxis_title="layer", yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title_text="share of records", secondary_y=False)
+    fig.update_yaxes(title_text="lift", secondary_y=True)
+    return fig
+
+
+def read_depth_figure(rows: Sequence[dict]):
+    """The study's summary: for each recipe, the relative depth of the attention-contribution peak and the
+    early layers' share of the contribution (``rows``: dicts with ``recipe``, ``attention_peak_relative_depth``
+    and ``early_share``)."""
+    import plotly.graph_objects as go
+
+    names = [r["recipe"] for r in rows]
+    fig = go.Figure([go.Bar(x=names, y=[r["attention_peak_relative_depth"] for r in rows],
+                            name="attention peak ÷ (L − 1)"),
+                     go.Bar(x=names, y=[r["early_share"] for r in rows], name="share of the first third")])
+    fig.update_layout(barmode="group", yaxis_range=[0, 1.02], height=340,
+                      title="Where does each model read its image?", legend=dict(orientation="h", y=-0.2))
+    return fig
