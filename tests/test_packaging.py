@@ -45,6 +45,6 @@ def test_no_virtualenv_build_output_or_cache_is_tracked():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    bad = [p for p in tracked if p.split("/")[0] in (".venv", "_build", ".pytest_cache", ".reproduce")
+    bad = [p for p in tracked if p.split("/")[0] in (".venv", "_build", ".pytest_cache", ".reproduce", ".hypothesis")
            or "__pycache__" in p.split("/") or p.endswith(".pyc")]
     assert not bad, f"tracked files that must not be committed: {bad[:10]}"

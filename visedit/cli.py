@@ -58,7 +58,7 @@ def _model_card(args) -> int:
     from .models import load_vllm
     from .models.card import model_card
 
-    card = model_card(load_vllm(args.model), seed=args.seed, renders=args.renders, progress=not args.json)
+    card = model_card(load_vllm(args.model), seed=args.seed, renders=args.renders, progress=True)
     if args.json:
         print(json.dumps(card.to_dict(), indent=1))
     else:
@@ -88,16 +88,15 @@ def _contributions(args) -> int:
     from .models import load_vllm
     from .world import load_world_split
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    _check_limit(args.limit)
     vllm = load_vllm(args.model)
-    records = load_world_split("eval", vllm.dataset_spec, progress=not args.json)
+    records = load_world_split("eval", vllm.dataset_spec, progress=True)
     if args.limit is not None:
         records = _spread(records, args.limit) if args.spread else records[: args.limit]
-    profile = contribution_profile(vllm, records, only_correct=True, progress=not args.json)
+    profile = contribution_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
     alloc_err, ig_delta = 0.0, 0.0
-    for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG", disable=args.json)):
+    for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG")):
         alloc_err = max(alloc_err, token_allocation(vllm, rec.image, rec.src, layer=layer).max_error)
         for where in (None, layer):
             ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps)
@@ -112,12 +111,16 @@ def _contributions(args) -> int:
     return 0
 
 
+def _check_limit(limit: int | None, least: int = 1) -> None:
+    if limit is not None and limit < least:
+        raise ValueError(f"--limit must be ≥ {least}, got {limit}")
+
+
 def _correct_eval_records(vllm, limit: int | None, progress: bool):
     from .world import load_world_split
 
+    _check_limit(limit)
     records = load_world_split("eval", vllm.dataset_spec, progress=progress)
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be ≥ 1, got {limit}")
     out = []
     for rec in records:
         if vllm.score(rec.image, rec.src, rec.pred).exact:
@@ -145,16 +148,15 @@ def _regions(args) -> int:
     from .attribution.selectivity import layer_selectivity
     from .world import load_world_split
 
-    if args.limit < 1:
-        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    _check_limit(args.limit)
     vllm = load_vllm(args.model)
     result = {}
     if args.methods in ("all", "masks"):
-        records = _correct_eval_records(vllm, args.limit, progress=not args.json)
-        result = region_scores(vllm, records, progress=not args.json)
+        records = _correct_eval_records(vllm, args.limit, progress=True)
+        result = region_scores(vllm, records, progress=True)
     if vllm.dataset_spec.edition == 2 and args.methods in ("all", "selectivity"):
-        records = _spread(load_world_split("eval", vllm.dataset_spec, progress=not args.json), args.selectivity_limit)
-        result["selectivity"] = layer_selectivity(vllm, records, progress=not args.json).to_dict()
+        records = _spread(load_world_split("eval", vllm.dataset_spec, progress=True), args.selectivity_limit)
+        result["selectivity"] = layer_selectivity(vllm, records, progress=True).to_dict()
     elif args.methods == "selectivity":
         raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
     print(json.dumps(result, indent=1) if args.json else json.dumps(result))
@@ -167,31 +169,62 @@ def _spread(records: list, limit: int) -> list:
 
 
 def _records(args, progress: bool):
+    """The records ``evaluate`` runs on, checked before any model loads: ``--limit``, ``--data`` (a file),
+    ``--image-root`` (a folder) and every record's image files."""
+    from .evaluation import check_records
     from .world import load_mmedit, load_world_split
 
+    _check_limit(args.limit)
     if args.data is not None:
-        records = load_mmedit(args.data, image_root=args.image_root)
+        data = Path(args.data)
+        if data.is_dir():
+            found = ", ".join(sorted(p.name for p in data.glob("*.json"))[:5]) or "none there"
+            raise ValueError(f"--data {data} is a folder: pass an MMEdit JSON file (JSON files in it: {found})")
+        if args.image_root is not None and not Path(args.image_root).is_dir():
+            raise FileNotFoundError(f"--image-root {args.image_root} is not a folder: pass the folder that "
+                                    "--data's image paths are relative to")
+        records = load_mmedit(data, image_root=args.image_root)
     else:
+        if args.image_root is not None:
+            raise ValueError("--image-root only applies to --data: pass both, or neither for the world's split")
         records = load_world_split(args.split, progress=progress)
     if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
         records = records[: args.limit]
+    check_records(records, image_root_hint="--image-root")
     return records
 
 
+def _resume_command(args, out: Path) -> str:
+    """The command line that resumes an interrupted ``evaluate`` into ``out``."""
+    import shlex
+
+    argv = [a for a in args.argv if a != "--fresh"]
+    if args.out is None:
+        argv += ["--out", str(out)]
+    return "python -m visedit " + shlex.join(argv)
+
+
 def _evaluate(args) -> int:
-    from .editing import get_editor
+    from .editing import editor_settings, get_editor
     from .evaluation import evaluate
+    from .evaluation.protocol import _read_done
     from .models import load_vllm
 
-    vllm = load_vllm(args.model, device=args.device)
+    records = _records(args, progress=True)
     overrides = {"weights": str(args.weights)} if args.weights is not None else {}
-    editor = get_editor(args.editor, vllm, preset=args.preset, **overrides)
-    records = _records(args, progress=not args.json)
+    editor_settings(args.editor, preset=args.preset, **overrides)  # a bad preset fails before the model loads
+    vllm = load_vllm(args.model, device=args.device)
+    editor = get_editor(args.editor, vllm, preset=args.preset, allow_other_model=args.allow_other_model,
+                        **overrides)
     source = Path(args.data).stem if args.data is not None else args.split
     out = args.out or Path("results") / "evaluate" / f"{args.editor}-{source}-n{len(records)}"
-    summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=not args.json)
+    try:
+        summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=True)
+    except KeyboardInterrupt:
+        saved = len(_read_done(Path(out) / "edits.jsonl"))
+        print(f"interrupted: {saved} of {len(records)} edits are saved in {out}; resume with: "
+              f"{_resume_command(args, Path(out))}", file=sys.stderr)
+        return 130
     result = {**summary.to_dict(), "out": str(out)}
     if args.json:
         print(json.dumps(result, indent=1))
@@ -214,9 +247,9 @@ def _tune(args) -> int:
         raise ValueError("--grid must be a JSON object mapping settings to lists of values")
     if args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
-    records = load_world_split("train", progress=not args.json)
+    records = load_world_split("train", progress=True)
     records = _spread(records, args.limit)
-    result = tune(args.editor, load_vllm(args.model), records, grid, progress=not args.json)
+    result = tune(args.editor, load_vllm(args.model), records, grid, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -238,8 +271,8 @@ def _train_mend(args) -> int:
         settings["seed"] = args.seed
     config = MENDConfig.from_dict(settings)
     vllm = load_vllm(args.model)
-    _, info = train_mend(vllm, load_world_split("train", progress=not args.json), config, out=args.out,
-                         progress=not args.json)
+    _, info = train_mend(vllm, load_world_split("train", progress=True), config, out=args.out,
+                         progress=True)
     print(json.dumps({"out": str(args.out), "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
     return 0
@@ -249,12 +282,17 @@ def _set_items(args) -> list[tuple[str, object]]:
     """The ``--set KEY=VALUE`` overrides, each value read as YAML (``--set use_im=false``, ``--set w_loc=5``)."""
     import yaml
 
+    from .io import yaml_error
+
     items = []
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"--set takes KEY=VALUE, e.g. --set w_loc=5; got {item!r}")
-        items.append((key.strip(), yaml.safe_load(value)))
+        try:
+            items.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({yaml_error(err)})") from None
     return items
 
 
@@ -295,15 +333,15 @@ def _train_vead(args) -> int:
     _vead_overrides(settings, args, ("steps", "seed", "layer", "at", "im_reads", "width", "decay_share"))
     if args.no_im:
         settings["use_im"] = False
+    VEADConfig.from_dict(settings)  # bad settings fail before the model loads
+    _check_limit(args.limit, 2)
     vllm = load_vllm(args.model, device=args.device)
-    records = load_world_split("train", progress=not args.json)
+    records = load_world_split("train", progress=True)
     if args.limit is not None:
-        if args.limit < 2:
-            raise ValueError(f"--limit must be ≥ 2, got {args.limit}")
         records = _spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
         settings["layer"] = choose_edit_layer(vllm, records, at=settings.get("at", "output"))
-    _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=not args.json)
+    _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=True)
     print(json.dumps({"out": str(args.out), "layer": settings["layer"], "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
     return 0
@@ -318,15 +356,19 @@ def _sweep_vead(args) -> int:
     from .models import load_vllm
     from .world import load_world_split
 
+    settings = load_preset("vead", args.config)
+    settings.pop("weights", None)
+    settings["steps"] = args.steps
+    sets = _vead_overrides(settings, args)
+    VEADConfig.from_dict(settings)  # bad settings fail before the model loads
+    _check_limit(args.limit, 2)
+    if args.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be ≥ 1, got {args.eval_limit}")
     vllm = load_vllm(args.model, device=args.device)
     train = load_world_split("train", progress=False)
     train = _spread(train, args.limit)
     evals = load_world_split("eval", progress=False)
     evals = _spread(evals, args.eval_limit)
-    settings = load_preset("vead", args.config)
-    settings.pop("weights", None)
-    settings["steps"] = args.steps
-    sets = _vead_overrides(settings, args)
     # the tag names each setting that differs from the paper's: those below from the config, then any other --set
     named = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "hard_loc")
     extra = "".join(f"-{key}{value}" for key, value in sets.items() if key not in named)
@@ -342,8 +384,8 @@ def _sweep_vead(args) -> int:
                    + (f"-decay{config.decay_share:g}" if config.decay_share else "")
                    + (f"-hard{config.hard_loc}" if config.hard_loc else "")
                    + extra)
-            editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=not args.json)
-            summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=not args.json)
+            editor, info = train_vead(vllm, train, config, out=args.out / tag, progress=True)
+            summary = evaluate(editor, evals, out=args.out / f"{tag}-eval", progress=True)
             row = {"layer": layer, "at": config.at, "use_im": use_im, "im_reads": config.im_reads, "width": width,
                    "decay_share": config.decay_share,
                    "train_seconds": info["wall_seconds"],
@@ -395,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N eval records")
     p.add_argument("--spread", action="store_true", help="with --limit: N records spread over the split")
     p.add_argument("--layer", type=int, default=None, help="layer for allocation and IG (default: attention peak)")
+    p.add_argument("--all-records", action="store_true",
+                   help="profile every record, not only those the model answers correctly")
     p.add_argument("--ig-limit", type=int, default=8, help="records that also get allocation and IG")
     p.add_argument("--ig-steps", type=int, default=64)
     p.add_argument("--json", action="store_true")
@@ -428,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="folder that --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=None, help="use the first N records")
     p.add_argument("--preset", default=None, help="YAML settings for the editor (default: its shipped preset)")
-    p.add_argument("--weights", default=None, type=Path, help="trained editor folder (mend)")
+    p.add_argument("--weights", default=None, type=Path,
+                   help="trained editor folder, from train-mend or train-vead (default: the shipped one)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use trained mend/vead networks even if they were trained for another model (warns)")
     p.add_argument("--out", default=None, type=Path, help="results folder (default: results/evaluate/…)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
@@ -455,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-im", action="store_true", help="ablation: no influence mapper (gate = 1)")
     _add_vead_options(p, "layer l_e")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
+    p.add_argument("--json", action="store_true", help="print only the JSON record (progress stays on stderr)")
     p.set_defaults(func=_train_vead)
 
     p = sub.add_parser("sweep-vead", help="train and evaluate VEAD at several layers l_e (reduced budget)")
@@ -479,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML with MEND settings (default: presets/mend.yaml)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="no progress bar; print only the JSON record")
+    p.add_argument("--json", action="store_true", help="print only the JSON record (progress stays on stderr)")
     p.set_defaults(func=_train_mend)
     return parser
 
@@ -491,12 +538,17 @@ def _all_editors() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.command} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

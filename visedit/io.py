@@ -16,7 +16,7 @@ MAX_IMAGE_SIDE = 4096
 
 
 def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
-    """Return ``image`` as an RGB PIL image.
+    """Return ``image`` (a path, a PIL image or a uint8 array (H, W[, 3|4])) as an RGB PIL image.
 
     Conversion rule (documented, silent): grayscale (``L``, ``I``, ``F``, ``1``) is replicated to three
     channels; images with transparency (``RGBA``, ``LA``, ``P`` with a transparent colour) are
@@ -25,11 +25,18 @@ def load_image(image: str | os.PathLike | Image.Image) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         img = image
+    elif type(image).__module__ == "numpy" and getattr(image, "dtype", None) == "uint8" \
+            and (image.ndim == 2 or image.ndim == 3 and image.shape[-1] in (3, 4)):
+        img = Image.fromarray(image)
+    elif not isinstance(image, (str, os.PathLike)):
+        raise ValueError(f"image must be a file path, a PIL image, a uint8 array (H, W[, 3|4]) or None, got "
+                         f"{type(image).__name__}{getattr(image, 'shape', '')} — e.g. PIL.Image.open(path)")
     else:
         path = Path(image)
         if not path.exists():
             raise FileNotFoundError(f"image file not found: {path} — check the path (relative paths are "
-                                    f"resolved from {Path.cwd()}, or pass image_root=)")
+                                    f"resolved from {Path.cwd()}; MMEdit files: the image root, "
+                                    "--image-root / image_root=)")
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -82,6 +89,28 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def yaml_error(err: Exception) -> str:
+    """One line for a YAML syntax error: the problem and where (``line 2, column 5``)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem}{where}"
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Parse the YAML file at ``path``; a syntax error is a one-line ``ValueError`` that says where it is."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: pass a YAML file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({yaml_error(err)}): fix the file, e.g. `lr: [1e-3, 1e-4]` "
+                         "(lists need their closing bracket)") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -149,7 +149,8 @@ def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = 
             continue
         rows.append([mc.attn, mc.mlp, mc.dla_attn, mc.dla_mlp])
     if not rows:
-        raise ValueError("no record was answered correctly; pass only_correct=False to keep them all")
+        raise ValueError("no record was answered correctly; pass only_correct=False (CLI: --all-records) to keep "
+                         "them all")
     arr = np.asarray(rows)  # (n, 4, L)
     mean, lo, hi = bootstrap_ci(arr, n_boot=n_boot, seed=seed)
     keys = ("attn", "mlp", "dla_attn", "dla_mlp")

@@ -52,6 +52,7 @@ class Editor(abc.ABC):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = StrictConfig
+    trained: ClassVar[bool] = False  # loads trained parts (settings may hold ``weights``)
 
     def __init__(self, vllm: VLLM, config=None):
         self.vllm = vllm
@@ -132,8 +133,9 @@ class Editor(abc.ABC):
         return self.vllm.answer_batch(items, context=self.context() if self.applied else "", **kw)
 
     @classmethod
-    def from_settings(cls, vllm: VLLM, settings: Mapping) -> "Editor":
-        """Build the editor from preset settings (editors with trained parts load them instead)."""
+    def from_settings(cls, vllm: VLLM, settings: Mapping, *, allow_other_model: bool = False) -> "Editor":
+        """Build the editor from preset settings (editors with trained parts load them instead, and refuse
+        parts trained for another model unless ``allow_other_model``)."""
         return cls(vllm, cls.config_class.from_dict(settings))
 
     def __repr__(self) -> str:
@@ -165,6 +167,24 @@ def load_trained(folder: str | Path, stem: str) -> tuple[dict, dict[str, torch.T
         raise FileNotFoundError(f"no trained {stem.upper()} in {folder}: train one with `python -m visedit "
                                 f"train-{stem} --out {folder}`")
     return json.loads((folder / f"{stem}.json").read_text()), load_file(folder / f"{stem}.safetensors")
+
+
+def check_trained_for(meta: Mapping, vllm: VLLM, folder: str | Path, stem: str, *,
+                      allow_other_model: bool = False) -> None:
+    """Refuse trained editor parts whose file records another model's fingerprint (``model_fingerprint``);
+    with ``allow_other_model`` warn once instead. Files written before fingerprints were recorded pass."""
+    import warnings
+
+    recorded = meta.get("model_fingerprint")
+    if recorded is None or recorded == vllm.fingerprint:
+        return
+    what = (f"the {stem.upper()} in {folder} was trained for another model ({meta.get('model', '?')}, fingerprint "
+            f"{recorded}; this model's is {vllm.fingerprint})")
+    if allow_other_model:
+        warnings.warn(f"{what}: using it anyway, as asked (allow_other_model)", UserWarning, stacklevel=3)
+        return
+    raise ValueError(f"{what}: train one for this model with `python -m visedit train-{stem} --model … --out DIR`, "
+                     "or pass --allow-other-model (API: allow_other_model=True) to use it anyway")
 
 
 def holdout_split(records, share: float, limit: int, rng, *, group=None) -> tuple[list, list]:
@@ -231,28 +251,42 @@ def editor_names() -> list[str]:
 
 def load_preset(name: str, path: str | Path | None = None) -> dict:
     """The YAML preset of editor ``name`` (``presets/<name>.yaml``), or the file at ``path``."""
-    import yaml
+    from ..io import load_yaml
 
     file = Path(path) if path is not None else PRESET_DIR / f"{name}.yaml"
     if not file.exists():
         if path is not None:
             raise FileNotFoundError(f"preset file not found: {file}")
         return {}
-    data = yaml.safe_load(file.read_text()) or {}
+    data = load_yaml(file) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a YAML mapping of {name} settings")
     return data
 
 
-def get_editor(name: str, vllm: VLLM, *, preset: str | Path | None = None, **overrides) -> Editor:
-    """Build editor ``name`` with its preset settings (plus ``overrides``). Names: :func:`editor_names`."""
+def editor_settings(name: str, *, preset: str | Path | None = None, **overrides) -> dict:
+    """Editor ``name``'s preset settings (plus ``overrides``), checked by its strict config — unknown keys
+    and wrong types are refused — without a model (the CLI checks them before it loads one). Editors
+    with trained parts also take ``weights`` (a trained folder)."""
     from . import finetune, ike, mend, vead  # noqa: F401  (register the editors)
 
     if name not in _EDITORS:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(editor_names())}")
     cls = _EDITORS[name]
     settings = {**load_preset(name, preset), **overrides}
-    return cls.from_settings(vllm, settings)
+    if cls.trained and settings.get("weights") is not None and not isinstance(settings["weights"], (str, Path)):
+        raise ValueError(f"weights must be a folder path, got {settings['weights']!r}")
+    cls.config_class.from_dict({k: v for k, v in settings.items() if not (cls.trained and k == "weights")})
+    return settings
+
+
+def get_editor(name: str, vllm: VLLM, *, preset: str | Path | None = None, allow_other_model: bool = False,
+               **overrides) -> Editor:
+    """Build editor ``name`` with its preset settings (plus ``overrides``). Names: :func:`editor_names`.
+    Trained editors (mend, vead) refuse networks trained for another model (their file records its
+    fingerprint) unless ``allow_other_model=True``, which warns instead."""
+    settings = editor_settings(name, preset=preset, **overrides)
+    return _EDITORS[name].from_settings(vllm, settings, allow_other_model=allow_other_model)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,12 @@ class FineTuneVision(_FineTune):
     name = "ft_v"
     config_class = FTVConfig
 
+    def _apply(self, request: EditRequest) -> None:
+        if request.image is None:
+            raise ValueError("ft_v tunes the vision side and needs an edit with an image: pass EditRequest(image, "
+                             "prompt, target), or edit a text-only fact with ft_l, ike or mend")
+        super()._apply(request)
+
     def _modules(self):
         modules = {"projector": self.vllm.site("projector")}
         if self.config.vision_layers:

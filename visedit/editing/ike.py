@@ -64,7 +64,8 @@ class InContextEditor(Editor):
         self.demonstrations = " ".join(lines)
 
     def _apply(self, request: EditRequest) -> None:
-        pass  # the edit lives in context(); nothing to change
+        self.vllm.encode_target(request.target)  # refuse what the model cannot say, as the other editors do
+        # the edit lives in context(); nothing to change
 
     def context(self) -> str:
         fact = _turn(self.request.prompt, self.request.target)

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..config import StrictConfig
 from ..hooks import Trace
-from .base import EditRequest, Editor, holdout_split, load_trained, register_editor, save_trained, target_loss
+from .base import (EditRequest, Editor, check_trained_for, holdout_split, load_trained, register_editor, save_trained,
+                   target_loss)
 
 TRAINED_DIR = Path(__file__).parent / "trained" / "mend"
 
@@ -159,6 +160,7 @@ class MENDEditor(Editor):
 
     name = "mend"
     config_class = MENDConfig
+    trained = True
 
     def __init__(self, vllm, config: MENDConfig | None = None, *, networks: MENDNetworks | None = None):
         super().__init__(vllm, config if config is not None else (networks.config if networks else None))
@@ -166,16 +168,18 @@ class MENDEditor(Editor):
         self.networks.to(vllm.device).eval()
 
     @classmethod
-    def from_settings(cls, vllm, settings: Mapping) -> "MENDEditor":
+    def from_settings(cls, vllm, settings: Mapping, *, allow_other_model: bool = False) -> "MENDEditor":
         """Load trained networks: ``settings['weights']`` (a folder from ``train-mend``) or the shipped
-        ones. The folder's own settings (``mend.json``) define the editor; preset values only describe
-        how the shipped networks were trained."""
+        ones. The folder's own settings (``mend.json``) define the editor; preset values (checked like any
+        config) only describe how the shipped networks were trained."""
         settings = dict(settings)
         folder = Path(settings.pop("weights", None) or TRAINED_DIR)
-        return cls.load(vllm, folder)
+        MENDConfig.from_dict(settings)
+        return cls.load(vllm, folder, allow_other_model=allow_other_model)
 
     @classmethod
-    def load(cls, vllm, folder: str | Path) -> "MENDEditor":
+    def load(cls, vllm, folder: str | Path, *, allow_other_model: bool = False) -> "MENDEditor":
+        """The networks in ``folder``; refused if trained for another model (see :func:`check_trained_for`)."""
         meta, state = load_trained(folder, "mend")
         config = MENDConfig.from_dict(meta["config"])
         networks = MENDNetworks(vllm, config)
@@ -184,13 +188,15 @@ class MENDEditor(Editor):
             raise ValueError(f"the MEND networks in {folder} were trained for a model with other layer shapes "
                              f"({meta.get('model', '?')}); train one for this model with `python -m visedit "
                              "train-mend --model … --out DIR`")
+        check_trained_for(meta, vllm, folder, "mend", allow_other_model=allow_other_model)
         networks.load_state_dict(state)
         return cls(vllm, config, networks=networks)
 
     def save(self, folder: str | Path, *, extra: Mapping | None = None) -> None:
         """Write ``mend.safetensors`` + ``mend.json`` atomically."""
         save_trained(folder, "mend", self.networks.state_dict(),
-                     {"config": dataclasses.asdict(self.config), "model": self.vllm.name, **(extra or {})})
+                     {"config": dataclasses.asdict(self.config), "model": self.vllm.name,
+                      "model_fingerprint": self.vllm.fingerprint, **(extra or {})})
 
     def edited_parameters(self):
         return {n: m.weight for n, m in self.networks.linears.items()}

@@ -1,9 +1,9 @@
 """The MMEdit evaluation protocol: five metrics, two scores, resumable runs, result tables."""
 
-from .protocol import (METRICS, EditResult, EvalSummary, PairedDifference, evaluate, load_results,
-                       paired_difference, plot_layer_sweep, plot_results, probes, quick_scores, results_table,
-                       score_edit)
+from .protocol import (METRICS, EditResult, EvalSummary, PairedDifference, check_records, evaluate,
+                       load_results, paired_difference, plot_layer_sweep, plot_results, probes, quick_scores,
+                       results_table, score_edit)
 
-__all__ = ["METRICS", "EditResult", "EvalSummary", "PairedDifference", "evaluate", "load_results",
-           "paired_difference", "plot_layer_sweep", "plot_results", "probes", "quick_scores", "results_table",
-           "score_edit"]
+__all__ = ["METRICS", "EditResult", "EvalSummary", "PairedDifference", "check_records", "evaluate",
+           "load_results", "paired_difference", "plot_layer_sweep", "plot_results", "probes", "quick_scores",
+           "results_table", "score_edit"]

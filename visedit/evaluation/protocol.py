@@ -69,6 +69,38 @@ def probes(record) -> dict[str, tuple]:
             "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
 
 
+IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
+TARGET_FIELDS = ("alt", "loc_ans", "m_loc_a")
+
+
+def _listing(problems: Sequence[str], most: int = 20) -> str:
+    shown = ", ".join(problems[:most])
+    return shown + (f" and {len(problems) - most} more" if len(problems) > most else "")
+
+
+def check_records(records: Sequence, vllm=None, *, image_root_hint: str = "load_mmedit(..., image_root=)") -> None:
+    """Refuse, before anything runs, records whose image files are missing or — with ``vllm`` — whose
+    answers (``alt``, ``loc_ans``, ``m_loc_a``) the model's tokenizer cannot encode. One line names every
+    bad record by index and field (the first 20 of them, and how many more)."""
+    missing = [f"record {i} {field} ({getattr(r, field)})" for i, r in enumerate(records) for field in IMAGE_FIELDS
+               if not Path(getattr(r, field)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) not found: {_listing(missing)} — check the paths "
+                                f"and the image root ({image_root_hint})")
+    if vllm is None:
+        return
+    bad = []
+    for i, r in enumerate(records):
+        for field in TARGET_FIELDS:
+            try:
+                vllm.encode_target(getattr(r, field))
+            except ValueError:
+                bad.append(f"record {i} {field} ({getattr(r, field)!r})")
+    if bad:
+        raise ValueError(f"the model's tokenizer cannot encode {len(bad)} answer(s): {_listing(bad)} — use a model "
+                         "whose vocabulary covers them, or leave those records out")
+
+
 def score_edit(editor: Editor, record, *, index: int = 0, exact: bool = True) -> EditResult:
     """Run the single-edit protocol on one record and score all five metrics both ways (``exact=False``:
     token accuracy only — no greedy generation, for validation loops; ``exact`` is then empty)."""
@@ -263,22 +295,27 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
     and ``fingerprint``), ``edits.jsonl`` (one line per edit, synced
     as it is written) and ``summary.json`` (atomic). A folder holding an interrupted run with the same
     settings is resumed; one holding a different run is an error (pass another ``out`` or
-    ``resume=False`` to start over).
+    ``resume=False`` to start over). Records are checked first (:func:`check_records`); a run that fails or
+    is interrupted before its first edit leaves no ``run.json`` behind.
     """
     from tqdm.auto import tqdm
 
     if len(records) == 0:
         raise ValueError("no records to evaluate: pass at least one MMEdit record")
+    check_records(records, editor.vllm)
     settings = {"editor": editor.name, "config": json.loads(json.dumps(dataclasses.asdict(editor.config))),
                 "model": editor.vllm.name, "model_fingerprint": editor.vllm.fingerprint, "n": len(records),
                 "records": _fingerprint(records)}
     done: list[EditResult] = []
-    jsonl = None
+    jsonl = run_file = None
+    new_folder = new_run = False
     if out is not None:
         out = Path(out)
+        new_folder = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         run_file, jsonl = out / "run.json", out / "edits.jsonl"
-        if resume and run_file.exists():
+        new_run = not (resume and run_file.exists())
+        if not new_run:
             previous = json.loads(run_file.read_text())
             if previous != settings:
                 differs = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
@@ -301,6 +338,14 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
                 handle.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+    except BaseException:
+        if new_run and not results:  # a run that failed before its first edit leaves nothing behind
+            handle.close()
+            for file in (run_file, jsonl):
+                file.unlink(missing_ok=True)
+            if new_folder and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finally:
         if handle is not None:
             handle.close()

@@ -19,6 +19,7 @@ Canonical sites (``L`` = number of LLM layers):
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Callable
 
@@ -80,9 +81,12 @@ class BackboneAdapter:
     def check_layer(self, layer: int) -> int:
         """Return ``layer`` if it indexes an LLM layer; negative values count from the end."""
         n = self.n_layers
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ValueError(f"layer must be an int, got {layer!r} ({type(layer).__name__}): this model has {n} "
+                             f"LLM layers (0…{n - 1}, or negative from the end)")
+        if not -n <= layer < n:
             raise ValueError(f"layer {layer!r} is out of range: this model has {n} LLM layers (0…{n - 1})")
-        return layer % n
+        return int(layer) % n
 
     def site(self, name: str) -> nn.Module:
         """The module behind a canonical site name (see the module docstring)."""

@@ -106,6 +106,12 @@ class VLLM:
         return self.processor.image_token
 
     @property
+    def max_positions(self) -> int | None:
+        """How many positions the language model reads (prompt + answer), if its config says."""
+        text = getattr(self.model.config, "text_config", self.model.config)
+        return getattr(text, "max_position_embeddings", None)
+
+    @property
     def fingerprint(self) -> str:
         """A short digest of the weights (64 evenly spaced values of every parameter): two models share
         it only if they are, for every practical purpose, the same weights. Resumable runs check it."""
@@ -142,6 +148,9 @@ class VLLM:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the prompt is empty: pass a non-empty question, e.g. 'what colour is this creature ?'")
         if self.image_token in question:
+            if question.count(self.image_token) > 1:
+                raise ValueError(f"the prompt contains the image token {self.image_token!r} more than once: "
+                                 "use one image per prompt, with at most one image token")
             if not has_image:
                 raise ValueError(f"the prompt contains the image token {self.image_token!r} but no image was "
                                  "given: pass image=… or remove the token")
@@ -191,6 +200,11 @@ class VLLM:
             tpos.append(tuple(range(len(ids), len(ids) + len(target_ids))))
             tids.append(tuple(target_ids))
             rows.append(ids + target_ids)
+        limit = self.max_positions
+        for b, r in enumerate(rows):
+            if limit is not None and len(r) > limit:
+                raise ValueError(f"item {b} is {len(r)} tokens (image, prompt{', context' if context else ''} and "
+                                 f"target) but this model reads at most {limit} positions: shorten the question")
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -237,8 +251,11 @@ class VLLM:
 
     @torch.no_grad()
     def answer_batch(self, items, *, max_new_tokens: int = 8, context: str = "") -> list[str]:
-        """Greedy answers for many (image, question) items (no KV cache; fine for short answers)."""
+        """Greedy answers for many (image, question) items (no KV cache; fine for short answers). Generation
+        stops early where the model's positions run out."""
         inputs = self.inputs([(it[0], it[1]) for it in items], context=context)
+        if self.max_positions is not None:
+            max_new_tokens = min(max_new_tokens, self.max_positions + 1 - inputs.tensors["input_ids"].shape[1])
         ids = inputs.tensors["input_ids"]
         mask = inputs.tensors["attention_mask"]
         lengths = mask.sum(1)
@@ -299,6 +316,11 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    except ImportError as err:
+        package = _missing_package(err)
+        raise ValueError(f"{source!r} needs the optional package {package}, which is not installed (or does not "
+                         f"import): `pip install {package}` (its build must match torch {torch.__version__}), or "
+                         "load a checkpoint whose processor does not need it") from None
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {str(err).splitlines()[0]} — pass a "
                                 "local folder with config.json, weights and processor files (or a hub id that "
@@ -309,3 +331,17 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         info = {"edition": 1, "recipe": "first", **info}
     vllm = VLLM(model.to(device), processor, name=name, info=info)
     return vllm
+
+
+def _missing_package(err: ImportError) -> str:
+    """The pip name of the package an ImportError from transformers asks for (``torchvision``, …)."""
+    import re
+
+    text = str(err)
+    match = re.search(r"requires the (\S+) librar", text, flags=re.I)
+    if match:
+        return match.group(1).lower()
+    match = re.search(r"pip install (\S+)", text)
+    if match:
+        return match.group(1).strip("`'\".,")
+    return (err.name or "the missing package").split(".")[0]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ...hooks import Trace, edit_input, edit_output, stop_after
-from ..base import EditRequest, Editor, load_trained, register_editor, save_trained
+from ..base import EditRequest, Editor, check_trained_for, load_trained, register_editor, save_trained
 from .module import VEAD, VEADConfig
 
 TRAINED_DIR = Path(__file__).resolve().parents[1] / "trained" / "vead"
@@ -60,6 +60,7 @@ class VEADEditor(Editor):
 
     name = "vead"
     config_class = VEADConfig
+    trained = True
 
     def __init__(self, vllm, config: VEADConfig | None = None, *, adapter: VEAD | None = None):
         super().__init__(vllm, config)
@@ -75,13 +76,18 @@ class VEADEditor(Editor):
 
     # --- save / load -----------------------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, vllm, settings: Mapping) -> "VEADEditor":
+    def from_settings(cls, vllm, settings: Mapping, *, allow_other_model: bool = False) -> "VEADEditor":
         """Load a trained VEAD: ``settings['weights']`` (a folder from ``train-vead``) or the shipped one.
+        The folder's own settings define the editor; preset values are checked like any config.
         (An untrained VEAD is the identity; build one with ``VEADEditor(vllm, VEADConfig(...))``.)"""
-        return cls.load(vllm, Path(dict(settings).get("weights") or TRAINED_DIR))
+        settings = dict(settings)
+        folder = Path(settings.pop("weights", None) or TRAINED_DIR)
+        VEADConfig.from_dict(settings)
+        return cls.load(vllm, folder, allow_other_model=allow_other_model)
 
     @classmethod
-    def load(cls, vllm, folder: str | Path) -> "VEADEditor":
+    def load(cls, vllm, folder: str | Path, *, allow_other_model: bool = False) -> "VEADEditor":
+        """The VEAD in ``folder``; refused if trained for another model (see :func:`check_trained_for`)."""
         meta, state = load_trained(folder, "vead")
         config = VEADConfig.from_dict(meta["config"])
         d = vllm.model.config.text_config.hidden_size
@@ -89,6 +95,7 @@ class VEADEditor(Editor):
             raise ValueError(f"the VEAD in {folder} was trained for another model ({meta.get('model', '?')}, "
                              f"d = {meta['sizes']['d']}); train one for this model with `python -m visedit "
                              "train-vead --model … --out DIR`")
+        check_trained_for(meta, vllm, folder, "vead", allow_other_model=allow_other_model)
         adapter = VEAD(**meta["sizes"], use_im=config.use_im)
         adapter.load_state_dict(state)
         return cls(vllm, dataclasses.replace(config, layer=meta["layer"]), adapter=adapter)
@@ -97,7 +104,7 @@ class VEADEditor(Editor):
         """Write ``vead.safetensors`` + ``vead.json`` atomically."""
         save_trained(folder, "vead", self.adapter.state_dict(),
                      {"config": dataclasses.asdict(self.config), "layer": self.layer, "sizes": self.adapter.sizes,
-                      "model": self.vllm.name, **(extra or {})})
+                      "model": self.vllm.name, "model_fingerprint": self.vllm.fingerprint, **(extra or {})})
 
     # --- the edit --------------------------------------------------------------------------------------
     @property
