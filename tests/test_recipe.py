@@ -201,3 +201,14 @@ def test_profile_depth_and_early_share_oracle():
     prof = ContributionProfile(mean={"attn": attn}, low={}, high={}, n=1, n_total=1, only_correct=True)
     assert prof.relative_peak_depth() == 7 / 11
     assert prof.early_share() == pytest.approx(0.2 / 1.0)  # layers 0–3 hold 0.2 of the positive 1.0
+
+
+def test_reading_report_of_the_first_model(embedded):
+    """The study's report on a one-creature model: card, profile, no selectivity; it serialises."""
+    from visedit.study import ReadingReport, reading_report
+
+    rep = reading_report(embedded, n_profile=8, card_entities=2, progress=False)
+    assert rep.selectivity is None and rep.n_layers == embedded.n_layers == len(rep.attention)
+    assert rep.attention_peak_relative_depth == round(rep.attention_peak / (rep.n_layers - 1), 4)
+    assert 0 <= rep.early_share <= 1 and rep.n_profile >= 1
+    assert ReadingReport.from_dict(rep.to_dict()) == rep

@@ -54,6 +54,22 @@ def _train_recipe(args) -> int:
     return 0
 
 
+def _reading(args) -> int:
+    from .models import load_vllm
+    from .study import reading_report
+
+    report = reading_report(load_vllm(args.model), n_profile=args.n_profile, n_selectivity=args.n_selectivity,
+                            card_entities=args.card_entities, progress=True)
+    out = {**report.to_dict(), "command": "python -m visedit " + " ".join(sys.argv[1:])}
+    if args.out:
+        from .io import write_json
+
+        write_json(args.out, out)
+    print(json.dumps(out, indent=1) if args.json else json.dumps({k: out[k] for k in (
+        "model", "attention_peak", "attention_peak_relative_depth", "early_share")}))
+    return 0
+
+
 def _model_card(args) -> int:
     from .models import load_vllm
     from .models.card import model_card
@@ -426,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--renders", type=int, default=1, help="renderings per entity")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model_card)
+
+    p = sub.add_parser("reading", help="where a model reads its image: card, attention profile, layer selectivity")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--n-profile", type=int, default=96, help="eval records for the attention profile")
+    p.add_argument("--n-selectivity", type=int, default=48, help="eval records for the layer selectivity")
+    p.add_argument("--card-entities", type=int, default=None, help="model card on the first N entities (default all)")
+    p.add_argument("--out", type=Path, default=None, help="also write the report (JSON) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_reading)
 
     p = sub.add_parser("make-dataset", help="write the world's MMEdit-schema edit dataset")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shared cache folder)")

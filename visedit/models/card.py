@@ -94,7 +94,7 @@ def model_card(vllm: VLLM, world: World | None = None, *, seed: int = 0, renders
     creatures per entity and rendering, every fact of that creature through a selector that picks it out
     (``selector_accuracy``).
     """
-    world = world or make_world(0)
+    world = world or make_world(vllm.info.get("world_seed", 0), vllm.info.get("n_entities", 70))
     idx = list(range(len(world))) if entities is None else list(entities)
     rng = random.Random(seed)
     scenes = vllm.info.get("edition", 1) == 2
