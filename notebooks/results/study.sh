@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The study "when does a vision-language model read its image late?": train each recipe at the study
+# budget (one ingredient changed each; ≤ 1 h on 2 CPU threads), then write one reading report per model
+# (model card, attention profile, layer selectivity) to notebooks/results/study/NAME.json.
+#
+#   bash notebooks/results/study.sh          # everything missing, in order (about 3 h on 2 threads)
+#   DRY=1 bash notebooks/results/study.sh    # print the commands only
+#   DEVICE=cuda bash notebooks/results/study.sh
+#
+# Resumable: a report that exists is skipped, and an interrupted training resumes from its checkpoint
+# (WORK/NAME.ckpt). The trained study models stay in WORK (default .study/, not committed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+R=notebooks/results/study
+W=${WORK:-.study}
+DEV=(--device "${DEVICE:-cpu}")
+
+step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
+  local out=$1; shift
+  if [[ -e $out ]]; then echo "done    $out"; return; fi
+  echo "run     $out: $(printf '%q ' "$@")"
+  [[ -n "${DRY:-}" ]] && return
+  local t0=$SECONDS
+  "$@" > /dev/null
+  echo "        $out: $((SECONDS - t0)) s"
+}
+
+# the two teaching models as shipped
+step "$R/first.json" $PY -m visedit reading --model visedit-tiny --out "$R/first.json"
+step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
+# the recipe and its one-ingredient changes, at the study budget
+for recipe in llava joint-encoder one-creature shallow; do
+  step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --out "$W/$recipe" --no-progress "${DEV[@]}"
+  step "$R/study-$recipe.json" $PY -m visedit reading --model "$W/$recipe" --out "$R/study-$recipe.json"
+done
+echo "all results are in place"
