@@ -212,3 +212,22 @@ def test_reading_report_of_the_first_model(embedded):
     assert rep.attention_peak_relative_depth == round(rep.attention_peak / (rep.n_layers - 1), 4)
     assert 0 <= rep.early_share <= 1 and rep.n_profile >= 1
     assert ReadingReport.from_dict(rep.to_dict()) == rep
+
+
+def test_scene_records_are_scored_on_the_region_probes_too(micro_run, tmp_path):
+    """Scene records add in-image and look-alike locality; with no edit both are exactly 1 (oracle), the
+    five-metric mean is unchanged by them, and the summary round-trips."""
+    from visedit.editing import get_editor
+    from visedit.evaluation import evaluate
+    from visedit.evaluation.protocol import METRICS, EvalSummary, probes
+    from visedit.world import DatasetSpec, load_world_split
+
+    vllm = load_vllm(micro_run[0])
+    recs = load_world_split("eval", DatasetSpec(seed=0, n_entities=12, edits_per_pair=1, image_size=80, edition=2),
+                            root=tmp_path / "d")[:2]
+    assert list(probes(recs[0]))[5:] == ["i_locality", "la_locality"]
+    summary = evaluate(get_editor("none", vllm), recs, out=tmp_path / "run", progress=False)
+    assert summary.token["i_locality"] == summary.token["la_locality"] == 1.0
+    assert summary.exact["i_locality"] == summary.exact["la_locality"] == 1.0
+    assert summary.mean == np.mean([summary.token[m] for m in METRICS])
+    assert EvalSummary.load(tmp_path / "run" / "summary.json") == summary

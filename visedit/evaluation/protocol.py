@@ -13,6 +13,16 @@ t_locality      no image + ``loc`` (teacher-forced on      argmax = pre-edit arg
 m_locality      ``m_loc`` + ``m_loc_q`` (on ``m_loc_a``)   same
 ==============  =========================================  ==========================================
 
+Scene records of the world's second edition carry two more locality probes, scored like ``m_locality``
+when present (they are reported beside the five and left out of the five-metric mean):
+
+==============  =========================================  ==========================================
+i_locality      ``image`` + ``i_loc_q`` (on ``i_loc_a``):  argmax = pre-edit argmax / answer = pre-edit
+                another creature of the edited image       answer
+la_locality     ``la_loc`` + ``la_loc_q`` (on              same
+                ``la_loc_a``): a look-alike creature
+==============  =========================================  ==========================================
+
 Single-edit protocol: restore → record pre-edit locality predictions → apply one edit (timed) →
 score → restore. :func:`evaluate` runs it over records, appending one JSON line per edit (flushed and
 synced), so an interrupted run resumes where it stopped; the summary is written atomically.
@@ -35,6 +45,9 @@ from ..io import write_json
 from ..stats import bootstrap_ci
 
 METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+#: Region probes of scene records (extra fields), scored when a record has them.
+REGION_METRICS = ("i_locality", "la_locality")
+_REGION_FIELDS = {"i_locality": ("i_loc_q", "i_loc_a"), "la_locality": ("la_loc", "la_loc_q", "la_loc_a")}
 
 
 def _norm(text: str) -> str:
@@ -61,12 +74,23 @@ class EditResult:
 
 
 def probes(record) -> dict[str, tuple]:
-    """The (image, question, target) probe of each metric for an MMEdit record."""
-    return {"reliability": (record.image, record.src, record.alt),
-            "t_generality": (record.image, record.rephrase, record.alt),
-            "m_generality": (record.image_rephrase, record.src, record.alt),
-            "t_locality": (None, record.loc, record.loc_ans),
-            "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
+    """The (image, question, target) probe of each metric for an MMEdit record (the five, then the region
+    probes the record carries)."""
+    out = {"reliability": (record.image, record.src, record.alt),
+           "t_generality": (record.image, record.rephrase, record.alt),
+           "m_generality": (record.image_rephrase, record.src, record.alt),
+           "t_locality": (None, record.loc, record.loc_ans),
+           "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
+    extra = getattr(record, "extra", {}) or {}
+    if all(k in extra for k in _REGION_FIELDS["i_locality"]):
+        out["i_locality"] = (record.image, extra["i_loc_q"], extra["i_loc_a"])
+    if all(k in extra for k in _REGION_FIELDS["la_locality"]):
+        out["la_locality"] = (extra["la_loc"], extra["la_loc_q"], extra["la_loc_a"])
+    return out
+
+
+def _locality(metric: str) -> bool:
+    return metric in ("t_locality", "m_locality") or metric in REGION_METRICS
 
 
 IMAGE_FIELDS = ("image", "image_rephrase", "m_loc")
@@ -84,6 +108,8 @@ def check_records(records: Sequence, vllm=None, *, image_root_hint: str = "load_
     bad record by index and field (the first 20 of them, and how many more)."""
     missing = [f"record {i} {field} ({getattr(r, field)})" for i, r in enumerate(records) for field in IMAGE_FIELDS
                if not Path(getattr(r, field)).is_file()]
+    missing += [f"record {i} la_loc ({r.extra['la_loc']})" for i, r in enumerate(records)
+                if "la_loc" in (getattr(r, "extra", {}) or {}) and not Path(r.extra["la_loc"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image file(s) not found: {_listing(missing)} — check the paths "
                                 f"and the image root ({image_root_hint})")
@@ -107,19 +133,20 @@ def score_edit(editor: Editor, record, *, index: int = 0, exact: bool = True) ->
     begin = time.perf_counter()
     editor.restore()
     p = probes(record)
-    local = ["t_locality", "m_locality"]
+    metrics = list(p)
+    local = [m for m in metrics if _locality(m)]
     pre_scores = dict(zip(local, editor.score_batch([p[m] for m in local])))
     pre_answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local]))) if exact else {}
     start = time.perf_counter()
     editor.apply(EditRequest.from_record(record))
     seconds = time.perf_counter() - start
     try:
-        post_scores = dict(zip(METRICS, editor.score_batch([p[m] for m in METRICS])))
-        post_answers = dict(zip(METRICS, editor.answer_batch([p[m][:2] for m in METRICS]))) if exact else {}
+        post_scores = dict(zip(metrics, editor.score_batch([p[m] for m in metrics])))
+        post_answers = dict(zip(metrics, editor.answer_batch([p[m][:2] for m in metrics]))) if exact else {}
     finally:
         editor.restore()
     token, matches = {}, {}
-    for m in METRICS:
+    for m in metrics:
         if m in local:
             pre, post = pre_scores[m].argmax_ids, post_scores[m].argmax_ids
             token[m] = sum(a == b for a, b in zip(pre, post)) / len(pre)
@@ -158,8 +185,9 @@ class EvalSummary:
         return float(np.mean([self.exact[m] for m in METRICS]))
 
     def to_dict(self) -> dict:
-        """The ``evaluate --json`` schema: token accuracies at the top level, exact match beside them."""
-        return {"editor": self.editor, "n": self.n, **{m: self.token[m] for m in METRICS},
+        """The ``evaluate --json`` schema: token accuracies at the top level (the five, then any region
+        probes), exact match beside them."""
+        return {"editor": self.editor, "n": self.n, **dict(self.token),
                 "mean": round(self.mean, 4), "exact_match": dict(self.exact),
                 "exact_match_mean": round(self.exact_mean, 4),
                 "intervals": {"token": self.token_ci, "exact_match": self.exact_ci},
@@ -169,7 +197,8 @@ class EvalSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalSummary":
-        return cls(d["editor"], d["n"], {m: d[m] for m in METRICS}, d["intervals"]["token"], d["exact_match"],
+        return cls(d["editor"], d["n"], {m: d[m] for m in METRICS + REGION_METRICS if m in d}, d["intervals"]["token"],
+                   d["exact_match"],
                    d["intervals"]["exact_match"], d["edit_seconds_mean"], d.get("settings", {}),
                    d.get("run_seconds", 0.0), d.get("forward_seconds", 0.0))
 
@@ -183,11 +212,12 @@ class EvalSummary:
         if not results:
             raise ValueError("no edit results to summarise")
         out = {}
+        metrics = METRICS + tuple(m for m in REGION_METRICS if all(m in r.token for r in results))
         for kind in ("token", "exact"):
-            arr = np.array([[getattr(r, kind)[m] for m in METRICS] for r in results])
+            arr = np.array([[getattr(r, kind)[m] for m in metrics] for r in results])
             mean, lo, hi = bootstrap_ci(arr, seed=seed)
-            out[kind] = {m: round(float(v), 4) for m, v in zip(METRICS, mean)}
-            out[kind + "_ci"] = {m: [round(float(a), 4), round(float(b), 4)] for m, a, b in zip(METRICS, lo, hi)}
+            out[kind] = {m: round(float(v), 4) for m, v in zip(metrics, mean)}
+            out[kind + "_ci"] = {m: [round(float(a), 4), round(float(b), 4)] for m, a, b in zip(metrics, lo, hi)}
         secs = round(float(np.mean([r.edit_seconds for r in results])), 4)
         run = round(float(sum(r.total_seconds for r in results)), 1)
         return cls(editor, len(results), out["token"], out["token_ci"], out["exact"], out["exact_ci"], secs,
@@ -197,7 +227,7 @@ class EvalSummary:
         """A two-row DataFrame (token accuracy, exact match) × the five metrics."""
         import pandas as pd
 
-        return pd.DataFrame({"token accuracy": self.token, "exact match": self.exact}).T[list(METRICS)]
+        return pd.DataFrame({"token accuracy": self.token, "exact match": self.exact}).T[list(self.token)]
 
 
 def forward_seconds(vllm, record, *, repeats: int = 5) -> float:
