@@ -3,7 +3,7 @@
 # budget (one ingredient changed each; ≤ 1 h on 2 CPU threads), then write one reading report per model
 # (model card, attention profile, layer selectivity) to notebooks/results/study/NAME.json.
 #
-#   bash notebooks/results/study.sh          # everything missing, in order (about 3 h on 2 threads)
+#   bash notebooks/results/study.sh          # everything missing, in order (each training on one thread)
 #   DRY=1 bash notebooks/results/study.sh    # print the commands only
 #   DEVICE=cuda bash notebooks/results/study.sh
 #
@@ -26,12 +26,13 @@ step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
   echo "        $out: $((SECONDS - t0)) s"
 }
 
-# the two teaching models as shipped
+# the first teaching model as shipped
 step "$R/first.json" $PY -m visedit reading --model visedit-tiny --out "$R/first.json"
-step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
 # the recipe and its one-ingredient changes, at the study budget
 for recipe in llava joint-encoder one-creature shallow; do
   step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --out "$W/$recipe" --no-progress "${DEV[@]}"
   step "$R/study-$recipe.json" $PY -m visedit reading --model "$W/$recipe" --out "$R/study-$recipe.json"
 done
+# the second teaching model as shipped (the recipe at its full budget)
+step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
 echo "all results are in place"
