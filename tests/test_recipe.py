@@ -140,10 +140,14 @@ def test_a_stopped_run_resumes_to_the_same_weights(micro_run, tmp_path):
     for chunk in (2, 2, 3, 1, 2):
         record = train_recipe(target, cfg, progress=False, log_every=0, stop_after=chunk)
         assert record.get("stopped") and not target.exists()
-    train_recipe(target, cfg, progress=False, log_every=0)
+    resumed = train_recipe(target, cfg, progress=False, log_every=0)
     a, b = _weights(out), _weights(target)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    unbroken = micro_run[1]
+    for stage in ("encoder", "language", "align", "instruct"):
+        assert resumed[f"{stage}_loss"] == unbroken[f"{stage}_loss"] and resumed[f"{stage}_running"] == unbroken[
+            f"{stage}_running"]
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):

@@ -459,7 +459,7 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            record[f"{name}_running"] = round(running, 5)
+            record[f"{name}_running"] = running  # unrounded: a resumed run logs what an unbroken one logs
             bar.set_postfix(loss=f"{running:.3f}")
             done = step + 1
             if log_every and done % log_every == 0:
@@ -471,13 +471,14 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             if budget["n"] is not None:
                 budget["n"] -= 1
             finished = done == steps
+            if finished:
+                record[f"{name}_loss"] = round(float(running), 4)
             if finished or done % checkpoint_every == 0 or budget["n"] == 0:
                 nxt = (STAGES[index + 1], 0) if finished and index + 1 < len(STAGES) else (name, done)
                 if finished and index + 1 == len(STAGES):
                     nxt = ("instruct", steps)
                 ckpt.save(nxt[0], nxt[1], {"model": model, "aux": aux, "temp": _Temp(log_temp)},
                           None if finished else opt, record)
-        record[f"{name}_loss"] = round(float(running), 4) if running is not None else None
         return True
 
     # ---- stage 1: contrastive vision pre-training --------------------------------------------------
