@@ -23,6 +23,11 @@ la_locality     ``la_loc`` + ``la_loc_q`` (on              same
                 ``la_loc_a``): a look-alike creature
 ==============  =========================================  ==========================================
 
+Caption records (E-IC, ``record.task == "caption"``) are scored the same way with the caption prompt as
+the question ("a photo of") and the whole caption as the target: token accuracy over every caption
+token, as MMEdit does, and exact match of a greedy caption given room for the whole caption
+(:func:`answer_budget`).
+
 Single-edit protocol: restore → record pre-edit locality predictions → apply one edit (timed) →
 score → restore. :func:`evaluate` runs it over records, appending one JSON line per edit (flushed and
 synced), so an interrupted run resumes where it stopped; the summary is written atomically.
@@ -75,18 +80,28 @@ class EditResult:
 
 def probes(record) -> dict[str, tuple]:
     """The (image, question, target) probe of each metric for an MMEdit record (the five, then the region
-    probes the record carries)."""
+    probes the record carries). Caption records (E-IC) are probed the same way: the question is the caption
+    prompt (``src``, "a photo of"; ``rephrase``) and the target the whole caption; M-Generality's target is
+    the fresh rendering's own counterfactual caption where the record has one (``alt_rephrase``)."""
+    extra = getattr(record, "extra", {}) or {}
     out = {"reliability": (record.image, record.src, record.alt),
            "t_generality": (record.image, record.rephrase, record.alt),
-           "m_generality": (record.image_rephrase, record.src, record.alt),
+           "m_generality": (record.image_rephrase, record.src, extra.get("alt_rephrase", record.alt)),
            "t_locality": (None, record.loc, record.loc_ans),
            "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
-    extra = getattr(record, "extra", {}) or {}
     if all(k in extra for k in _REGION_FIELDS["i_locality"]):
         out["i_locality"] = (record.image, extra["i_loc_q"], extra["i_loc_a"])
     if all(k in extra for k in _REGION_FIELDS["la_locality"]):
         out["la_locality"] = (extra["la_loc"], extra["la_loc_q"], extra["la_loc_a"])
     return out
+
+
+def answer_budget(vllm, record) -> int:
+    """How many tokens greedy answers may run to for ``record``'s exact match: 8 for a question (E-VQA), the
+    longest caption target's length + 4 for a caption record (E-IC: the whole caption must be generated)."""
+    if getattr(record, "task", "vqa") != "caption":
+        return 8
+    return max(8, max(len(vllm.encode_target(t)) for _, _, t in probes(record).values()) + 4)
 
 
 def _locality(metric: str) -> bool:
@@ -149,7 +164,8 @@ def pre_edit(editor: Editor, record, *, exact: bool = True) -> tuple[dict, dict]
     p = probes(record)
     local = [m for m in p if _locality(m)]
     scores = dict(zip(local, editor.score_batch([p[m] for m in local])))
-    answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local]))) if exact else {}
+    answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local],
+                                                  max_new_tokens=answer_budget(editor.vllm, record)))) if exact else {}
     return scores, answers
 
 
@@ -162,7 +178,9 @@ def score_applied(editor: Editor, record, pre: tuple[dict, dict], *, index: int 
     metrics = list(p)
     pre_scores, pre_answers = pre
     post_scores = dict(zip(metrics, editor.score_batch([p[m] for m in metrics])))
-    post_answers = dict(zip(metrics, editor.answer_batch([p[m][:2] for m in metrics]))) if exact else {}
+    budget = answer_budget(editor.vllm, record)
+    post_answers = dict(zip(metrics, editor.answer_batch([p[m][:2] for m in metrics], max_new_tokens=budget))
+                        ) if exact else {}
     token, matches = {}, {}
     for m in metrics:
         if m in pre_scores:
@@ -171,7 +189,7 @@ def score_applied(editor: Editor, record, pre: tuple[dict, dict], *, index: int 
         else:
             token[m] = post_scores[m].token_accuracy
         if exact:
-            wanted = pre_answers[m] if m in pre_scores else record.alt
+            wanted = pre_answers[m] if m in pre_scores else p[m][2]
             matches[m] = float(_norm(post_answers[m]) == _norm(wanted))
     answers = {**post_answers, **{f"{m}_pre": a for m, a in pre_answers.items()}}
     return EditResult(index, token, matches, round(edit_seconds, 6), answers)
