@@ -1,5 +1,6 @@
 """The editor protocol on a tiny random LLaVA: bit-identical restore for every editor (also after
-exceptions), no hooks left behind, config errors, MEND training/save/load determinism."""
+exceptions and after 50 stacked edits), no hooks left behind, config errors, MEND training/save/load
+determinism."""
 
 from __future__ import annotations
 
@@ -99,8 +100,12 @@ def test_restore_after_exception_inside_apply(tiny_random, records, name, monkey
 def test_protocol_misuse_is_reported(tiny_random, records):
     editor = get_editor("ft_l", tiny_random, layer=-1, max_steps=1)
     editor.apply(EditRequest.from_record(records[0]))
-    with pytest.raises(RuntimeError, match="already applied"):
-        editor.apply(EditRequest.from_record(records[1]))
+    editor.apply(EditRequest.from_record(records[1]))  # edits stack
+    assert len(editor.requests) == 2 and editor.request == EditRequest.from_record(records[1])
+    with pytest.raises(RuntimeError, match="already applied.*restore"):
+        with editor.edit(EditRequest.from_record(records[2])):  # the block would restore both
+            pass
+    assert len(editor.requests) == 2
     editor.restore()
     editor.restore()  # idempotent
     with pytest.raises(ValueError, match="target is empty"):
@@ -169,3 +174,72 @@ def test_mend_refuses_networks_of_another_model(tiny_random, tmp_path):
         get_editor("mend", tiny_random)  # the shipped networks belong to the embedded model
     with pytest.raises(FileNotFoundError, match="train-mend"):
         get_editor("mend", tiny_random, weights=str(tmp_path / "nothing"))
+
+
+def _edits(records, n):
+    return [EditRequest.from_record(records[i % len(records)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["none", "ft_l", "ft_v", "ike", "mend", "vead", "vead_memory"])
+def test_restore_is_bit_identical_after_50_stacked_edits(tiny_random, records, name):
+    if name == "vead_memory":
+        torch.manual_seed(0)
+        editor = VEADEditor(tiny_random, VEADConfig(layer=1, memory=True))
+        torch.nn.init.normal_(editor.adapter.w_end.weight, std=0.5)
+    elif name in ("ft_l", "ft_v"):
+        editor = get_editor(name, tiny_random, max_steps=2, **({"layer": -1} if name == "ft_l" else {}))
+    else:
+        editor = _build(name, tiny_random, records)
+    before = _probe_logits(tiny_random, records)
+    params_before = {n: p.detach().clone() for n, p in tiny_random.model.named_parameters()}
+    hooks = hook_count(tiny_random.model)
+    edits = _edits(records, 50)
+    editor.apply(edits[0])
+    after_one = _probe_logits(tiny_random, records) if name not in ("none", "ike") else None
+    for request in edits[1:40]:
+        editor.apply(request)
+    editor.apply_batch(edits[40:])  # ten more at once
+    assert len(editor.requests) == 50
+    if after_one is not None and name != "vead":  # the paper's VEAD holds only the last edit
+        assert not torch.equal(_probe_logits(tiny_random, records), after_one), f"{name}: the edits did not stack"
+    if name == "vead_memory":
+        assert len(editor.bank) == 50 and editor.held_bytes() > 0
+    editor.restore()
+    assert not editor.applied and editor.held_bytes() == 0
+    assert torch.equal(_probe_logits(tiny_random, records), before)
+    assert all(torch.equal(p, params_before[n]) for n, p in tiny_random.model.named_parameters())
+    assert hook_count(tiny_random.model) == hooks
+    assert not any(p.requires_grad for p in tiny_random.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["ft_l", "mend", "vead"])
+def test_a_failed_stacked_edit_leaves_the_earlier_ones(tiny_random, records, name, monkeypatch):
+    editor = _build(name, tiny_random, records) if name != "ft_l" else get_editor("ft_l", tiny_random, layer=-1,
+                                                                                    max_steps=2)
+    editor.apply(EditRequest.from_record(records[0]))
+    one = _probe_logits(tiny_random, records)
+    original = type(editor)._apply
+
+    def failing(self, request):
+        original(self, request)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(type(editor), "_apply", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        editor.apply(EditRequest.from_record(records[3]))
+    assert len(editor.requests) == 1
+    assert torch.equal(_probe_logits(tiny_random, records), one)
+    editor.restore()
+
+
+def test_batch_edits_are_one_step(tiny_random, records):
+    editor = get_editor("ft_l", tiny_random, layer=-1, max_steps=3, stop_loss=0.0)
+    editor.apply_batch(_edits(records, 4))
+    assert editor.steps_taken == 3 and len(editor.requests) == 4  # one tuning run for all four
+    editor.restore()
+    ike = InContextEditor(tiny_random, IKEConfig(n_demos=0), demos=records)
+    ike.apply_batch(_edits(records, 2))
+    assert records[0].alt in ike.context() and records[1].alt in ike.context()
+    ike.restore()
+    with pytest.raises(ValueError, match="at least one"):
+        editor.apply_batch([])

@@ -460,3 +460,58 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_as_its_default(ti
         train_vead(tiny_random, records, config, out=tmp_path / "vead", progress=False)
         assert calls["n"] == expected_steps
         shutil.rmtree(tmp_path / "vead")
+
+
+def _with_memory(editor, **kw):
+    return VEADEditor(editor.vllm, VEADConfig(layer=1, memory=True, **kw), adapter=editor.adapter)
+
+
+def test_two_edits_held_at_once_each_answer_on_their_own_input(tiny_random, records, editor):
+    reqs = [EditRequest.from_record(records[1]), EditRequest.from_record(records[2])]
+    probes = [(r.image, r.prompt, r.target) for r in reqs]
+    single = []
+    for req, probe in zip(reqs, probes):
+        with editor.edit(req):
+            single.append(tiny_random.score_batch([probe])[0].logprobs)
+    held = _with_memory(editor)
+    for req in reqs:
+        held.apply(req)
+    assert len(held.bank) == 2
+    both = [tiny_random.score_batch([p])[0].logprobs for p in probes] + [
+        s.logprobs for s in tiny_random.score_batch(probes)]  # one at a time, then both in one batch
+    assert held.last_route.tolist() == [0, 1]  # each row routed to its own edit: the nearest image
+    held.restore()
+    for got, want in zip(both, single + single):
+        assert np.allclose(got, want, atol=1e-5)
+    # the paper's VEAD holds one edit: the second replaces the first
+    editor.apply(reqs[0])
+    editor.apply(reqs[1])
+    assert len(editor.bank) == 1 and len(editor.requests) == 2
+    assert tiny_random.score_batch([probes[0]])[0].logprobs != single[0]
+    editor.restore()
+
+
+def test_one_held_edit_is_the_paper_vead_bit_for_bit(tiny_random, records, editor):
+    probe = [(records[3].image, records[3].src, records[3].alt)]
+    with editor.edit(EditRequest.from_record(records[1])):
+        paper = tiny_random.logits(tiny_random.inputs(probe))
+    for route in ("nearest", "gate"):
+        with _with_memory(editor, route=route).edit(EditRequest.from_record(records[1])):
+            assert torch.equal(tiny_random.logits(tiny_random.inputs(probe)), paper)
+
+
+def test_gate_routing_picks_the_edit_the_gate_opens_on_most(tiny_random, records, editor):
+    held = _with_memory(editor, route="gate")
+    held.apply_batch([EditRequest.from_record(r) for r in records[1:4]])  # one step, three memories
+    assert len(held.bank) == 3 and held.bank[0].states.shape[1] <= held.layer_states(
+        [(records[1].image, records[1].src, records[1].alt)])[0].shape[1]
+    tiny_random.score_batch([(records[4].image, records[4].src, records[4].alt)])
+    V = held.last_visual[0]
+    from visedit.editing.vead.memory import gate_scores
+
+    scores = torch.stack([held.adapter.gate_logits(V.float(), m.prompt_state.float()).amax(-1) for m in held.bank], -1)
+    assert torch.allclose(gate_scores(held.adapter, V, held.held_keys("im")), scores, atol=1e-5)
+    assert held.last_route.item() == scores.argmax(-1).item()
+    held.restore()
+    with pytest.raises(ValueError, match="route must be 'nearest' or 'gate'"):
+        VEADConfig(route="random")

@@ -226,6 +226,7 @@ def _evaluate(args) -> int:
     from .evaluation.protocol import _read_done
     from .models import load_vllm
 
+    _check_sequential(args)
     records = _records(args, progress=True)
     overrides = {"weights": str(args.weights)} if args.weights is not None else {}
     editor_settings(args.editor, preset=args.preset, **overrides)  # a bad preset fails before the model loads
@@ -233,6 +234,8 @@ def _evaluate(args) -> int:
     editor = get_editor(args.editor, vllm, preset=args.preset, allow_other_model=args.allow_other_model,
                         **overrides)
     source = Path(args.data).stem if args.data is not None else args.split
+    if args.sequential is not None:
+        return _evaluate_sequential(args, editor, records, source)
     out = args.out or Path("results") / "evaluate" / f"{args.editor}-{source}-n{len(records)}"
     try:
         summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=True)
@@ -247,6 +250,44 @@ def _evaluate(args) -> int:
     else:
         print(summary.table().to_string())
         print(f"n = {summary.n}, mean edit time {summary.edit_seconds_mean:.3f} s; written to {out}")
+    return 0
+
+
+def _check_sequential(args) -> None:
+    """``--every`` / ``--batch`` / ``--seed`` only go with ``--sequential``; checked before the model loads."""
+    if args.sequential is None:
+        given = [f for f, v in (("--every", args.every), ("--batch", args.batch), ("--seed", args.seed))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --sequential T: add --sequential, or leave them out")
+        return
+    for flag, value in (("--sequential", args.sequential), ("--batch", args.batch), ("--every", args.every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number of edits, got {value}")
+
+
+def _evaluate_sequential(args, editor, records, source: str) -> int:
+    from .evaluation import evaluate_sequential
+
+    batch, seed = args.batch or 1, args.seed or 0
+    out = args.out or Path("results") / "sequential" / f"{args.editor}-{source}-T{args.sequential}-b{batch}-s{seed}"
+    try:
+        summary = evaluate_sequential(editor, records, T=args.sequential, every=args.every, batch=batch, seed=seed,
+                                      out=out, resume=not args.fresh, progress=True)
+    except KeyboardInterrupt:
+        steps = Path(out) / "steps.jsonl"
+        saved = len(steps.read_text().splitlines()) if steps.exists() else 0
+        print(f"interrupted: {saved} edit steps are saved in {out}; resume with: "
+              f"{_resume_command(args, Path(out))}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "out": str(out)}, indent=1))
+    else:
+        print(summary.final.table().to_string())
+        if summary.retention:
+            print(summary.retention_frame().to_string())
+        print(f"T = {summary.T} edits in steps of {summary.batch}, {summary.edit_seconds_mean:.3f} s per edit, "
+              f"{summary.held_bytes[-1] / 2**20:.1f} MiB held at the end; written to {out}")
     return 0
 
 
@@ -489,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
 
-    p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor")
+    p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor (or the sequential "
+                       "one: --sequential T)")
     p.add_argument("--editor", required=True, choices=_all_editors(), help="which editor")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the world's dataset")
@@ -503,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use trained mend/vead networks even if they were trained for another model (warns)")
     p.add_argument("--out", default=None, type=Path, help="results folder (default: results/evaluate/…)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    p.add_argument("--sequential", type=int, default=None, metavar="T",
+                   help="apply T edits one after another without restoring, then score every edited record")
+    p.add_argument("--every", type=int, default=None, metavar="K",
+                   help="with --sequential: score the first K edits again after every K edits (retention)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="with --sequential: apply B edits per step (jointly where the editor can; default 1)")
+    p.add_argument("--seed", type=int, default=None, help="with --sequential: seed of the edit order (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)

@@ -8,6 +8,13 @@
 After :meth:`Editor.restore` (and after the ``with`` block, even when it raised) the model's logits
 on any input are bit-identical to before the edit: weight editors copy back the exact tensors they
 saved; hook and context editors remove what they added.
+
+Edits stack: :meth:`Editor.apply` may be called again while edits are applied (sequential, "lifelong"
+editing), and :meth:`Editor.apply_batch` applies several edits in one step (editors that can edit
+jointly do; the others apply them one after another). :meth:`Editor.restore` returns to the weights
+saved before the *first* edit, bit for bit, after any number of edits. An ``apply`` that raises leaves
+the editor as it was before the call (a first edit: the model restored; a stacked one: the earlier
+edits still applied).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import abc
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
@@ -57,66 +64,124 @@ class Editor(abc.ABC):
     def __init__(self, vllm: VLLM, config=None):
         self.vllm = vllm
         self.config = config if config is not None else self.config_class()
-        self.request: EditRequest | None = None
+        self.requests: list[EditRequest] = []  # the applied edits, oldest first
         self._saved: dict[str, torch.Tensor] = {}
         self._grad_flags: dict[str, bool] = {}
 
     # --- what subclasses provide -------------------------------------------------------------------
     def edited_parameters(self) -> Mapping[str, torch.nn.Parameter]:
-        """Parameters this editor may change (saved before every edit, restored exactly)."""
+        """Parameters this editor may change (saved before the first edit, restored exactly)."""
         return {}
 
     @abc.abstractmethod
     def _apply(self, request: EditRequest) -> None:
-        """Make the edit (weights are already saved)."""
+        """Make the edit on top of those already applied (weights are already saved; ``self.requests``
+        already ends with ``request``). When it raises, weights are put back by the base class and
+        :meth:`_rollback` undoes the rest."""
+
+    def _apply_batch(self, requests: Sequence[EditRequest]) -> None:
+        """Make several edits in one step (default: one after another; editors that edit jointly
+        override this)."""
+        for request in requests:
+            self._apply(request)
 
     def _undo(self) -> None:
         """Undo what is not a weight change (contexts, hooks). Weights are restored by the base class."""
+
+    def _rollback(self, n_before: int) -> None:
+        """Undo what a failed stacked ``apply`` left besides weights, back to ``n_before`` edits (default:
+        nothing — editors whose edits are weights or ``self.requests`` need nothing more)."""
 
     def context(self) -> str:
         """Text put before every prompt while an edit is applied (in-context editors)."""
         return ""
 
+    def held_bytes(self) -> int:
+        """Bytes this editor holds for its applied edits: the saved pre-edit weights, plus what
+        subclasses keep per edit (VEAD's edit memory)."""
+        return sum(t.numel() * t.element_size() for t in self._saved.values())
+
     # --- the protocol --------------------------------------------------------------------------------
     @property
     def applied(self) -> bool:
-        return self.request is not None
+        """True while at least one edit is applied."""
+        return bool(self.requests)
+
+    @property
+    def request(self) -> EditRequest | None:
+        """The last applied edit (None when nothing is applied)."""
+        return self.requests[-1] if self.requests else None
 
     def apply(self, request: EditRequest) -> None:
-        """Apply one edit. Raises if an edit is already applied (restore first)."""
+        """Apply one edit, on top of any already applied. If it raises, the editor is as before the call."""
         if not isinstance(request, EditRequest):
             raise TypeError(f"apply() needs an EditRequest, got {type(request).__name__}")
-        if self.applied:
-            raise RuntimeError(f"{self.name}: an edit is already applied; call restore() first")
+        self._transaction([request], lambda: self._apply(request))
+
+    def apply_batch(self, requests: Sequence[EditRequest]) -> None:
+        """Apply several edits in one step, on top of any already applied (editors that can edit jointly
+        do — FT-L/FT-V tune on all of them at once, MEND sums their updates, IKE and VEAD hold them all —
+        the others apply them one after another). If it raises, the editor is as before the call."""
+        requests = list(requests)
+        if not requests:
+            raise ValueError("apply_batch needs at least one EditRequest")
+        for r in requests:
+            if not isinstance(r, EditRequest):
+                raise TypeError(f"apply_batch() needs EditRequests, got {type(r).__name__}")
+        if len(requests) == 1:
+            return self.apply(requests[0])
+        self._transaction(requests, lambda: self._apply_batch(requests))
+
+    def _transaction(self, requests: list[EditRequest], make) -> None:
+        n_before = len(self.requests)
         params = dict(self.edited_parameters())
-        self._saved = {name: p.detach().clone() for name, p in params.items()}
-        self._grad_flags = {name: p.requires_grad for name, p in params.items()}
-        self.request = request
+        if n_before == 0:  # the pre-edit weights, kept until restore()
+            self._saved = {name: p.detach().clone() for name, p in params.items()}
+            self._grad_flags = {name: p.requires_grad for name, p in params.items()}
+            before = self._saved
+        else:  # this step's starting point, to put back if it fails
+            before = {name: p.detach().clone() for name, p in params.items()}
+        self.requests.extend(requests)
         try:
-            self._apply(request)
+            make()
         except BaseException:
-            self.restore()
+            if n_before == 0:
+                self.restore()
+            else:
+                try:
+                    self._rollback(n_before)
+                finally:
+                    del self.requests[n_before:]
+                    self._copy_back(before)
             raise
 
+    def _copy_back(self, saved: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.edited_parameters())
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+                params[name].requires_grad_(self._grad_flags[name])
+                params[name].grad = None
+
     def restore(self) -> None:
-        """Return the model to exactly its pre-edit state (a no-op when nothing is applied)."""
+        """Return the model to exactly its state before the first applied edit, however many were applied
+        (a no-op when nothing is applied)."""
         if not self.applied:
             return
         try:
             self._undo()
         finally:
-            params = dict(self.edited_parameters())
-            with torch.no_grad():
-                for name, saved in self._saved.items():
-                    params[name].copy_(saved)
-                    params[name].requires_grad_(self._grad_flags[name])
-                    params[name].grad = None
+            self._copy_back(self._saved)
             self._saved = {}
-            self.request = None
+            self.requests = []
 
     @contextlib.contextmanager
     def edit(self, request: EditRequest) -> Iterator["Editor"]:
-        """Apply ``request`` inside the block; restore on exit, also when the block raises."""
+        """Apply ``request`` inside the block; restore on exit, also when the block raises. Refused while
+        other edits are applied (the block's exit restores every edit): call :meth:`restore` first."""
+        if self.applied:
+            raise RuntimeError(f"{self.name}: {len(self.requests)} edit(s) are already applied and the with-block "
+                               "would restore them all; call restore() first, or use apply() to stack edits")
         self.apply(request)
         try:
             yield self

@@ -70,10 +70,14 @@ class _FineTune(Editor):
                 for name, p in module.named_parameters()}
 
     def _apply(self, request: EditRequest) -> None:
+        self._apply_batch([request])
+
+    def _apply_batch(self, requests) -> None:
+        """Tune on every request at once: the mean cross-entropy over all their target tokens."""
         params = list(self.edited_parameters().values())
         for p in params:
             p.requires_grad_(True)
-        inputs = self.vllm.inputs([(request.image, request.prompt, request.target)])
+        inputs = self.vllm.inputs([(r.image, r.prompt, r.target) for r in requests])
         optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self.steps_taken = 0
         with torch.enable_grad():
@@ -109,11 +113,11 @@ class FineTuneVision(_FineTune):
     name = "ft_v"
     config_class = FTVConfig
 
-    def _apply(self, request: EditRequest) -> None:
-        if request.image is None:
+    def _apply_batch(self, requests) -> None:
+        if any(request.image is None for request in requests):
             raise ValueError("ft_v tunes the vision side and needs an edit with an image: pass EditRequest(image, "
                              "prompt, target), or edit a text-only fact with ft_l, ike or mend")
-        super()._apply(request)
+        super()._apply_batch(requests)
 
     def _modules(self):
         modules = {"projector": self.vllm.site("projector")}

@@ -4,7 +4,7 @@ No weight changes: while an edit is applied, every prompt is preceded by demonst
 the *train* split and by the new fact itself, all written in the model's own conversation frame::
 
     user : <demo question> assistant : <new answer> user : <probe> assistant : <answer>   (× k)
-    user : <edit question> assistant : <edit target>                                  (the new fact)
+    user : <edit question> assistant : <edit target>                                  (the new fact, × edits)
     USER: <image> <question> ASSISTANT:                                               (the query)
 
 Each demonstration pairs a training edit (its question and counterfactual answer) with one probe:
@@ -68,5 +68,7 @@ class InContextEditor(Editor):
         # the edit lives in context(); nothing to change
 
     def context(self) -> str:
-        fact = _turn(self.request.prompt, self.request.target)
-        return f"{self.demonstrations} {fact}".strip()
+        """The demonstrations, then the new fact of every applied edit, oldest first (stacked edits all
+        stay in context, so many of them outgrow the model's positions: IKE's limit in sequential editing)."""
+        facts = " ".join(_turn(r.prompt, r.target) for r in self.requests)
+        return f"{self.demonstrations} {facts}".strip()

@@ -202,7 +202,11 @@ class MENDEditor(Editor):
         return {n: m.weight for n, m in self.networks.linears.items()}
 
     def _apply(self, request: EditRequest) -> None:
-        inputs = self.vllm.inputs([(request.image, request.prompt, request.target)])
+        self._apply_batch([request])
+
+    def _apply_batch(self, requests) -> None:
+        """One update for all ``requests``: the factors of their joint edit loss (MEND's batched edit)."""
+        inputs = self.vllm.inputs([(r.image, r.prompt, r.target) for r in requests])
         factors = self.networks.factors(self.vllm, inputs)
         with torch.no_grad():
             for name, dw in self.networks.deltas(factors).items():

@@ -1,9 +1,11 @@
-"""The MMEdit evaluation protocol: five metrics, two scores, resumable runs, result tables."""
+"""The MMEdit evaluation protocol: five metrics, two scores, resumable runs, result tables; the sequential
+(lifelong) protocol."""
 
 from .protocol import (METRICS, EditResult, EvalSummary, PairedDifference, check_records, evaluate,
                        load_results, paired_difference, plot_layer_sweep, plot_results, probes, quick_scores,
                        results_table, score_edit)
+from .sequential import SequentialSummary, edit_order, evaluate_sequential
 
 __all__ = ["METRICS", "EditResult", "EvalSummary", "PairedDifference", "check_records", "evaluate",
            "load_results", "paired_difference", "plot_layer_sweep", "plot_results", "probes", "quick_scores",
-           "results_table", "score_edit"]
+           "results_table", "score_edit", "SequentialSummary", "edit_order", "evaluate_sequential"]

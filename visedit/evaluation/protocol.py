@@ -23,6 +23,11 @@ la_locality     ``la_loc`` + ``la_loc_q`` (on              same
                 ``la_loc_a``): a look-alike creature
 ==============  =========================================  ==========================================
 
+Caption records (E-IC, ``record.task == "caption"``) are scored the same way with the caption prompt as
+the question ("a photo of") and the whole caption as the target: token accuracy over every caption
+token, as MMEdit does, and exact match of a greedy caption given room for the whole caption
+(:func:`answer_budget`).
+
 Single-edit protocol: restore → record pre-edit locality predictions → apply one edit (timed) →
 score → restore. :func:`evaluate` runs it over records, appending one JSON line per edit (flushed and
 synced), so an interrupted run resumes where it stopped; the summary is written atomically.
@@ -75,18 +80,28 @@ class EditResult:
 
 def probes(record) -> dict[str, tuple]:
     """The (image, question, target) probe of each metric for an MMEdit record (the five, then the region
-    probes the record carries)."""
+    probes the record carries). Caption records (E-IC) are probed the same way: the question is the caption
+    prompt (``src``, "a photo of"; ``rephrase``) and the target the whole caption; M-Generality's target is
+    the fresh rendering's own counterfactual caption where the record has one (``alt_rephrase``)."""
+    extra = getattr(record, "extra", {}) or {}
     out = {"reliability": (record.image, record.src, record.alt),
            "t_generality": (record.image, record.rephrase, record.alt),
-           "m_generality": (record.image_rephrase, record.src, record.alt),
+           "m_generality": (record.image_rephrase, record.src, extra.get("alt_rephrase", record.alt)),
            "t_locality": (None, record.loc, record.loc_ans),
            "m_locality": (record.m_loc, record.m_loc_q, record.m_loc_a)}
-    extra = getattr(record, "extra", {}) or {}
     if all(k in extra for k in _REGION_FIELDS["i_locality"]):
         out["i_locality"] = (record.image, extra["i_loc_q"], extra["i_loc_a"])
     if all(k in extra for k in _REGION_FIELDS["la_locality"]):
         out["la_locality"] = (extra["la_loc"], extra["la_loc_q"], extra["la_loc_a"])
     return out
+
+
+def answer_budget(vllm, record) -> int:
+    """How many tokens greedy answers may run to for ``record``'s exact match: 8 for a question (E-VQA), the
+    longest caption target's length + 4 for a caption record (E-IC: the whole caption must be generated)."""
+    if getattr(record, "task", "vqa") != "caption":
+        return 8
+    return max(8, max(len(vllm.encode_target(t)) for _, _, t in probes(record).values()) + 4)
 
 
 def _locality(metric: str) -> bool:
@@ -132,31 +147,52 @@ def score_edit(editor: Editor, record, *, index: int = 0, exact: bool = True) ->
     token accuracy only — no greedy generation, for validation loops; ``exact`` is then empty)."""
     begin = time.perf_counter()
     editor.restore()
-    p = probes(record)
-    metrics = list(p)
-    local = [m for m in metrics if _locality(m)]
-    pre_scores = dict(zip(local, editor.score_batch([p[m] for m in local])))
-    pre_answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local]))) if exact else {}
+    pre = pre_edit(editor, record, exact=exact)
     start = time.perf_counter()
     editor.apply(EditRequest.from_record(record))
     seconds = time.perf_counter() - start
     try:
-        post_scores = dict(zip(metrics, editor.score_batch([p[m] for m in metrics])))
-        post_answers = dict(zip(metrics, editor.answer_batch([p[m][:2] for m in metrics]))) if exact else {}
+        result = score_applied(editor, record, pre, index=index, exact=exact, edit_seconds=seconds)
     finally:
         editor.restore()
+    return dataclasses.replace(result, total_seconds=round(time.perf_counter() - begin, 6))
+
+
+def pre_edit(editor: Editor, record, *, exact: bool = True) -> tuple[dict, dict]:
+    """What the locality probes of ``record`` read before the edit, through ``editor`` as it is now:
+    (teacher-forced scores, greedy answers — empty unless ``exact``) by metric."""
+    p = probes(record)
+    local = [m for m in p if _locality(m)]
+    scores = dict(zip(local, editor.score_batch([p[m] for m in local])))
+    answers = dict(zip(local, editor.answer_batch([p[m][:2] for m in local],
+                                                  max_new_tokens=answer_budget(editor.vllm, record)))) if exact else {}
+    return scores, answers
+
+
+def score_applied(editor: Editor, record, pre: tuple[dict, dict], *, index: int = 0, exact: bool = True,
+                  edit_seconds: float = 0.0) -> EditResult:
+    """Score ``record``'s probes through the editor with its edits applied, against ``pre``
+    (:func:`pre_edit`, read before any edit): reliability and generality against ``alt``, localities
+    against the pre-edit readings."""
+    p = probes(record)
+    metrics = list(p)
+    pre_scores, pre_answers = pre
+    post_scores = dict(zip(metrics, editor.score_batch([p[m] for m in metrics])))
+    budget = answer_budget(editor.vllm, record)
+    post_answers = dict(zip(metrics, editor.answer_batch([p[m][:2] for m in metrics], max_new_tokens=budget))
+                        ) if exact else {}
     token, matches = {}, {}
     for m in metrics:
-        if m in local:
-            pre, post = pre_scores[m].argmax_ids, post_scores[m].argmax_ids
-            token[m] = sum(a == b for a, b in zip(pre, post)) / len(pre)
+        if m in pre_scores:
+            before, after = pre_scores[m].argmax_ids, post_scores[m].argmax_ids
+            token[m] = sum(a == b for a, b in zip(before, after)) / len(before)
         else:
             token[m] = post_scores[m].token_accuracy
         if exact:
-            wanted = pre_answers[m] if m in local else record.alt
+            wanted = pre_answers[m] if m in pre_scores else p[m][2]
             matches[m] = float(_norm(post_answers[m]) == _norm(wanted))
     answers = {**post_answers, **{f"{m}_pre": a for m, a in pre_answers.items()}}
-    return EditResult(index, token, matches, round(seconds, 6), answers, round(time.perf_counter() - begin, 6))
+    return EditResult(index, token, matches, round(edit_seconds, 6), answers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,25 +373,13 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
                 "model": editor.vllm.name, "model_fingerprint": editor.vllm.fingerprint, "n": len(records),
                 "records": _fingerprint(records)}
     done: list[EditResult] = []
-    jsonl = run_file = None
+    jsonl = None
     new_folder = new_run = False
     if out is not None:
         out = Path(out)
-        new_folder = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        run_file, jsonl = out / "run.json", out / "edits.jsonl"
-        new_run = not (resume and run_file.exists())
-        if not new_run:
-            previous = json.loads(run_file.read_text())
-            if previous != settings:
-                differs = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
-                raise ValueError(f"{out} holds a different evaluation run ({previous.get('editor')}, "
-                                 f"n={previous.get('n')}; differs in {', '.join(differs)}): pass another output "
-                                 f"folder or resume=False / --fresh")
-            done = _read_done(jsonl)
-        else:
-            done = []
-        write_json(run_file, settings)
+        new_folder, new_run = open_run(out, settings, editor, resume=resume)
+        jsonl = out / "edits.jsonl"
+        done = [] if new_run else _read_done(jsonl)
         _rewrite(jsonl, done)  # drops a truncated last line, if any
     results = list(done)
     handle = open(jsonl, "a") if jsonl is not None else None
@@ -365,16 +389,11 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
             result = score_edit(editor, records[i], index=i)
             results.append(result)
             if handle is not None:
-                handle.write(json.dumps(result.to_dict(), sort_keys=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+                append_line(handle, result.to_dict())
     except BaseException:
         if new_run and not results:  # a run that failed before its first edit leaves nothing behind
             handle.close()
-            for file in (run_file, jsonl):
-                file.unlink(missing_ok=True)
-            if new_folder and not any(out.iterdir()):
-                out.rmdir()
+            discard_run(out, new_folder, ["edits.jsonl"])
         raise
     finally:
         if handle is not None:
@@ -384,6 +403,45 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
     if out is not None:
         write_json(out / "summary.json", summary.to_dict())
     return summary
+
+
+def open_run(out: Path, settings: dict, editor: Editor, *, resume: bool) -> tuple[bool, bool]:
+    """Make the results folder ``out`` and write ``run.json``; returns (the folder is new, the run is new).
+    A folder holding another run is refused (settings added to the editor's config since that run was
+    written count as equal while they hold their defaults)."""
+    new_folder = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    new_run = not (resume and run_file.exists())
+    if not new_run:
+        previous = json.loads(run_file.read_text())
+        defaults = dataclasses.asdict(type(editor.config)())
+        if isinstance(previous.get("config"), dict) and isinstance(settings.get("config"), dict):
+            previous["config"] = {**{k: v for k, v in defaults.items() if k not in previous["config"]
+                                     and settings["config"].get(k) == v}, **previous["config"]}
+        if previous != settings:
+            differs = sorted(k for k in settings.keys() | previous.keys() if previous.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds a different evaluation run ({previous.get('editor')}, "
+                             f"n={previous.get('n')}; differs in {', '.join(differs)}): pass another output "
+                             f"folder or resume=False / --fresh")
+    write_json(run_file, settings)
+    return new_folder, new_run
+
+
+def discard_run(out: Path, new_folder: bool, files: Sequence[str]) -> None:
+    """Remove what a run that failed before its first edit wrote: ``run.json`` and ``files`` (and the
+    folder, if the run made it and it is now empty)."""
+    for name in ("run.json", *files):
+        (out / name).unlink(missing_ok=True)
+    if new_folder and not any(out.iterdir()):
+        out.rmdir()
+
+
+def append_line(handle, row: dict) -> None:
+    """Append one JSON line and make it durable (flushed and synced)."""
+    handle.write(json.dumps(row, sort_keys=True) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _rewrite(path: Path, rows: Sequence[EditResult]) -> None:

@@ -6,6 +6,10 @@ renderings of the same entity), ``loc``/``loc_ans`` (a text-only question about 
 ``m_loc``/``m_loc_q``/``m_loc_a`` (another entity's image and a question about it). Image paths are
 relative to an image root, exactly as in the released E-VQA/E-IC files, which :func:`load_mmedit`
 reads unchanged.
+
+E-IC (image captioning) records have the same fields: ``src`` is the caption prompt (:data:`CAPTION_PROMPT`,
+"a photo of"), ``pred`` the true caption and ``alt`` a counterfactual one. Which task a record belongs to
+is :func:`record_task`'s rule.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from ..io import atomic_path
-from .entities import FACTS, World, make_world
+from .entities import FACTS, VISUAL_FACTS, World, make_world
 from .questions import TEXT_FACTS, image_question, text_question
 from .render import render
-from .scene import askable, render_scene, scene_question, selectors
+from .scene import askable, caption, looks_words, render_scene, scene_question, selectors
 
 REQUIRED_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", "loc", "loc_ans",
                    "m_loc", "m_loc_q", "m_loc_a")
@@ -33,6 +37,10 @@ _MAYBE_LIST = ("pred", "alt", "loc_ans", "m_loc_a")
 DATASET_VERSION = 2  # bump when the world or renderer changes: cached datasets are rebuilt
 #: Extra fields that hold image paths (relative to the image root, like the MMEdit image fields).
 _EXTRA_PATHS = ("mask", "mask_rephrase", "m_loc_mask", "i_loc_mask", "la_loc", "la_loc_mask")
+#: The tasks of the MMEdit benchmark: E-VQA (questions) and E-IC (captions).
+TASKS = ("vqa", "caption")
+#: E-IC's caption prompt (MMEdit's) and the world's rephrase of it.
+CAPTION_PROMPT, CAPTION_REPHRASE = "a photo of", "a picture of"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,7 @@ class EditRecord:
     m_loc_q: str
     m_loc_a: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    task: str = "vqa"  # "vqa" (E-VQA) or "caption" (E-IC), see record_task
 
     def mask(self, which: str = "image") -> np.ndarray:
         """Ground-truth object mask (H, W bool) of ``image``, ``image_rephrase`` or ``m_loc`` (our
@@ -72,12 +81,33 @@ class MalformedRecordError(ValueError):
     """A record of an MMEdit file misses a field or holds the wrong type."""
 
 
-def load_mmedit(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[EditRecord]:
+def record_task(record: dict, path: str | os.PathLike, task: str | None = None) -> str:
+    """The task of a raw MMEdit record from file ``path``, by the first rule that applies:
+
+    1. ``task``, when given (an override for the whole file);
+    2. the record's own ``task`` field (our generator writes one);
+    3. ``"caption"`` when the file's name contains "caption" (the released E-IC files are
+       ``caption_train_edit.json`` / ``caption_eval_edit.json``);
+    4. ``"vqa"`` otherwise (the released E-VQA files, ``vqa_train.json`` / ``vqa_eval.json``).
+    """
+    for value in (task, record.get("task") if isinstance(record, dict) else None):
+        if value is not None:
+            if value not in TASKS:
+                raise MalformedRecordError(f"task must be one of {', '.join(TASKS)}, got {value!r}")
+            return value
+    return "caption" if "caption" in Path(path).name.lower() else "vqa"
+
+
+def load_mmedit(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                task: str | None = None) -> list[EditRecord]:
     """Read an MMEdit-schema JSON file (ours, or the released E-VQA / E-IC files) unchanged.
 
     ``image_root``: folder that image paths are relative to (default: the JSON file's folder).
+    ``task``: "vqa" or "caption" for every record (default: :func:`record_task`'s rule).
     Raises :class:`MalformedRecordError` naming the record index and field when a record is bad.
     """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} (or None: the file's rule), got {task!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"MMEdit file not found: {path} — generate one with "
@@ -89,13 +119,17 @@ def load_mmedit(path: str | os.PathLike, image_root: str | os.PathLike | None = 
     if not isinstance(data, list):
         raise MalformedRecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     root = Path(image_root) if image_root is not None else path.parent
-    return [_parse_record(i, rec, root, path) for i, rec in enumerate(data)]
+    return [_parse_record(i, rec, root, path, task) for i, rec in enumerate(data)]
 
 
-def _parse_record(i: int, rec: Any, root: Path, path: Path) -> EditRecord:
+def _parse_record(i: int, rec: Any, root: Path, path: Path, task: str | None = None) -> EditRecord:
     where = f"{path.name} record {i}"
     if not isinstance(rec, dict):
         raise MalformedRecordError(f"{where}: expected an object, got {type(rec).__name__}")
+    try:
+        kind = record_task(rec, path, task)
+    except MalformedRecordError as err:
+        raise MalformedRecordError(f"{where}: {err}") from None
     values: dict[str, Any] = {}
     for field in REQUIRED_FIELDS:
         if field not in rec:
@@ -109,11 +143,11 @@ def _parse_record(i: int, rec: Any, root: Path, path: Path) -> EditRecord:
         values[field] = value
     for field in ("image", "image_rephrase", "m_loc"):
         values[field] = (root / values[field]).resolve()
-    extra = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS}
+    extra = {k: v for k, v in rec.items() if k not in REQUIRED_FIELDS and k != "task"}
     for key in _EXTRA_PATHS:
         if isinstance(extra.get(key), str):
             extra[key] = (root / extra[key]).resolve()
-    return EditRecord(**values, extra=extra)
+    return EditRecord(**values, extra=extra, task=kind)
 
 
 # --------------------------------------------------------------------------------------------- generator
@@ -123,7 +157,8 @@ class DatasetSpec:
 
     ``edition`` 1: one creature per image (the first model's world). ``edition`` 2: scenes of 2–4
     creatures whose questions select the edited one, with two more locality probes (see
-    :func:`make_edit_dataset`); use ``image_size=80`` (:data:`SCENE_SPEC`).
+    :func:`make_edit_dataset`); use ``image_size=80`` (:data:`SCENE_SPEC`). ``task``: ``"vqa"`` (E-VQA:
+    questions) or ``"caption"`` (E-IC: captions of the visual facts, see :func:`make_edit_dataset`).
     """
 
     seed: int = 0
@@ -132,8 +167,11 @@ class DatasetSpec:
     eval_share: float = 0.2
     image_size: int = 64
     edition: int = 1
+    task: str = "vqa"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be 'vqa' (E-VQA) or 'caption' (E-IC), got {self.task!r}")
         if self.edition not in (1, 2):
             raise ValueError(f"edition must be 1 (one creature per image) or 2 (scenes), got {self.edition!r}")
         if self.edition == 2 and self.image_size < 48:
@@ -173,6 +211,13 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
     edited one — or one if the world has none — alone in its picture, asked the same fact). Every queried
     creature's mask is saved.
 
+    With ``task="caption"`` (E-IC) the edits are the visual (entity, fact) pairs of each split: ``src`` is
+    :data:`CAPTION_PROMPT` and ``rephrase`` :data:`CAPTION_REPHRASE`; ``pred`` is the image's caption in the
+    world's words (edition 1: the creature's looks, ``"a red striped star ."``; edition 2: the scene's
+    :func:`~visedit.world.scene.caption`) and ``alt`` the same caption with the edited creature's fact
+    changed; ``image_rephrase`` is a fresh rendering (edition 2: ``alt_rephrase`` is its caption with the same
+    change, the target of M-Generality); the locality probes are E-VQA's.
+
     The folder appears atomically (built beside it, then renamed). If ``out`` already holds a dataset
     made from the same spec it is reused.
     """
@@ -180,10 +225,14 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
 
     out = Path(out)
     manifest = {"version": DATASET_VERSION, **dataclasses.asdict(spec)}
+    if spec.task == "vqa":
+        del manifest["task"]  # the manifests written before E-IC existed stay valid
     if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()) == manifest:
         return out
     world = make_world(spec.seed, spec.n_entities)
     splits = split_pairs(world, spec.eval_share, spec.seed)
+    if spec.task == "caption":
+        splits = {k: [(i, f) for i, f in pairs if f in VISUAL_FACTS] for k, pairs in splits.items()}
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
@@ -195,7 +244,8 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
             for entity_idx, fact in pairs:
                 for k in range(spec.edits_per_pair):
                     idx = len(records)
-                    make = _make_record if spec.edition == 1 else _make_scene_record
+                    make = (_make_caption_record if spec.task == "caption" else _make_record if spec.edition == 1
+                            else _make_scene_record)
                     records.append(make(world, spec, split, split_id, idx, entity_idx, fact, k, rng, tmp))
                     bar.update()
             bar.close()
@@ -267,6 +317,47 @@ def _make_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx
         "mask_rephrase": mask_r,
         "m_loc_mask": mask_m,
     }
+
+
+def _make_caption_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx: int, entity_idx: int,
+                         fact: str, k: int, rng: random.Random, tmp: Path) -> dict[str, Any]:
+    """An E-IC record: the caption of ``entity`` (alone, edition 1; in a scene, edition 2) with its ``fact``
+    changed to another value."""
+    entity = world.entities[entity_idx]
+    alt_value = rng.choice([a for a in world.answers(fact) if a != entity.fact(fact)])
+    others = [e for e in world.entities if e is not entity]
+    size = spec.image_size
+    stem = f"{split}_{idx:05d}"
+    if spec.edition == 1:
+        looks = {f: entity.fact(f) for f in VISUAL_FACTS}
+        pred, alt = looks_words(**looks) + " .", looks_words(**{**looks, fact: alt_value}) + " ."
+        img, mask = _save(render(entity, seed=_rng(spec.seed, split_id, idx, 0), size=size), tmp, stem)
+        img_r, mask_r = _save(render(entity, seed=_rng(spec.seed, split_id, idx, 1), size=size), tmp,
+                              stem + "_rephrase")
+        extra = {}
+    else:
+        ents = [entity] + rng.sample(others, rng.randint(1, 3))
+        rng.shuffle(ents)
+        at = ents.index(entity)
+        scene = render_scene(ents, seed=_rng(spec.seed, split_id, idx, 0), size=size)
+        scene_r = render_scene(ents, seed=_rng(spec.seed, split_id, idx, 1), size=size)
+        pred, alt = caption(scene), caption(scene, change=(at, fact, alt_value))
+        img, mask = _save(scene, tmp, stem, scene.masks[at])
+        img_r, mask_r = _save(scene_r, tmp, stem + "_rephrase", scene_r.masks[at])
+        extra = {"edition": 2, "alt_rephrase": caption(scene_r, change=(at, fact, alt_value)),
+                 "n_creatures": len(scene)}
+    loc_entity, loc_fact = rng.choice(others), rng.choice(TEXT_FACTS)
+    mloc_entity, mloc_fact = rng.choice(others), rng.choice(FACTS)
+    m_render = (render(mloc_entity, seed=_rng(spec.seed, split_id, idx, 2), size=size) if spec.edition == 1 else
+                render_scene([mloc_entity], seed=_rng(spec.seed, split_id, idx, 2), size=size))
+    img_m, mask_m = _save(m_render, tmp, stem + "_mloc", m_render.mask)
+    m_q = (image_question(mloc_fact, rng.randrange(3)) if spec.edition == 1 else
+           scene_question(mloc_fact, "this creature", rng.randrange(3)))
+    return {"src": CAPTION_PROMPT, "pred": pred, "alt": alt, "rephrase": CAPTION_REPHRASE, "image": img,
+            "image_rephrase": img_r, "loc": text_question(loc_entity, loc_fact, rng.randrange(2)),
+            "loc_ans": loc_entity.fact(loc_fact), "m_loc": img_m, "m_loc_q": m_q, "m_loc_a": mloc_entity.fact(mloc_fact),
+            "task": "caption", "entity": entity.name, "fact": fact, "alt_value": alt_value, **extra,
+            "mask": mask, "mask_rephrase": mask_r, "m_loc_mask": mask_m}
 
 
 def _look_alike(world: World, entity, rng: random.Random):
@@ -371,5 +462,7 @@ def load_world_split(split: str = "eval", spec: DatasetSpec = DatasetSpec(), *, 
     default = default_dataset_dir()
     if spec.edition == 2:
         default = default.with_name("world2")
+    if spec.task == "caption":
+        default = default.with_name(default.name + "-caption")
     root = make_edit_dataset(root or default, spec, progress=progress)
     return load_mmedit(root / f"{split}.json")

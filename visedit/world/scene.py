@@ -201,16 +201,27 @@ def position_words(scene: SceneRendering, k: int) -> str:
     return "in the middle"
 
 
-def caption(scene: SceneRendering, *, rng: random.Random | None = None) -> str:
+def caption(scene: SceneRendering, *, rng: random.Random | None = None,
+            change: tuple[int, str, str] | None = None) -> str:
     """The scene in words: each creature's colour, pattern, shape and position (never its name or a
     non-visual fact), e.g. ``"a red striped star at the top left . a blue solid circle on the right ."``
-    With ``rng`` the creatures are listed in a random order, else in drawing order."""
+    With ``rng`` the creatures are listed in a random order, else in drawing order. ``change`` = (k, fact,
+    value) describes creature k with ``value`` for its colour, pattern or shape (a counterfactual caption)."""
     order = list(range(len(scene)))
     if rng is not None:
         rng.shuffle(order)
     parts = []
     for k in order:
-        e = scene.entities[k]
-        article = "an" if e.colour[0] in "aeiou" else "a"
-        parts.append(f"{article} {e.colour} {e.pattern} {e.shape} {position_words(scene, k)} .")
+        looks = {f: scene.entities[k].fact(f) for f in ("colour", "pattern", "shape")}
+        if change is not None and change[0] == k:
+            if change[1] not in looks:
+                raise ValueError(f"a caption changes colour, pattern or shape, not {change[1]!r}")
+            looks[change[1]] = change[2]
+        parts.append(f"{looks_words(**looks)} {position_words(scene, k)} .")
     return " ".join(parts)
+
+
+def looks_words(colour: str, pattern: str, shape: str) -> str:
+    """A creature's looks in the caption's words: ``"a red striped star"``, ``"an orange solid ring"``."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {pattern} {shape}"

@@ -6,6 +6,9 @@ Applying an edit is one partial forward pass (image + prompt + new answer, stopp
 the edit sample's states; then the hook rewrites the visual-token slice of every later input that has
 an image (and more than one token: single-token decoding steps reuse the edited prefix). Restoring
 removes the hook; no weight ever changes, so the model is bit-identical afterwards.
+
+Edits stack as the paper's VEAD allows: it holds one edit sample, so a new edit replaces the last one.
+With ``memory: true`` (ours, see :mod:`.memory`) it holds them all and routes each input to one.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class EditMemory:
     states: torch.Tensor
     mask: torch.Tensor
     prompt_state: torch.Tensor
+    visual: torch.Tensor | None = None  # (1, d): the mean of the edit sample's visual tokens (routing key)
 
 
 @register_editor
@@ -72,6 +76,9 @@ class VEADEditor(Editor):
         self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
         self.adapter.to(vllm.device).eval()
         self.memory: EditMemory | None = None
+        self.bank: list[EditMemory] = []  # the held edits (the last one only, unless config.memory)
+        self._keys_cache: dict[str, torch.Tensor] = {}
+        self._bypass = False
         self._stack: contextlib.ExitStack | None = None
 
     # --- save / load -----------------------------------------------------------------------------------
@@ -124,14 +131,30 @@ class VEADEditor(Editor):
         inputs = self.vllm.inputs(items)
         block = self.vllm.site(f"llm.layers.{self.layer}")
         with Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace, \
-                stop_after(block), torch.no_grad():
+                stop_after(block), torch.no_grad(), self._off():
             self.vllm.model(**inputs.tensors, use_cache=False)
         return (trace.inputs if self.at_input else trace.outputs)["block"], inputs
+
+    @contextlib.contextmanager
+    def _off(self):
+        """VEAD off inside the block, also while edits are applied (the edit sample's own states)."""
+        previous, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = previous
 
     def remember(self, request: EditRequest) -> EditMemory:
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs = self.layer_states([(request.image, request.prompt, request.target)])
-        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs))
+        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs),
+                          self._visual_key(states, inputs.visual_spans[0]))
+
+    @staticmethod
+    def _visual_key(states: torch.Tensor, span) -> torch.Tensor:
+        if span is None:
+            return torch.zeros_like(states[:, 0])
+        return states[:, span[0]:span[1]].mean(1)
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
@@ -162,20 +185,63 @@ class VEADEditor(Editor):
             self.restore()
 
     def _apply(self, request: EditRequest) -> None:
-        self.memory = self.remember(request)
-        self._stack = contextlib.ExitStack()
-        try:
-            self._top = self._stack.enter_context(Trace({"model": self.vllm.model}, inputs=True, outputs=False))
-            scope = edit_input if self.at_input else edit_output
-            self._stack.enter_context(scope(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
-        except BaseException:
-            self._stack.close()
-            raise
+        self._before = (list(self.bank), self.memory)
+        self._hold([self.remember(request)])
+
+    def _apply_batch(self, requests: Sequence[EditRequest]) -> None:
+        """Remember all edit samples in one partial forward pass (without ``memory`` only the last is held)."""
+        self._before = (list(self.bank), self.memory)
+        states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
+        mask = inputs.tensors["attention_mask"].bool()
+        keys = self._im_keys(states, inputs)
+        memories = []
+        for b in range(len(requests)):
+            n = int(mask[b].sum())
+            span = inputs.visual_spans[b]
+            memories.append(EditMemory(states[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
+                                       keys[b:b + 1].clone(), self._visual_key(states[b:b + 1], span)))
+        self._hold(memories)
+
+    def _hold(self, memories: list[EditMemory]) -> None:
+        """Attach the hook at the first edit; then hold ``memories`` (all of them with ``memory``, else the
+        last one, replacing any held edit)."""
+        if self._stack is None:
+            self._stack = contextlib.ExitStack()
+            try:
+                self._top = self._stack.enter_context(Trace({"model": self.vllm.model}, inputs=True, outputs=False))
+                scope = edit_input if self.at_input else edit_output
+                self._stack.enter_context(scope(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
+            except BaseException:
+                self._stack.close()
+                self._stack = None
+                raise
+        self.bank = self.bank + memories if self.config.memory else memories[-1:]
+        self.memory = self.bank[-1]
+        self._keys_cache = {}
+
+    def _rollback(self, n_before: int) -> None:
+        self.bank, self.memory = self._before  # what the failed call found
+        self._keys_cache = {}
 
     def _undo(self) -> None:
         if self._stack is not None:
             self._stack.close()
-        self._stack, self.memory = None, None
+        self._stack, self.memory, self.bank, self._keys_cache = None, None, [], {}
+
+    def held_bytes(self) -> int:
+        """Bytes of the held edit memories (VEAD changes no weight)."""
+        from .memory import held_bytes
+
+        return held_bytes(self.bank)
+
+    def held_keys(self, kind: str) -> torch.Tensor:
+        """The routing keys of the held edits, stacked once per change of the memory: ``"visual"`` (K, d)
+        unit vectors, or ``"im"`` (K, d) / (K, M, d) IM keys."""
+        from . import memory
+
+        if kind not in self._keys_cache:
+            self._keys_cache[kind] = (memory.visual_keys if kind == "visual" else memory.im_keys)(self.bank)
+        return self._keys_cache[kind]
 
     def _visual_rows(self, length: int):
         ids = self._top.kwargs.get("model", {}).get("input_ids")
@@ -189,11 +255,13 @@ class VEADEditor(Editor):
         return rows, cols
 
     def _rewrite(self, hidden: torch.Tensor) -> torch.Tensor:
-        where = self._visual_rows(hidden.shape[1])
+        where = None if self._bypass else self._visual_rows(hidden.shape[1])
         if where is None:
             return hidden
         rows, cols = where
         V = hidden[rows[:, None], cols]
+        if len(self.bank) > 1:
+            return self._rewrite_routed(hidden, rows, cols, V)
         m = self.memory
         states, mask, prompt = m.states, m.mask, m.prompt_state
         if states.shape[0] > 1:  # one edit per input row
@@ -203,6 +271,23 @@ class VEADEditor(Editor):
             states, mask, prompt = states[rows], mask[rows], prompt[rows]
         new, self.last_gate_logits = self.adapter(V.float(), states.float(), mask, prompt.float())
         self.last_visual = (V, new)  # the visual slice before and after VEAD (read by analysis.written_words)
+        hidden = hidden.clone()
+        hidden[rows[:, None], cols] = new.to(hidden.dtype)
+        return hidden
+
+    def _rewrite_routed(self, hidden, rows, cols, V) -> torch.Tensor:
+        """Each row attends to the held edit :func:`.memory.route` picks, applied as a single edit is."""
+        from .memory import route
+
+        chosen = route(self, V)
+        new = torch.empty_like(V, dtype=torch.float32)
+        s = V.new_empty(V.shape[:2], dtype=torch.float32)
+        for k in chosen.unique().tolist():
+            at = (chosen == k).nonzero()[:, 0]
+            m = self.bank[k]
+            new[at], s[at] = self.adapter(V[at].float(), m.states.float(), m.mask, m.prompt_state.float())
+        self.last_gate_logits, self.last_route = s, chosen
+        self.last_visual = (V, new)
         hidden = hidden.clone()
         hidden[rows[:, None], cols] = new.to(hidden.dtype)
         return hidden

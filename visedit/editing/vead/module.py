@@ -57,6 +57,11 @@ class VEADConfig(StrictConfig):
     ``eos`` (ours; the release: False): the training targets end with the end-of-sequence token — the edit
     and generality cross-entropies include it, and the locality KL covers its position — so the edited
     model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
+    ``memory`` (ours; the paper: False): hold every applied edit (its cached layer-l_e rows) instead of the
+    last one only, and let each input attend to the one edit that ``route`` picks: ``"nearest"`` — the
+    edit whose image is nearest in the visual-token space at l_e (cosine of the mean visual tokens) —
+    or ``"gate"`` — the edit whose influence-mapper gate opens most on the input (the largest s_j).
+    Settings of how an edit is *applied*, not trained: a trained VEAD is used with either.
     """
 
     layer: int | None = None
@@ -81,6 +86,8 @@ class VEADConfig(StrictConfig):
     decay_share: float = 0.0
     hard_loc: int = 0
     eos: bool = False
+    memory: bool = False
+    route: str = "nearest"
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64
@@ -89,6 +96,8 @@ class VEADConfig(StrictConfig):
     def __post_init__(self) -> None:
         if self.at not in ("output", "input"):
             raise ValueError(f"VEADConfig.at must be 'output' or 'input', got {self.at!r}")
+        if self.route not in ("nearest", "gate"):
+            raise ValueError(f"VEADConfig.route must be 'nearest' or 'gate', got {self.route!r}")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):

@@ -1,0 +1,113 @@
+"""The sequential (lifelong) protocol on a tiny random LLaVA: T = 1 is the single-edit protocol, the edit
+order is seeded and recorded, an interrupted run resumes to what an unbroken one writes, batches and
+retention checks, and the `evaluate --sequential` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from visedit.cli import main
+from visedit.editing import get_editor
+from visedit.evaluation import SequentialSummary, edit_order, evaluate_sequential, score_edit
+from visedit.world import DatasetSpec, load_world_split
+
+# seed 0: entity names come from the same world as the tiny model's vocabulary
+SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return load_world_split("eval", SPEC, root=tmp_path_factory.mktemp("seq_data"))
+
+
+def _ft_l(vllm):
+    return get_editor("ft_l", vllm, layer=-1, max_steps=2, stop_loss=0.0)
+
+
+def _rows(path, drop=("seconds", "edit_seconds", "total_seconds")):
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+
+def test_one_sequential_edit_is_the_single_edit_protocol(tiny_random, records, tmp_path):
+    editor = _ft_l(tiny_random)
+    summary = evaluate_sequential(editor, records[:5], T=1, seed=3, out=tmp_path, progress=False)
+    k = summary.order[0]
+    single = score_edit(editor, records[k], index=k)
+    row = json.loads((tmp_path / "edits.jsonl").read_text())
+    assert row["index"] == k and row["token"] == single.token and row["exact"] == single.exact
+    assert row["answers"] == single.answers
+    assert not editor.applied
+
+
+def test_the_edit_order_is_seeded_recorded_and_a_prefix_at_larger_t(tiny_random, records, tmp_path):
+    assert edit_order(20, 5, 0) == edit_order(20, 5, 0) != edit_order(20, 5, 1)
+    assert edit_order(20, 12, 0)[:5] == edit_order(20, 5, 0)
+    assert sorted(edit_order(20, 20, 4)) == list(range(20))
+    summary = evaluate_sequential(get_editor("none", tiny_random), records[:8], T=4, every=2, seed=7, out=tmp_path,
+                                  progress=False)
+    assert summary.order == edit_order(8, 4, 7) == json.loads((tmp_path / "run.json").read_text())["order"]
+    assert [r["index"] for r in _rows(tmp_path / "edits.jsonl")] == summary.order
+    assert summary.final.token["t_locality"] == summary.final.token["m_locality"] == 1.0  # nothing edited
+    assert [r["after"] for r in summary.retention] == [2, 4]
+    assert SequentialSummary.load(tmp_path / "summary.json") == summary
+    assert summary.retention_frame().shape == (2, 5)
+    with pytest.raises(ValueError, match="only 8 records"):
+        edit_order(8, 9, 0)
+
+
+def test_resume_after_kill_equals_an_unbroken_run(tiny_random, records, tmp_path, monkeypatch):
+    recs = records[:6]
+    kw = dict(T=5, every=2, seed=1, progress=False)
+    full = evaluate_sequential(_ft_l(tiny_random), recs, out=tmp_path / "full", **kw)
+    editor = _ft_l(tiny_random)
+    calls = {"n": 0}
+    original = type(editor)._apply
+
+    def dies_at_fourth(self, request):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        original(self, request)
+
+    monkeypatch.setattr(type(editor), "_apply", dies_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_sequential(editor, recs, out=tmp_path / "cut", **kw)
+    monkeypatch.setattr(type(editor), "_apply", original)
+    assert not editor.applied and len((tmp_path / "cut" / "steps.jsonl").read_text().splitlines()) == 3
+    with open(tmp_path / "cut" / "steps.jsonl", "a") as f:
+        f.write('{"step": 3, "edi')  # a line half-written when the process died
+    resumed = evaluate_sequential(editor, recs, out=tmp_path / "cut", **kw)
+    for name in ("steps.jsonl", "edits.jsonl"):
+        assert _rows(tmp_path / "cut" / name) == _rows(tmp_path / "full" / name)
+    assert resumed.final.token == full.final.token and resumed.retention == full.retention
+    with pytest.raises(ValueError, match="differs in T"):
+        evaluate_sequential(editor, recs, out=tmp_path / "cut", **{**kw, "T": 4})
+
+
+def test_batches_and_their_rules(tiny_random, records, tmp_path):
+    editor = _ft_l(tiny_random)
+    summary = evaluate_sequential(editor, records[:6], T=5, batch=2, every=2, out=tmp_path, progress=False)
+    steps = _rows(tmp_path / "steps.jsonl")
+    assert [len(s["edited"]) for s in steps] == [2, 2, 1] and [s["after"] for s in steps] == [2, 4, 5]
+    assert [s["edited"] for s in steps] == [summary.order[:2], summary.order[2:4], summary.order[4:]]
+    assert len(summary.held_bytes) == 3 and summary.held_bytes[-1] > 0  # FT-L keeps the pre-edit layer
+    assert summary.final.n == 5 and summary.edit_seconds_mean > 0
+    with pytest.raises(ValueError, match="multiple of batch"):
+        evaluate_sequential(editor, records[:6], T=4, batch=2, every=3, progress=False)
+    with pytest.raises(ValueError, match="positive int"):
+        evaluate_sequential(editor, records[:6], T=0, progress=False)
+
+
+def test_evaluate_cli_sequential(tiny_random_dir, records, tmp_path, capsys):
+    data = tmp_path / "eval.json"
+    raw = json.loads((records[0].image.parents[1] / "eval.json").read_text())[:4]
+    data.write_text(json.dumps(raw))
+    (tmp_path / "images").symlink_to(records[0].image.parent)
+    code = main(["evaluate", "--editor", "none", "--model", str(tiny_random_dir), "--data", str(data),
+                 "--sequential", "3", "--every", "1", "--seed", "2", "--out", str(tmp_path / "out"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["T"] == 3 and out["order"] == edit_order(4, 3, 2) and len(out["retention"]) == 3
+    assert main(["evaluate", "--editor", "none", "--model", str(tiny_random_dir), "--every", "2"]) == 2
+    assert "only apply to --sequential" in capsys.readouterr().err

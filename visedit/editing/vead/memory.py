@@ -1,0 +1,61 @@
+"""VEAD with a memory of many edits (our extension; the paper's VEAD holds one edit sample).
+
+With ``memory: true`` every applied edit keeps its cached layer-l_e rows (an :class:`EditMemory`), and
+each input row with an image attends to *one* of them, picked by a routing rule:
+
+- ``route: nearest`` — the edit whose image is nearest in the visual-token space at l_e: the cosine
+  between the mean of the input's visual tokens and the mean of the edit sample's (both VEAD-off states);
+- ``route: gate`` — the edit whose influence-mapper gate opens most on the input: max_j s_j, the IM's
+  score (the paper's formula, :meth:`VEAD.gate_logits`) of the input's visual tokens against each edit's
+  IM keys.
+
+The chosen edit is then applied exactly as a single edit is (so one held edit is the paper's VEAD).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def visual_keys(memories: Sequence) -> torch.Tensor:
+    """(K, d) unit vectors: the mean visual token of each held edit (zeros for an edit without an image)."""
+    return torch.nn.functional.normalize(torch.cat([m.visual for m in memories]).float(), dim=-1)
+
+
+def im_keys(memories: Sequence) -> torch.Tensor:
+    """(K, d) prompt keys, or (K, M, d) image keys, of the held edits."""
+    return torch.cat([m.prompt_state for m in memories]).float()
+
+
+def gate_scores(adapter, V: torch.Tensor, keys: torch.Tensor, *, budget: int = 20_000_000) -> torch.Tensor:
+    """(R, K): for each input row (visual tokens V (R, N, d)) and each held edit (``keys`` (K, d) or
+    (K, M, d)), the largest IM score max_j s_j over the row's visual tokens. Computed in chunks of edits
+    so that at most ``budget`` scores are held at once."""
+    R, N, d = V.shape
+    h = adapter.im_heads
+    v = adapter.r1(adapter.ln3(V.float())).view(R, N, h, d // h)
+    q = adapter.r2(adapter.ln4(keys))
+    q = q.view(keys.shape[0], 1 if keys.dim() == 2 else keys.shape[1], h, d // h)
+    step = max(1, budget // max(1, R * N * q.shape[1] * h))
+    out = []
+    for k0 in range(0, q.shape[0], step):
+        s = torch.einsum("rnhc,kmhc->rnkmh", v, q[k0:k0 + step]).mean(-1) / math.sqrt(d / h)
+        out.append(s.amax(-1).amax(1))
+    return torch.cat(out, 1)
+
+
+def route(editor, V: torch.Tensor) -> torch.Tensor:
+    """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to."""
+    if editor.config.route == "nearest":
+        query = torch.nn.functional.normalize(V.float().mean(1), dim=-1)
+        return (query @ editor.held_keys("visual").T).argmax(-1)
+    return gate_scores(editor.adapter, V, editor.held_keys("im")).argmax(-1)
+
+
+def held_bytes(memories: Sequence) -> int:
+    """Bytes of the held edits' tensors."""
+    return sum(t.numel() * t.element_size() for m in memories
+               for t in (m.states, m.mask, m.prompt_state, m.visual) if t is not None)

@@ -1,0 +1,216 @@
+"""Sequential ("lifelong") and batch editing: T edits applied one step after another without restoring.
+
+Protocol (:func:`evaluate_sequential`):
+
+1. the edit order: the first T records of one seeded permutation of ``records`` (so runs at several T
+   with the same seed edit the same records first), recorded in ``run.json``;
+2. before any edit, every edited record's locality probes are read (as the single-edit protocol does);
+3. the edits are applied in steps of ``batch`` (:meth:`Editor.apply_batch`), never restored in between;
+   each step's wall time and the bytes the editor holds (:meth:`Editor.held_bytes`) are recorded;
+   with ``every`` = K, after every K edits the *first* K edited records are scored again (retention);
+4. after the last step every edited record is scored (the five metrics and any region probes, token
+   accuracy and exact match): reliability and generality against its new answer, the localities
+   against the pre-edit readings — after all T edits;
+5. the editor is restored.
+
+With ``out`` (a folder): ``run.json`` (settings, the edit order), ``steps.jsonl`` (one line per step,
+with its retention scores) and ``edits.jsonl`` (one line per edited record, step 4), synced as they are
+written, and ``summary.json`` (atomic). An interrupted run resumes: the finished steps are applied
+again without scoring (editors are deterministic, so the model is where it was), then the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..editing.base import EditRequest, Editor
+from ..io import write_json
+from .protocol import (METRICS, EditResult, EvalSummary, _fingerprint, _read_done, _rewrite, append_line,
+                       check_records, discard_run, open_run, pre_edit, score_applied)
+
+
+def edit_order(n: int, T: int, seed: int) -> list[int]:
+    """The indices of the T records to edit, in edit order: the first T of a permutation of ``range(n)``
+    seeded by ``seed`` (a prefix of the order at any larger T)."""
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T (the number of sequential edits) must be a positive int, got {T!r}")
+    if T > n:
+        raise ValueError(f"T = {T} sequential edits but only {n} records: pass T ≤ {n} or more records")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:T]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialSummary:
+    """A sequential run: the final scores of every edited record (an :class:`EvalSummary` over them),
+    the retention rows (``after``: edits applied so far; ``token`` / ``exact``: the first ``every`` edits'
+    mean scores then), and the cost: seconds per edit and the bytes the editor held after each step."""
+
+    editor: str
+    T: int
+    batch: int
+    every: int | None
+    seed: int
+    order: list
+    final: EvalSummary
+    retention: list
+    edit_seconds_mean: float
+    held_bytes: list  # after each step
+    run_seconds: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        """The five-metric token-accuracy mean of the edited records after all T edits."""
+        return self.final.mean
+
+    def to_dict(self) -> dict:
+        return {"editor": self.editor, "T": self.T, "batch": self.batch, "every": self.every, "seed": self.seed,
+                "order": list(self.order), "final": self.final.to_dict(), "mean": round(self.mean, 4),
+                "retention": list(self.retention), "edit_seconds_mean": self.edit_seconds_mean,
+                "held_bytes": list(self.held_bytes), "held_bytes_final": self.held_bytes[-1],
+                "run_seconds": self.run_seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SequentialSummary":
+        return cls(d["editor"], d["T"], d["batch"], d["every"], d["seed"], list(d["order"]),
+                   EvalSummary.from_dict(d["final"]), list(d["retention"]), d["edit_seconds_mean"],
+                   list(d["held_bytes"]), d.get("run_seconds", 0.0))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SequentialSummary":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def retention_frame(self, *, score: str = "token"):
+        """One row per retention check: edits applied so far, then the first edits' five metrics."""
+        import pandas as pd
+
+        if score not in ("token", "exact"):
+            raise ValueError(f"score must be 'token' or 'exact', got {score!r}")
+        return pd.DataFrame([{"after": r["after"], **r[score]} for r in self.retention]).set_index("after")
+
+    def plot(self, *, score: str = "token"):
+        """The retention curve: the first edits' metrics against the number of edits applied (matplotlib)."""
+        import matplotlib.pyplot as plt
+
+        frame = self.retention_frame(score=score)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for m in frame.columns:
+            ax.plot(frame.index, frame[m], marker="o", label=m)
+        ax.set_xlabel("edits applied")
+        ax.set_ylabel("token accuracy" if score == "token" else "exact match")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{self.editor}: the first {self.every} edits, as more are applied")
+        ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        plt.close(fig)
+        return fig
+
+
+def _mean_scores(results: Sequence[EditResult], kind: str) -> dict:
+    metrics = METRICS + tuple(m for m in getattr(results[0], kind) if m not in METRICS and
+                              all(m in getattr(r, kind) for r in results))
+    return {m: round(float(np.mean([getattr(r, kind)[m] for r in results])), 4) for m in metrics}
+
+
+def _read_lines(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def evaluate_sequential(editor: Editor, records: Sequence, *, T: int, every: int | None = None, batch: int = 1,
+                        seed: int = 0, out: str | os.PathLike | None = None, resume: bool = True,
+                        progress: bool = True) -> SequentialSummary:
+    """Apply T edits of ``records`` one step (of ``batch`` edits) after another without restoring, then score
+    every edited record; with ``every`` = K also score the first K edits after every K (retention). See the
+    module docstring for the protocol and the files written to ``out``."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    order = edit_order(len(records), T, seed)
+    if every is not None:
+        if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= T:
+            raise ValueError(f"every must be an int in 1…T = {T} (or None: no retention checks), got {every!r}")
+        if every % batch:
+            raise ValueError(f"every = {every} must be a multiple of batch = {batch}: retention is checked "
+                             "between steps")
+    edited = [records[i] for i in order]
+    check_records(edited, editor.vllm)
+    steps = [order[k:k + batch] for k in range(0, T, batch)]
+    settings = {"editor": editor.name, "config": json.loads(json.dumps(dataclasses.asdict(editor.config))),
+                "model": editor.vllm.name, "model_fingerprint": editor.vllm.fingerprint, "n": len(records),
+                "records": _fingerprint(records), "protocol": "sequential", "T": T, "every": every,
+                "batch": batch, "seed": seed, "order": order}
+    step_rows: list[dict] = []
+    final_rows: list[EditResult] = []
+    files = new_folder = new_run = None
+    if out is not None:
+        out = Path(out)
+        new_folder, new_run = open_run(out, settings, editor, resume=resume)
+        files = {"steps": out / "steps.jsonl", "edits": out / "edits.jsonl"}
+        step_rows = [] if new_run else _read_lines(files["steps"])[: len(steps)]
+        final_rows = [] if new_run or len(step_rows) < len(steps) else _read_done(files["edits"])
+        files["steps"].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in step_rows))
+        _rewrite(files["edits"], final_rows)
+    begin = time.perf_counter()
+    editor.restore()
+    handles = {k: open(f, "a") for k, f in files.items()} if files else {}
+    try:
+        pre = [pre_edit(editor, r) for r in tqdm(edited, desc="pre-edit readings", disable=not progress)]
+        first = edited[:every] if every else []
+        for s, step in enumerate(tqdm(steps, desc=f"sequential {editor.name}", disable=not progress)):
+            start = time.perf_counter()
+            editor.apply_batch([EditRequest.from_record(records[i]) for i in step])
+            seconds = time.perf_counter() - start
+            if s < len(step_rows):
+                continue  # a finished step of an interrupted run, applied again without scoring
+            applied = sum(len(x) for x in steps[: s + 1])
+            row = {"step": s, "edited": list(step), "after": applied, "seconds": round(seconds, 6),
+                   "held_bytes": int(editor.held_bytes())}
+            if every and applied % every == 0:
+                scored = [score_applied(editor, r, p) for r, p in zip(first, pre)]
+                row["retention"] = {"token": _mean_scores(scored, "token"), "exact": _mean_scores(scored, "exact")}
+            step_rows.append(row)
+            if handles:
+                append_line(handles["steps"], row)
+        seconds_of = {i: r["seconds"] / len(r["edited"]) for r in step_rows for i in r["edited"]}
+        for k in tqdm(range(len(final_rows), T), desc="score the edited records", disable=not progress,
+                      initial=len(final_rows), total=T):
+            result = score_applied(editor, edited[k], pre[k], index=order[k], edit_seconds=seconds_of[order[k]])
+            final_rows.append(result)
+            if handles:
+                append_line(handles["edits"], result.to_dict())
+    except BaseException:
+        if new_run and not step_rows:
+            for h in handles.values():
+                h.close()
+            discard_run(out, new_folder, ["steps.jsonl", "edits.jsonl"])
+        raise
+    finally:
+        for h in handles.values():
+            h.close()
+        editor.restore()
+    final = EvalSummary.from_results(editor.name, final_rows, settings)
+    summary = SequentialSummary(
+        editor.name, T, batch, every, seed, order, final,
+        [{"after": r["after"], **r["retention"]} for r in step_rows if "retention" in r],
+        round(float(np.mean(list(seconds_of.values()))), 6), [r["held_bytes"] for r in step_rows],
+        round(time.perf_counter() - begin, 1))
+    if out is not None:
+        write_json(out / "summary.json", summary.to_dict())
+    return summary
