@@ -28,6 +28,7 @@ stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -212,13 +213,25 @@ def corpus(world: World, *, n_scenes: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_bpe_tokenizer(world: World, vocab_size: int = 640, *, seed: int = 0):
+def build_bpe_tokenizer(world: World, vocab_size: int = 640, *, seed: int = 0, trained: str | None = None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on :func:`corpus` (deterministic; any text
-    encodes, byte by byte if need be). Adds ``<s>`` in front of every encoded text."""
+    encodes, byte by byte if need be). Adds ``<s>`` in front of every encoded text. ``trained``: the JSON
+    of a tokenizer trained before (a checkpoint keeps it), used as it is."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = trained or _trained_bpe(world, vocab_size, seed)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="right")
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_bpe(world: World, vocab_size: int, seed: int) -> str:
+    """The trained BPE as JSON (cached: training renders the corpus' scenes, which takes seconds)."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -228,9 +241,7 @@ def build_bpe_tokenizer(world: World, vocab_size: int = 640, *, seed: int = 0):
     tok.train_from_iterator(corpus(world, seed=seed), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="right")
+    return tok.to_str()
 
 
 def tiny_config(cfg: RecipeConfig) -> TinyConfig:
@@ -238,10 +249,11 @@ def tiny_config(cfg: RecipeConfig) -> TinyConfig:
     return TinyConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TinyConfig)})
 
 
-def build_recipe_processor(world: World, cfg: RecipeConfig):
-    """``LlavaProcessor`` = the world's BPE tokenizer + the PIL CLIP image processor at ``cfg.image_size``."""
-    return build_processor(world, tiny_config(cfg), tokenizer=build_bpe_tokenizer(world, cfg.vocab_size,
-                                                                                   seed=cfg.world_seed))
+def build_recipe_processor(world: World, cfg: RecipeConfig, *, tokenizer_json: str | None = None):
+    """``LlavaProcessor`` = the world's BPE tokenizer (or the one ``tokenizer_json`` holds) + the PIL CLIP
+    image processor at ``cfg.image_size``."""
+    return build_processor(world, tiny_config(cfg), tokenizer=build_bpe_tokenizer(
+        world, cfg.vocab_size, seed=cfg.world_seed, trained=tokenizer_json))
 
 
 def build_recipe_model(tokenizer, cfg: RecipeConfig):
@@ -373,6 +385,7 @@ class _Checkpoint:
     def __init__(self, out: Path, cfg: RecipeConfig):
         self.path = Path(str(out) + ".ckpt")
         self.cfg = cfg
+        self.tokenizer: str | None = None
         self.state: dict | None = None
         if self.path.exists():
             state = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -382,7 +395,8 @@ class _Checkpoint:
             self.state = state
 
     def save(self, stage: str, step: int, modules: dict, opt, record: dict) -> None:
-        state = {"config": dataclasses.asdict(self.cfg), "stage": stage, "step": step, "record": record,
+        state = {"config": dataclasses.asdict(self.cfg), "tokenizer": self.tokenizer, "stage": stage, "step": step,
+                 "record": record,
                  "modules": {k: m.state_dict() for k, m in modules.items()},
                  "opt": opt.state_dict() if opt is not None else None}
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -411,7 +425,10 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     out = Path(out)
     torch.set_num_threads(cfg.threads)
     world = make_world(cfg.world_seed, cfg.n_entities)
-    processor = build_recipe_processor(world, cfg)
+    ckpt = _Checkpoint(out, cfg)
+    # a resumed run reads with the tokenizer it started with, whatever the corpus code has become since
+    processor = build_recipe_processor(world, cfg, tokenizer_json=(ckpt.state or {}).get("tokenizer"))
+    ckpt.tokenizer = processor.tokenizer.backend_tokenizer.to_str()
     model = build_recipe_model(processor.tokenizer, cfg).to(device)
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     decoder, head = model.model.language_model, model.lm_head
@@ -421,7 +438,6 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     img_proj = torch.nn.Linear(cfg.vision_hidden, cfg.vision_hidden).to(device)
     log_temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     aux = torch.nn.ModuleDict({"text": text_enc, "img": img_proj})
-    ckpt = _Checkpoint(out, cfg)
     start_stage, start_step = ckpt.position()
     record = ckpt.state["record"] if ckpt.state else {"config": dataclasses.asdict(cfg), "log": [], "seconds": {}}
     if ckpt.state:
