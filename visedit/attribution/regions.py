@@ -113,9 +113,7 @@ def deletion_insertion(vllm: VLLM, image, question: str, order_values: np.ndarra
         x[:, start:stop] = torch.where(keep[:, :, None].to(x.device), vis, mean)
         return x
 
-    tensors = {k: (v.expand(len(keep), *v.shape[1:]) if k != "pixel_values" else v.expand(len(keep), -1, -1, -1))
-               for k, v in inputs.tensors.items()}
     with edit_input(vllm.site("llm.layers.0"), blank):
-        probs = vllm.model(**tensors, use_cache=False).logits[:, T].float().softmax(-1)[:, y]
+        probs = vllm.run(vllm.repeat(inputs, len(keep))).logits[:, T].softmax(-1)[:, y]
     probs = probs.cpu().numpy()
     return probs[: len(counts)], probs[len(counts):]
