@@ -19,6 +19,7 @@ import torch
 
 from ..stats import bootstrap_ci
 from ..models import VLLM, unembed
+from ..viz.figures import layer_bars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,20 +158,3 @@ def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = 
                                low={k: lo[i].round(6).tolist() for i, k in enumerate(keys)},
                                high={k: hi[i].round(6).tolist() for i, k in enumerate(keys)},
                                n=len(rows), n_total=len(records), only_correct=only_correct)
-
-
-def layer_bars(series: dict[str, Sequence[float]], *, low=None, high=None, method: str = "paper", title: str = ""):
-    """Grouped bar chart of per-layer values (attention vs MLP), with error bars when given."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, values in series.items():
-        err = None
-        if low is not None and high is not None:
-            err = dict(type="data", symmetric=False, array=np.subtract(high[name], values),
-                       arrayminus=np.subtract(values, low[name]))
-        fig.add_bar(name=name, x=list(range(len(values))), y=list(values), error_y=err)
-    fig.update_layout(barmode="group", xaxis_title="LLM layer", height=340, title=title,
-                      yaxis_title="contribution" if method == "paper" else "direct logit attribution",
-                      margin=dict(l=50, r=10, t=40, b=40))
-    return fig

@@ -235,7 +235,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     interrupted run resumes (same settings, records and model weights) where it stopped."""
     from tqdm.auto import tqdm
 
-    from ...evaluation.protocol import quick_scores
+    from ..scoring import quick_scores
     from ...io import atomic_path
 
     if config.layer is None:
