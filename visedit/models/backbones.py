@@ -442,6 +442,85 @@ class LlavaAdapter(LlamaFamilyMath, BackboneAdapter):
         return grid if grid[0] * grid[1] == n_tokens else None
 
 
+def _blip2_class():
+    from transformers import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration
+
+
+def _decoder_math(language_model: nn.Module) -> type:
+    """The decoder-math mixin for a causal LM, chosen by its architecture class."""
+    from transformers import (LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM, Qwen2ForCausalLM)
+
+    for cls, math in ((OPTForCausalLM, OPTMath), (LlamaForCausalLM, LlamaFamilyMath),
+                      (MistralForCausalLM, LlamaFamilyMath), (Qwen2ForCausalLM, LlamaFamilyMath)):
+        if isinstance(language_model, cls):
+            return math
+    raise ValueError(f"no decoder math for {type(language_model).__name__}: visedit knows OPT and the Llama family "
+                     "(Llama, Mistral, Qwen2)")
+
+
+@register_backbone(_blip2_class())
+class Blip2Adapter(BackboneAdapter):
+    """BLIP-2 (``Blip2ForConditionalGeneration``): a frozen ViT → Q-Former (learned query tokens) → a
+    linear projection → a decoder LLM. With an OPT decoder it is the paper's BLIP-2 OPT; with a Llama
+    (Vicuna) decoder it is MiniGPT-4's design. The visual tokens are the projected query tokens, placed
+    by the processor before the text: they have no patch grid, so grid-needing features refuse.
+
+    The MLP site of an OPT layer is its ``fc2`` (whose output is what the MLP adds to the residual; FT-L
+    and MEND tune ``fc2`` there); a Llama layer's is its ``mlp``.
+    """
+
+    frame = PromptFrame("Question: {question} Answer:", image_in_text=False)
+
+    def __new__(cls, model):
+        if cls is Blip2Adapter:
+            cls = Blip2OPTAdapter if _decoder_math(model.language_model) is OPTMath else Blip2LlamaAdapter
+        return super().__new__(cls)
+
+    def _decoder(self) -> nn.Module:
+        lm = self.model.language_model.model
+        return lm.decoder if hasattr(lm, "decoder") else lm
+
+    def layers(self) -> nn.ModuleList:
+        return self._decoder().layers
+
+    def _final_norm(self) -> nn.Module:
+        dec = self._decoder()
+        return dec.final_layer_norm if hasattr(dec, "final_layer_norm") else dec.norm
+
+    def _fixed_sites(self) -> dict[str, nn.Module]:
+        return {"llm.embed": self._decoder().embed_tokens, "llm.norm": self._final_norm(),
+                "lm_head": self.model.language_model.lm_head, "vision_tower": self.model.vision_model,
+                "qformer": self.model.qformer, "projector": self.model.language_projection}
+
+    def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
+        return {"attn": layer.self_attn, "mlp": layer.fc2 if hasattr(layer, "fc2") else layer.mlp}
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def vision_layers(self) -> list[nn.Module]:
+        """Every ViT block (the Q-Former reads the ViT's last layer)."""
+        return list(self.model.vision_model.encoder.layers)
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """BLIP-2's forward needs pixels even for a text-only batch: a blank image, which no token reads."""
+        if per_item:
+            return super().collate_images(per_item)
+        size = self.model.config.vision_config.image_size
+        return {"pixel_values": torch.zeros(1, 3, size, size)}
+
+
+class Blip2OPTAdapter(OPTMath, Blip2Adapter):
+    label = "BLIP-2 (OPT)"
+
+
+class Blip2LlamaAdapter(LlamaFamilyMath, Blip2Adapter):
+    label = "BLIP-2 with a Llama decoder (MiniGPT-4's design)"
+
+
 def slice_kwargs(kwargs: dict, length: int) -> dict:
     """Keyword arguments recorded from a layer or attention call, cut to the first ``length`` positions
     and stripped of caches (so a module can be re-run on a batch of edited copies)."""

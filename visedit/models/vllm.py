@@ -128,7 +128,8 @@ class VLLM:
 
     @property
     def image_token(self) -> str:
-        return self.processor.image_token
+        token = self.processor.image_token
+        return getattr(token, "content", token)  # BLIP-2's processor holds an AddedToken
 
     @property
     def d_model(self) -> int:
@@ -254,7 +255,7 @@ class VLLM:
             for b, s in enumerate(seqs):
                 t[b, : len(s[key])] = s[key]
             tensors[key] = t.to(self.device)
-        image_tensors = self.adapter.collate_images(images) if images else {}
+        image_tensors = self.adapter.collate_images(images)
         for key, t in image_tensors.items():
             tensors[key] = t.to(self.device, self.model.dtype) if t.is_floating_point() else t.to(self.device)
         return Inputs(tensors, tuple(spans), tuple(lasts), tuple(tpos), tuple(tids), tuple(layouts),
@@ -288,7 +289,13 @@ class VLLM:
                 stack.enter_context(_stop_after(self.site(stop_after)))
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 logits = self.model(**tensors, use_cache=False).logits.float()
-        return Run(logits, tr.outputs, tr.inputs, tr.kwargs)
+        shape = tuple(tensors["input_ids"].shape)
+
+        def unflatten(t):  # OPT runs its MLP on (B·S, d) rows: give every site (B, S, …)
+            return t.view(*shape, -1) if t is not None and t.dim() == 2 and t.shape[0] == shape[0] * shape[1] else t
+
+        return Run(logits, {k: unflatten(v) for k, v in tr.outputs.items()},
+                   {k: unflatten(v) for k, v in tr.inputs.items()}, tr.kwargs)
 
     @torch.no_grad()
     def logits(self, inputs: Inputs) -> torch.Tensor:

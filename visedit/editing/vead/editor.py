@@ -68,7 +68,7 @@ class VEADEditor(Editor):
             raise ValueError("VEADConfig.layer is not set: pick l_e with choose_edit_layer(vllm, train_records) "
                              "or set `layer:` in the preset")
         self.layer = vllm.adapter.check_layer(self.config.layer)
-        d = vllm.model.config.text_config.hidden_size
+        d = vllm.d_model
         self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
         self.adapter.to(vllm.device).eval()
         self.memory: EditMemory | None = None
@@ -90,7 +90,7 @@ class VEADEditor(Editor):
         """The VEAD in ``folder``; refused if trained for another model (see :func:`check_trained_for`)."""
         meta, state = load_trained(folder, "vead")
         config = VEADConfig.from_dict(meta["config"])
-        d = vllm.model.config.text_config.hidden_size
+        d = vllm.d_model
         if meta["sizes"]["d"] != d or meta["layer"] >= vllm.n_layers:
             raise ValueError(f"the VEAD in {folder} was trained for another model ({meta.get('model', '?')}, "
                              f"d = {meta['sizes']['d']}); train one for this model with `python -m visedit "

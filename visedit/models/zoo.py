@@ -1,0 +1,72 @@
+"""Tiny random checkpoints of every architecture visedit supports, built from configs (no download).
+
+``build_checkpoint(kind, folder)`` writes a folder that :func:`~visedit.models.load_vllm` loads like a
+real checkpoint: the tests run every technique on each, and they let a reader try an architecture offline.
+The weights are random; only the plumbing (shapes, sites, exactness oracles) is meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .tiny import TinyConfig, build_model, build_processor, build_tokenizer, text_config
+
+#: The tiny shapes (seconds per technique on a CPU).
+SMALL = TinyConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                   vision_intermediate=64, hidden=48, layers=3, heads=2, intermediate=96, max_positions=128)
+#: kind → (architecture class, decoder, what it stands for)
+KINDS = {
+    "llava": ("LlavaForConditionalGeneration", "llama", "LLaVA-1.5 (Vicuna / Llama decoder)"),
+    "llava-mistral": ("LlavaForConditionalGeneration", "mistral", "LLaVA with a Mistral decoder (GQA)"),
+    "llava-qwen2": ("LlavaForConditionalGeneration", "qwen2", "LLaVA with a Qwen2 decoder (q/k/v biases)"),
+    "blip2-opt": ("Blip2ForConditionalGeneration", "opt", "BLIP-2 OPT (the paper's second backbone)"),
+    "blip2-llama": ("Blip2ForConditionalGeneration", "llama",
+                    "BLIP-2 with a Llama decoder: MiniGPT-4's design (ViT + Q-Former + linear → Vicuna)"),
+}
+NUM_QUERY_TOKENS = 8
+
+
+def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, world=None) -> Path:
+    """Write a tiny random checkpoint of ``kind`` (see :data:`KINDS`) to ``folder``; returns the folder."""
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    from ..world import make_world
+
+    world = world or make_world(0)
+    folder = Path(folder)
+    arch, decoder, _ = KINDS[kind]
+    tokenizer = build_tokenizer(world)
+    kv_heads = 1 if decoder == "mistral" else None
+    if arch == "LlavaForConditionalGeneration":
+        processor = build_processor(world, SMALL, tokenizer=tokenizer)
+        model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
+    else:
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                                  Blip2VisionConfig, PreTrainedTokenizerFast)
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        # Blip2Processor adds its own image token (an AddedToken) to a tokenizer that has none
+        plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="right")
+        size = SMALL.image_size
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        processor = Blip2Processor(image_processor=image_processor, tokenizer=plain, num_query_tokens=NUM_QUERY_TOKENS)
+        vision = Blip2VisionConfig(hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                                   num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                                   image_size=size, patch_size=SMALL.patch_size)
+        qformer = Blip2QFormerConfig(hidden_size=SMALL.vision_hidden, num_hidden_layers=1,
+                                     num_attention_heads=SMALL.vision_heads, intermediate_size=SMALL.vision_intermediate,
+                                     encoder_hidden_size=SMALL.vision_hidden)
+        text = text_config(plain, SMALL, decoder=decoder)
+        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=plain.convert_tokens_to_ids("<image>"))
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config)
+        with torch.no_grad():  # fresh query tokens are all zeros: every visual token would be the same
+            model.query_tokens.normal_(std=1.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
