@@ -55,18 +55,19 @@ class PromptFrame:
     """A backbone's conversation frame, used for every prompt (:meth:`VLLM.format_prompt`) and every
     in-context demonstration (IKE), so the two can never disagree.
 
-    ``template`` holds ``{image}`` (the image token and ``image_sep``, or nothing) and ``{question}``.
+    ``template`` holds ``{image}`` (``image`` with the image token as ``{token}``, or nothing) and
+    ``{question}``.
     With ``image_in_text=False`` the processor places the image tokens itself (BLIP-2's query tokens go
     before the text) and ``{image}`` is always empty.
     """
 
     template: str = "USER: {image}{question} ASSISTANT:"
-    image_sep: str = "\n"
+    image: str = "{token}\n"
     image_in_text: bool = True
 
     def prompt(self, question: str, image_token: str | None = None) -> str:
         """``question`` in the frame; ``image_token`` (or None for a text-only prompt) where the image goes."""
-        image = image_token + self.image_sep if image_token is not None and self.image_in_text else ""
+        image = self.image.format(token=image_token) if image_token is not None and self.image_in_text else ""
         return self.template.format(image=image, question=question.strip())
 
     def turn(self, question: str, answer: str) -> str:
@@ -397,12 +398,10 @@ def _llava_class():
     return LlavaForConditionalGeneration
 
 
-@register_backbone(_llava_class())
-class LlavaAdapter(LlamaFamilyMath, BackboneAdapter):
-    """LLaVA (``LlavaForConditionalGeneration``): CLIP-style tower → projector → a Llama-family LLM
-    (Llama / Vicuna, Mistral, Qwen2)."""
-
-    label = "LLaVA"
+class _VisionLanguageModel(LlamaFamilyMath, BackboneAdapter):
+    """The transformers layout of LLaVA-style models: ``model.model.language_model`` (a Llama-family
+    decoder), ``model.lm_head``, image tokens in the text at ``config.image_token_id``. Subclasses name
+    the vision side (:meth:`_vision_sites`)."""
 
     def _lm(self) -> nn.Module:
         return self.model.model.language_model
@@ -413,9 +412,12 @@ class LlavaAdapter(LlamaFamilyMath, BackboneAdapter):
     def layers(self) -> nn.ModuleList:
         return self._lm().layers
 
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
     def _fixed_sites(self) -> dict[str, nn.Module]:
         return {"llm.embed": self._lm().embed_tokens, "llm.norm": self._lm().norm, "lm_head": self.model.lm_head,
-                "vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}
+                **self._vision_sites()}
 
     def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
         return {"attn": layer.self_attn, "mlp": layer.mlp}
@@ -423,6 +425,17 @@ class LlavaAdapter(LlamaFamilyMath, BackboneAdapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+
+@register_backbone(_llava_class())
+class LlavaAdapter(_VisionLanguageModel):
+    """LLaVA (``LlavaForConditionalGeneration``): CLIP-style tower → projector → a Llama-family LLM
+    (Llama / Vicuna, Mistral, Qwen2)."""
+
+    label = "LLaVA"
+
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}
 
     def vision_layers(self) -> list[nn.Module]:
         """The vision-tower blocks whose output reaches the projector (up to ``vision_feature_layer``)."""
@@ -446,6 +459,53 @@ def _blip2_class():
     from transformers import Blip2ForConditionalGeneration
 
     return Blip2ForConditionalGeneration
+
+
+def _qwen2_vl_class():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+@register_backbone(_qwen2_vl_class())
+class Qwen2VLAdapter(_VisionLanguageModel):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``): a ViT with 2-D rotary positions whose 2×2 patch
+    groups are merged into one visual token each, → a Qwen2 decoder with multimodal rotary positions
+    (M-RoPE). Images keep their aspect ratio, so each input has its own grid (``image_grid_thw``). The
+    rotary tables reach the attention already recomposed per position, so the Llama-family math holds;
+    pixel values are flattened patches, so integrated gradients on pixels are refused."""
+
+    label = "Qwen2-VL"
+    frame = PromptFrame("<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
+                        image="<|vision_start|>{token}<|vision_end|>")
+
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.model.model.visual, "projector": self.model.model.visual.merger}
+
+    def vision_layers(self) -> list[nn.Module]:
+        return list(self.model.model.visual.blocks)
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        t, h, w = (int(x) for x in encoding["image_grid_thw"][0])
+        merge = self.model.config.vision_config.spatial_merge_size
+        return VisualLayout(n_tokens, ((h // merge, w // merge),) if t == 1 else ())
+
+    def repeat_images(self, tensors: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Flattened patches and grids of one image, for ``n`` copies (concatenated, as Qwen2-VL batches)."""
+        return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in tensors.items()}
+
+
+def _qwen2_5_vl_class():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
+
+
+@register_backbone(_qwen2_5_vl_class())
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL shares Qwen2-VL's layout and decoder; its ViT attends within windows (and SwiGLU MLPs)."""
+
+    label = "Qwen2.5-VL"
 
 
 def _decoder_math(language_model: nn.Module) -> type:

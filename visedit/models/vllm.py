@@ -396,7 +396,12 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
                                     f"model's name ({', '.join(EMBEDDED_MODELS)})")
     source = str(path) if path.exists() else str(path_or_id)
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        except ImportError:
+            processor = _processor_without_video(source, local_files_only)
+            if processor is None:
+                raise
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     except ImportError as err:
         package = _missing_package(err)
@@ -413,6 +418,26 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         info = {"edition": 1, "recipe": "first", **info}
     vllm = VLLM(model.to(device), processor, name=name, info=info)
     return vllm
+
+
+#: Architectures whose processor is rebuilt from tokenizer + image processor when its video part cannot load.
+_IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _processor_without_video(source: str, local_files_only: bool):
+    """For a Qwen2-VL checkpoint whose processor needs torchvision (only for video): the image-only
+    :class:`~visedit.models.processing.ImageTextProcessor`. None for other checkpoints."""
+    from transformers import AutoConfig
+
+    from .processing import ImageTextProcessor
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, local_files_only=local_files_only).model_type
+    except (OSError, ValueError):
+        return None
+    if model_type not in _IMAGE_ONLY_PROCESSORS:
+        return None
+    return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only)
 
 
 def _missing_package(err: ImportError) -> str:

@@ -23,6 +23,8 @@ KINDS = {
     "blip2-opt": ("Blip2ForConditionalGeneration", "opt", "BLIP-2 OPT (the paper's second backbone)"),
     "blip2-llama": ("Blip2ForConditionalGeneration", "llama",
                     "BLIP-2 with a Llama decoder: MiniGPT-4's design (ViT + Q-Former + linear → Vicuna)"),
+    "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2", "Qwen2-VL (M-RoPE, a grid per input, GQA)"),
+    "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
 }
 NUM_QUERY_TOKENS = 8
 
@@ -43,6 +45,8 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
     if arch == "LlavaForConditionalGeneration":
         processor = build_processor(world, SMALL, tokenizer=tokenizer)
         model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
+    elif arch.startswith("Qwen2"):
+        processor, model = _qwen2_vl(tokenizer, seed, version=kind)
     else:
         from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
                                   Blip2VisionConfig, PreTrainedTokenizerFast)
@@ -70,3 +74,39 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def _qwen2_vl(tokenizer, seed: int, *, version: str = "qwen2-vl"):
+    """Tiny Qwen2-VL or Qwen2.5-VL: 8-pixel patches merged 2×2 (a 2×2 token grid for a 32-pixel image),
+    M-RoPE sections summing to half the head width; the processor is tokenizer + image processor (no
+    video part)."""
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processing import ImageTextProcessor
+
+    size = SMALL.image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size,
+                                               patch_size=SMALL.patch_size, temporal_patch_size=2, merge_size=2)
+    text = text_config(tokenizer, SMALL, decoder="qwen2", kv_heads=1).to_dict()
+    head = SMALL.hidden // SMALL.heads
+    text["max_position_embeddings"] = 512  # its chat frame is long in a word-level vocabulary (IKE's context)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head // 6] * 3}
+    unused = tokenizer.unk_token_id  # no video and no vision start/end tokens in the tiny vocabulary
+    vision = dict(depth=1, num_heads=SMALL.vision_heads, patch_size=SMALL.patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if version == "qwen2-vl":
+        vision |= dict(embed_dim=SMALL.vision_hidden, hidden_size=SMALL.hidden, mlp_ratio=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision |= dict(hidden_size=SMALL.vision_hidden, out_hidden_size=SMALL.hidden,
+                       intermediate_size=SMALL.vision_intermediate, window_size=2 * 2 * SMALL.patch_size,
+                       fullatt_block_indexes=[0])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_class(text_config=text, vision_config=vision, video_token_id=unused,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                          vision_start_token_id=unused, vision_end_token_id=unused)
+    torch.manual_seed(seed)
+    return ImageTextProcessor(tokenizer, image_processor), model_class(config)
