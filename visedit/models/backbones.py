@@ -533,9 +533,12 @@ class Blip2Adapter(BackboneAdapter):
 
     frame = PromptFrame("Question: {question} Answer:", image_in_text=False)
 
+    #: decoder math → the concrete adapter, for the class registered on the architecture
+    variants: dict = {}
+
     def __new__(cls, model):
-        if cls is Blip2Adapter:
-            cls = Blip2OPTAdapter if _decoder_math(model.language_model) is OPTMath else Blip2LlamaAdapter
+        if "variants" in cls.__dict__:
+            cls = cls.variants[_decoder_math(model.language_model)]
         return super().__new__(cls)
 
     def _decoder(self) -> nn.Module:
@@ -579,6 +582,45 @@ class Blip2OPTAdapter(OPTMath, Blip2Adapter):
 
 class Blip2LlamaAdapter(LlamaFamilyMath, Blip2Adapter):
     label = "BLIP-2 with a Llama decoder (MiniGPT-4's design)"
+
+
+Blip2Adapter.variants = {OPTMath: Blip2OPTAdapter, LlamaFamilyMath: Blip2LlamaAdapter}
+
+
+def _instructblip_class():
+    from transformers import InstructBlipForConditionalGeneration
+
+    return InstructBlipForConditionalGeneration
+
+
+@register_backbone(_instructblip_class())
+class InstructBlipAdapter(Blip2Adapter):
+    """InstructBLIP (``InstructBlipForConditionalGeneration``): BLIP-2 whose Q-Former also reads the
+    instruction (``qformer_input_ids``, padded per batch here), so the query tokens depend on the question."""
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not per_item:  # a text-only batch: a blank image and a one-token instruction that no token reads
+            pad = int(self.model.config.qformer_config.pad_token_id or 0)
+            return {**super().collate_images(per_item), "qformer_input_ids": torch.tensor([[pad]]),
+                    "qformer_attention_mask": torch.ones(1, 1, dtype=torch.long)}
+        width = max(item["qformer_input_ids"].shape[1] for item in per_item)
+        padded = []
+        for item in per_item:
+            extra = width - item["qformer_input_ids"].shape[1]
+            padded.append({**item, "qformer_input_ids": torch.nn.functional.pad(item["qformer_input_ids"], (0, extra)),
+                           "qformer_attention_mask": torch.nn.functional.pad(item["qformer_attention_mask"], (0, extra))})
+        return super().collate_images(padded)
+
+
+class InstructBlipOPTAdapter(OPTMath, InstructBlipAdapter):
+    label = "InstructBLIP (OPT)"
+
+
+class InstructBlipLlamaAdapter(LlamaFamilyMath, InstructBlipAdapter):
+    label = "InstructBLIP (Vicuna / Llama)"
+
+
+InstructBlipAdapter.variants = {OPTMath: InstructBlipOPTAdapter, LlamaFamilyMath: InstructBlipLlamaAdapter}
 
 
 def slice_kwargs(kwargs: dict, length: int) -> dict:

@@ -23,6 +23,8 @@ KINDS = {
     "blip2-opt": ("Blip2ForConditionalGeneration", "opt", "BLIP-2 OPT (the paper's second backbone)"),
     "blip2-llama": ("Blip2ForConditionalGeneration", "llama",
                     "BLIP-2 with a Llama decoder: MiniGPT-4's design (ViT + Q-Former + linear → Vicuna)"),
+    "instructblip": ("InstructBlipForConditionalGeneration", "llama",
+                     "InstructBLIP (Vicuna / Llama decoder; the Q-Former reads the instruction)"),
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2", "Qwen2-VL (M-RoPE, a grid per input, GQA)"),
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
 }
@@ -48,32 +50,47 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
     elif arch.startswith("Qwen2"):
         processor, model = _qwen2_vl(tokenizer, seed, version=kind)
     else:
-        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                                  Blip2VisionConfig, PreTrainedTokenizerFast)
-        from transformers.models.clip import CLIPImageProcessorPil
-
-        # Blip2Processor adds its own image token (an AddedToken) to a tokenizer that has none
-        plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="right")
-        size = SMALL.image_size
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        processor = Blip2Processor(image_processor=image_processor, tokenizer=plain, num_query_tokens=NUM_QUERY_TOKENS)
-        vision = Blip2VisionConfig(hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
-                                   num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
-                                   image_size=size, patch_size=SMALL.patch_size)
-        qformer = Blip2QFormerConfig(hidden_size=SMALL.vision_hidden, num_hidden_layers=1,
-                                     num_attention_heads=SMALL.vision_heads, intermediate_size=SMALL.vision_intermediate,
-                                     encoder_hidden_size=SMALL.vision_hidden)
-        text = text_config(plain, SMALL, decoder=decoder)
-        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=plain.convert_tokens_to_ids("<image>"))
-        torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(config)
-        with torch.no_grad():  # fresh query tokens are all zeros: every visual token would be the same
-            model.query_tokens.normal_(std=1.0)
+        processor, model = _blip2(tokenizer, seed, decoder=decoder, instruct=arch.startswith("InstructBlip"))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def _blip2(tokenizer, seed: int, *, decoder: str, instruct: bool):
+    """Tiny BLIP-2 or InstructBLIP: a 2-block ViT, a 1-layer Q-Former with 8 query tokens, a linear
+    projection into the decoder."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    prefix = "InstructBlip" if instruct else "Blip2"
+    parts = {name: getattr(transformers, prefix + name) for name in
+             ("Config", "ForConditionalGeneration", "Processor", "QFormerConfig", "VisionConfig")}
+    # the processor adds its own image token (an AddedToken) to a tokenizer that has none
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>",
+                                    eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="right")
+    size = SMALL.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    extra = {"qformer_tokenizer": PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                                          pad_token="<pad>", padding_side="right")} if instruct else {}
+    processor = parts["Processor"](image_processor=image_processor, tokenizer=plain, num_query_tokens=NUM_QUERY_TOKENS,
+                                   **extra)
+    vision = parts["VisionConfig"](hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                                   num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                                   image_size=size, patch_size=SMALL.patch_size)
+    words = dict(vocab_size=len(plain), pad_token_id=plain.pad_token_id) if instruct else {}
+    qformer = parts["QFormerConfig"](hidden_size=SMALL.vision_hidden, num_hidden_layers=1,
+                                     num_attention_heads=SMALL.vision_heads, intermediate_size=SMALL.vision_intermediate,
+                                     encoder_hidden_size=SMALL.vision_hidden, **words)
+    text = text_config(plain, SMALL, decoder=decoder)
+    config = parts["Config"](vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=plain.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = parts["ForConditionalGeneration"](config)
+    with torch.no_grad():  # fresh query tokens are all zeros: every visual token would be the same
+        model.query_tokens.normal_(std=1.0)
+    return processor, model
 
 
 def _qwen2_vl(tokenizer, seed: int, *, version: str = "qwen2-vl"):
