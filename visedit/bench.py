@@ -1,4 +1,5 @@
-"""Benchmarks and method comparisons behind ``python -m visedit bench tracing`` and ``regions``."""
+"""Benchmarks behind ``python -m visedit bench tracing``. (The method comparison behind ``regions``,
+:func:`region_scores`, lives in :mod:`visedit.attribution.regions`; it is re-exported here.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .attribution.regions import region_scores  # noqa: F401 (re-exported)
 
 
 def _reset_peak() -> None:
@@ -54,49 +57,3 @@ def bench_tracing(vllm, record, *, repeats: int = 3, radius: int = 1, sigma: flo
     out.update(windows=len(maps["batched"].values[0]), layers=len(maps["batched"].layers), n=n, radius=radius,
                sigma=sigma, repeats=repeats)
     return out
-
-
-def _mask(record) -> np.ndarray:
-    return record.mask()
-
-
-def region_scores(vllm, records, *, steps: int = 8, progress: bool = True) -> dict:
-    """Every heatmap method on the given records: pointing game and lift at every layer, the best
-    layer per method (by lift), and deletion/insertion AUCs at that layer."""
-    from tqdm.auto import tqdm
-
-    from .attribution import (attention_map, integrated_gradients, noise_perturbation, restoration_tracing,
-                              score_heatmap, token_allocation)
-
-    if not records:
-        raise ValueError("no records to score: pass a non-empty list")
-    L = vllm.n_layers
-    heatmaps: dict[str, list[dict]] = {m: [] for m in ("noise", "restoration", "allocation", "attention",
-                                                       "ig_layer", "ig_pixels")}
-    for rec in tqdm(records, desc="heatmaps", disable=not progress):
-        noise = noise_perturbation(vllm, rec.image, rec.src, radius=1)
-        rest = restoration_tracing(vllm, rec.image, rec.src, radius=1, n=3)
-        heatmaps["noise"].append({l: noise.heatmap(l) for l in range(L)})
-        heatmaps["restoration"].append({l: rest.heatmap(l) for l in range(L)})
-        heatmaps["allocation"].append({l: token_allocation(vllm, rec.image, rec.src, layer=l).heatmap()
-                                       for l in range(L)})
-        heatmaps["attention"].append({l: attention_map(vllm, rec.image, rec.src, layer=l) for l in range(L)})
-        heatmaps["ig_layer"].append({l: integrated_gradients(vllm, rec.image, rec.src, layer=l, n_steps=24).heatmap()
-                                     for l in range(0, L, max(1, L // 4))})
-        heatmaps["ig_pixels"].append({-1: integrated_gradients(vllm, rec.image, rec.src, n_steps=24).heatmap()})
-    result: dict = {}
-    for method, per_record in heatmaps.items():
-        layers = list(per_record[0])
-        lift = {l: float(np.mean([score_heatmap(h[l], _mask(r)).lift for h, r in zip(per_record, records)]))
-                for l in layers}
-        best = max(layers, key=lambda l: lift[l])
-        scores = [score_heatmap(h[best], _mask(r), vllm=vllm, image=r.image, question=r.src, steps=steps)
-                  for h, r in zip(per_record, records)]
-        result[method] = {"pointing_game": round(float(np.mean([s.pointing_game for s in scores])), 4),
-                          "lift": round(float(np.mean([s.lift for s in scores])), 4),
-                          "deletion_auc": round(float(np.mean([s.deletion_auc for s in scores])), 4),
-                          "insertion_auc": round(float(np.mean([s.insertion_auc for s in scores])), 4),
-                          "n": len(scores), "best_layer": None if best == -1 else int(best),
-                          "lift_by_layer": {str(l): round(v, 4) for l, v in lift.items()}}
-    result["best_layer"] = {m: v["best_layer"] for m, v in result.items() if isinstance(v, dict)}
-    return result

@@ -158,7 +158,7 @@ def _bench(args) -> int:
 
 
 def _regions(args) -> int:
-    from .bench import region_scores
+    from .attribution import region_scores
     from .models import load_vllm
 
     from .attribution.selectivity import layer_selectivity

@@ -12,11 +12,20 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..hooks import Trace
 from ..models import VLLM
 
 
 _NO_VISUAL = "this input has no visual tokens: pass an image (attribution over visual tokens needs one)"
+
+
+def on_grid(values: np.ndarray, grid: tuple[int, int] | None, feature: str) -> np.ndarray:
+    """``values`` (N_v,) as a (rows, cols) heatmap; a one-line refusal when the visual tokens have no
+    single patch grid (query tokens, several tiles) — never a silent 1×N strip."""
+    if grid is None:
+        raise ValueError(f"{feature} needs the visual tokens on one patch grid, and these {len(values)} have "
+                         "none (the backbone reads the image as query tokens or as several grids): use the "
+                         "per-token values instead")
+    return values.reshape(grid)
 
 
 def visual_span(inputs, b: int = 0) -> tuple[int, int]:
@@ -44,9 +53,8 @@ class VisualTokenMap:
         return dataclasses.asdict(self)
 
     def heatmap(self) -> np.ndarray:
-        """(rows, cols) array on the patch grid, or a (1, N_v) strip without a grid."""
-        values = np.asarray(self.visual)
-        return values.reshape(self.grid) if self.grid else values[None, :]
+        """(rows, cols) array on the patch grid; refused without a grid (use ``visual``)."""
+        return on_grid(np.asarray(self.visual), self.grid, "a heatmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +88,20 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
     """Exact allocation of layer ``layer``'s attention output at T to each visual token."""
     layer = vllm.adapter.check_layer(layer)
     inputs, start, stop, T = prepare(vllm, image, question)
-    attn = vllm.site(f"llm.layers.{layer}.attn")
-    with Trace({"attn": attn, "norm": vllm.site("llm.norm")}, inputs=True) as tr:
-        logits = vllm.logits(inputs)[0, T]
+    run = vllm.run(inputs, trace=[f"llm.layers.{layer}.attn", "llm.norm"], trace_inputs=True)
+    logits = run.logits[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
-    terms = vllm.adapter.attention_terms(layer, tr.inputs["attn"], tr.kwargs["attn"], T)  # (H, T+1, d)
-    direction = vllm.adapter.final_norm_scale(tr.inputs["norm"][0, T]).float() * vllm.site("lm_head").weight[y].float()
+    attn = f"llm.layers.{layer}.attn"
+    terms = vllm.adapter.attention_terms(layer, run.inputs[attn], run.kwargs[attn], T)  # (H, T+1, d)
+    direction, _ = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
     per_source = (terms.float() @ direction).sum(0)  # (T+1,)
     bias = vllm.adapter.attention_output_bias(layer)
     bias_proj = float(bias.float() @ direction) if bias is not None else 0.0
-    module_proj = float(tr.outputs["attn"][0, T].float() @ direction)
+    module_proj = float(run.outputs[attn][0, T].float() @ direction)
     error = abs(float(per_source.sum()) + bias_proj - module_proj)
     visual = per_source[start:stop]
     return TokenAllocation(layer=layer, target=vllm.tokenizer.decode([y]).strip(),
-                           visual=tuple(visual.tolist()), grid=vllm.adapter.visual_grid(stop - start),
+                           visual=tuple(visual.tolist()), grid=inputs.layout(0).grid,
                            text=float(per_source.sum() - visual.sum()), bias=bias_proj,
                            module_projection=module_proj, max_error=error)
 
@@ -101,12 +109,11 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
 @torch.no_grad()
 def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray:
     """Raw attention weights from the last prompt token to each visual token at ``layer``, averaged
-    over heads: a (rows, cols) heatmap (or a 1×N strip)."""
+    over heads: a (rows, cols) heatmap (refused when the visual tokens have no patch grid)."""
     layer = vllm.adapter.check_layer(layer)
     inputs, start, stop, T = prepare(vllm, image, question)
-    with Trace({"attn": vllm.site(f"llm.layers.{layer}.attn")}, inputs=True) as tr:
-        vllm.logits(inputs)
-    weights = vllm.adapter.attention_weights(layer, tr.inputs["attn"], tr.kwargs["attn"], T).mean(0)
-    values = weights[start:stop].float().numpy()
-    grid = vllm.adapter.visual_grid(stop - start)
-    return values.reshape(grid) if grid else values[None, :]
+    grid = inputs.layout(0).require_grid("attention_map", vllm.backbone)
+    site = f"llm.layers.{layer}.attn"
+    run = vllm.run(inputs, trace=[site], trace_inputs=True)
+    weights = vllm.adapter.attention_weights(layer, run.inputs[site], run.kwargs[site], T).mean(0)
+    return weights[start:stop].float().numpy().reshape(grid)

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..hooks import Trace
 from ..stats import bootstrap_ci
 from ..models import VLLM, unembed
+from ..viz.figures import layer_bars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +36,16 @@ class ModuleContributions:
     logit: float
     predicted: str
     alpha: float
+    #: The part of the logit no module writes: the final norm's and the head's biases (0 with RMSNorm).
+    dla_bias: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @property
     def dla_total(self) -> float:
-        """Embedding + every module's DLA; equals :attr:`logit` up to float error."""
-        return self.dla_embed + sum(self.dla_attn) + sum(self.dla_mlp)
+        """Embedding + every module's DLA (+ the norm's bias); equals :attr:`logit` up to float error."""
+        return self.dla_embed + sum(self.dla_attn) + sum(self.dla_mlp) + self.dla_bias
 
     def plot(self, *, method: str = "paper"):
         return layer_bars({"attention": self.attn if method == "paper" else self.dla_attn,
@@ -67,27 +69,25 @@ def module_contributions(vllm: VLLM, image, question: str, *, target: str | None
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     inputs = vllm.inputs([(image, question)])
     L = vllm.n_layers
-    sites = {f"attn{l}": vllm.site(f"llm.layers.{l}.attn") for l in range(L)}
-    sites |= {f"mlp{l}": vllm.site(f"llm.layers.{l}.mlp") for l in range(L)}
-    sites["norm"] = vllm.site("llm.norm")
-    sites["embed"] = vllm.site("llm.layers.0")
+    sites = [f"llm.layers.{l}.{k}" for k in ("attn", "mlp") for l in range(L)]
     T = inputs.last_prompt[0]
-    with Trace(sites, inputs=True) as tr:
-        logits = vllm.logits(inputs)[0, T]
+    run = vllm.run(inputs, trace=sites + ["llm.norm", "llm.layers.0"], trace_inputs=True)
+    logits = run.logits[0, T]
     y = _target_id(vllm, logits, target)
-    outs = torch.stack([tr.outputs[f"{k}{l}"][0, T] for k in ("attn", "mlp") for l in range(L)]).float()
+    outs = torch.stack([run.outputs[s][0, T] for s in sites]).float()
     z = unembed(vllm.adapter, outs.to(vllm.model.dtype)).float()
     v = z[:, y]
     p = z.softmax(-1)[:, y]
     M = v.abs().max().clamp_min(1e-12)
     c = torch.sign(v) * (v.abs() / M).pow(1 - alpha) * p.pow(alpha)
-    direction = vllm.adapter.final_norm_scale(tr.inputs["norm"][0, T]).float() * vllm.site("lm_head").weight[y].float()
+    direction, bias = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
     dla = outs @ direction
-    embed = float(tr.inputs["embed"][0, T].float() @ direction)
+    embed = float(run.inputs["llm.layers.0"][0, T].float() @ direction)
     return ModuleContributions(
         target=vllm.tokenizer.decode([y]).strip(), target_id=y, attn=tuple(c[:L].tolist()), mlp=tuple(c[L:].tolist()),
         dla_attn=tuple(dla[:L].tolist()), dla_mlp=tuple(dla[L:].tolist()), dla_embed=embed,
-        logit=float(logits[y]), predicted=vllm.tokenizer.decode([int(logits.argmax())]).strip(), alpha=alpha)
+        logit=float(logits[y]), predicted=vllm.tokenizer.decode([int(logits.argmax())]).strip(), alpha=alpha,
+        dla_bias=bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,20 +158,3 @@ def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = 
                                low={k: lo[i].round(6).tolist() for i, k in enumerate(keys)},
                                high={k: hi[i].round(6).tolist() for i, k in enumerate(keys)},
                                n=len(rows), n_total=len(records), only_correct=only_correct)
-
-
-def layer_bars(series: dict[str, Sequence[float]], *, low=None, high=None, method: str = "paper", title: str = ""):
-    """Grouped bar chart of per-layer values (attention vs MLP), with error bars when given."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, values in series.items():
-        err = None
-        if low is not None and high is not None:
-            err = dict(type="data", symmetric=False, array=np.subtract(high[name], values),
-                       arrayminus=np.subtract(values, low[name]))
-        fig.add_bar(name=name, x=list(range(len(values))), y=list(values), error_y=err)
-    fig.update_layout(barmode="group", xaxis_title="LLM layer", height=340, title=title,
-                      yaxis_title="contribution" if method == "paper" else "direct logit attribution",
-                      margin=dict(l=50, r=10, t=40, b=40))
-    return fig

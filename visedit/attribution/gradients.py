@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..hooks import Trace, edit_output
+from ..hooks import edit_output
 from ..models import VLLM
 from .allocation import VisualTokenMap, prepare
 
@@ -73,29 +73,28 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
     if baseline not in ("zeros", "mean"):
         raise ValueError(f"baseline must be 'zeros' or 'mean', got {baseline!r}")
     inputs, start, stop, T = prepare(vllm, image, question)
-    grid = vllm.adapter.visual_grid(stop - start)
-    tensors = inputs.tensors
+    grid = inputs.layout(0).grid
+    if layer is None:
+        grid = inputs.layout(0).require_grid("integrated gradients on pixels (summed per patch)", vllm.backbone)
+        if inputs.tensors["pixel_values"].ndim != 4:
+            raise vllm.adapter.unsupported("integrated gradients on pixels", "its pixel values are not images "
+                                           "(B, 3, H, W); attribute a layer's visual tokens (layer=…) instead")
     with torch.no_grad():
         logits = vllm.logits(inputs)[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
 
     if layer is None:
-        pixels = tensors["pixel_values"]
+        pixels = inputs.tensors["pixel_values"]
 
         def forward(px: torch.Tensor) -> torch.Tensor:
-            n = px.shape[0]
-            out = vllm.model(input_ids=tensors["input_ids"].expand(n, -1),
-                             attention_mask=tensors["attention_mask"].expand(n, -1), pixel_values=px).logits
-            return out[:, T, y].float()
+            return vllm.run(vllm.repeat(inputs, px.shape[0]) | {"pixel_values": px}, grad=True).logits[:, T, y]
 
         x, base = pixels, torch.zeros_like(pixels)
         where = "pixels"
     else:
         layer = vllm.adapter.check_layer(layer)
-        site = vllm.site(f"llm.layers.{layer}")
-        with torch.no_grad(), Trace({"h": site}) as tr:
-            vllm.logits(inputs)
-        x = tr.outputs["h"][:, start:stop].clone()
+        name = f"llm.layers.{layer}"
+        x = vllm.run(inputs, trace=[name]).outputs[name][:, start:stop].clone()
         base = torch.zeros_like(x) if baseline == "zeros" else x.mean(1, keepdim=True).expand_as(x).clone()
         current: dict[str, torch.Tensor] = {}
 
@@ -105,13 +104,9 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
             return h
 
         def forward(v: torch.Tensor) -> torch.Tensor:
-            n = v.shape[0]
             current["v"] = v
-            with edit_output(site, patch):
-                out = vllm.model(input_ids=tensors["input_ids"].expand(n, -1),
-                                 attention_mask=tensors["attention_mask"].expand(n, -1),
-                                 pixel_values=tensors["pixel_values"].expand(n, -1, -1, -1)).logits
-            return out[:, T, y].float()
+            with edit_output(vllm.site(name), patch):
+                return vllm.run(vllm.repeat(inputs, v.shape[0]), grad=True).logits[:, T, y]
 
         where = f"layer {layer}"
 
@@ -123,7 +118,7 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
             diff = float(forward(x) - forward(base))
     if layer is None:
         per_pixel = attr[0].sum(0)  # (H, W)
-        rows, cols = grid if grid else (1, stop - start)
+        rows, cols = grid
         ph, pw = per_pixel.shape[0] // rows, per_pixel.shape[1] // cols
         visual = per_pixel[: rows * ph, : cols * pw].reshape(rows, ph, cols, pw).sum((1, 3)).flatten()
     else:

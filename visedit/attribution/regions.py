@@ -113,9 +113,54 @@ def deletion_insertion(vllm: VLLM, image, question: str, order_values: np.ndarra
         x[:, start:stop] = torch.where(keep[:, :, None].to(x.device), vis, mean)
         return x
 
-    tensors = {k: (v.expand(len(keep), *v.shape[1:]) if k != "pixel_values" else v.expand(len(keep), -1, -1, -1))
-               for k, v in inputs.tensors.items()}
     with edit_input(vllm.site("llm.layers.0"), blank):
-        probs = vllm.model(**tensors, use_cache=False).logits[:, T].float().softmax(-1)[:, y]
+        probs = vllm.run(vllm.repeat(inputs, len(keep))).logits[:, T].softmax(-1)[:, y]
     probs = probs.cpu().numpy()
     return probs[: len(counts)], probs[len(counts):]
+
+
+def _mask(record) -> np.ndarray:
+    return record.mask()
+
+
+def region_scores(vllm, records, *, steps: int = 8, progress: bool = True) -> dict:
+    """Every heatmap method on the given records: pointing game and lift at every layer, the best
+    layer per method (by lift), and deletion/insertion AUCs at that layer."""
+    from tqdm.auto import tqdm
+
+    from .allocation import attention_map, token_allocation
+    from .gradients import integrated_gradients
+    from .tracing import noise_perturbation, restoration_tracing
+
+    if not records:
+        raise ValueError("no records to score: pass a non-empty list")
+    L = vllm.n_layers
+    heatmaps: dict[str, list[dict]] = {m: [] for m in ("noise", "restoration", "allocation", "attention",
+                                                       "ig_layer", "ig_pixels")}
+    for rec in tqdm(records, desc="heatmaps", disable=not progress):
+        noise = noise_perturbation(vllm, rec.image, rec.src, radius=1)
+        rest = restoration_tracing(vllm, rec.image, rec.src, radius=1, n=3)
+        heatmaps["noise"].append({l: noise.heatmap(l) for l in range(L)})
+        heatmaps["restoration"].append({l: rest.heatmap(l) for l in range(L)})
+        heatmaps["allocation"].append({l: token_allocation(vllm, rec.image, rec.src, layer=l).heatmap()
+                                       for l in range(L)})
+        heatmaps["attention"].append({l: attention_map(vllm, rec.image, rec.src, layer=l) for l in range(L)})
+        heatmaps["ig_layer"].append({l: integrated_gradients(vllm, rec.image, rec.src, layer=l, n_steps=24).heatmap()
+                                     for l in range(0, L, max(1, L // 4))})
+        heatmaps["ig_pixels"].append({-1: integrated_gradients(vllm, rec.image, rec.src, n_steps=24).heatmap()})
+    result: dict = {}
+    for method, per_record in heatmaps.items():
+        layers = list(per_record[0])
+        lift = {l: float(np.mean([score_heatmap(h[l], _mask(r)).lift for h, r in zip(per_record, records)]))
+                for l in layers}
+        best = max(layers, key=lambda l: lift[l])
+        scores = [score_heatmap(h[best], _mask(r), vllm=vllm, image=r.image, question=r.src, steps=steps)
+                  for h, r in zip(per_record, records)]
+        result[method] = {"pointing_game": round(float(np.mean([s.pointing_game for s in scores])), 4),
+                          "lift": round(float(np.mean([s.lift for s in scores])), 4),
+                          "deletion_auc": round(float(np.mean([s.deletion_auc for s in scores])), 4),
+                          "insertion_auc": round(float(np.mean([s.insertion_auc for s in scores])), 4),
+                          "n": len(scores), "best_layer": None if best == -1 else int(best),
+                          "lift_by_layer": {str(l): round(v, 4) for l, v in lift.items()}}
+    result["best_layer"] = {m: v["best_layer"] for m, v in result.items() if isinstance(v, dict)}
+    return result

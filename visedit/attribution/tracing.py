@@ -24,10 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..hooks import Trace
 from ..models import VLLM
 from ..models.backbones import slice_kwargs
-from .allocation import prepare
+from .allocation import on_grid, prepare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ class InfluenceMap:
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not traced; traced layers: {list(self.layers)}")
         row = self.array()[self.layers.index(layer)]
-        return row.reshape(self.grid) if self.grid else row[None, :]
+        return on_grid(row, self.grid, "a noise-perturbation heatmap")
 
     def plot(self, image=None, mask=None, *, layer: int | None = None, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -124,18 +123,17 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
         raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
     inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
-    grid = vllm.adapter.visual_grid(n_vis)
+    grid = inputs.layout(0).grid  # windows on the grid, or 1-D windows in token order without one
     member = windows(n_vis, grid, radius)
-    sites = {l: vllm.site(f"llm.layers.{l}.attn") for l in layers}
-    with Trace({str(l): m for l, m in sites.items()}, inputs=True) as tr:
-        vllm.logits(inputs)
+    sites = {l: f"llm.layers.{l}.attn" for l in layers}
+    tr = vllm.run(inputs, trace=list(sites.values()), trace_inputs=True)
     out = []
     for l in tqdm(layers, desc="noise perturbation", disable=not progress):
-        x, kwargs = tr.inputs[str(l)][:, : T + 1], tr.kwargs[str(l)]
-        clean = tr.outputs[str(l)][0, T]
+        x, kwargs = tr.inputs[sites[l]][:, : T + 1], tr.kwargs[sites[l]]
+        clean = tr.outputs[sites[l]][0, T]
         z = noise_field(seed, l, n, n_vis, x.shape[-1], sigma).to(x)
         if engine == "loop":
-            vals = _loop(sites[l], x, kwargs, clean, z, member, start, T)
+            vals = _loop(vllm.site(sites[l]), x, kwargs, clean, z, member, start, T)
         else:
             need = chunk_size * n * x.shape[1] * (x.shape[-1] + 64) * 4 * 6
             if need > _available_bytes():
@@ -214,7 +212,7 @@ class RestorationMap:
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not traced; traced layers: {list(self.layers)}")
         row = self.effect()[self.layers.index(layer)]
-        return row.reshape(self.grid) if self.grid else row[None, :]
+        return on_grid(row, self.grid, "a restoration heatmap")
 
     def plot(self, image=None, mask=None, *, layer: int | None = None, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -243,15 +241,15 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
     _check(1.0 if sigma is None else sigma, n, layers, chunk_size)
     inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
-    grid = vllm.adapter.visual_grid(n_vis)
+    grid = inputs.layout(0).grid
     member = windows(n_vis, grid, radius) if regions is None else torch.as_tensor(regions, dtype=torch.bool)
     if member.ndim != 2 or member.shape[1] != n_vis:
         raise ValueError(f"regions must be a (W, {n_vis}) bool tensor, got shape {tuple(member.shape)}")
-    blocks = {str(l): vllm.site(f"llm.layers.{l}") for l in range(vllm.n_layers)}
-    with Trace(blocks, inputs=True) as clean_tr:
-        logits = vllm.logits(inputs)[0, T]
+    blocks = [f"llm.layers.{l}" for l in range(vllm.n_layers)]
+    clean_tr = vllm.run(inputs, trace=blocks, trace_inputs=True)
+    logits = clean_tr.logits[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
-    x0 = clean_tr.inputs["0"][:, : T + 1]
+    x0 = clean_tr.inputs[blocks[0]][:, : T + 1]
     sigma = float(3 * x0[0, start:stop].std()) if sigma is None else sigma
     z = noise_field(seed, -1, n, n_vis, x0.shape[-1], sigma).to(x0)
     corrupted_in = x0.repeat(n, 1, 1)
@@ -261,13 +259,13 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
     corrupted = [corrupted_in]
     h = corrupted_in
     for l in range(vllm.n_layers):
-        h = _one_layer(vllm, l, h, clean_tr.kwargs[str(l)])
+        h = _one_layer(vllm, l, h, clean_tr.kwargs[blocks[l]])
         corrupted.append(h)
-    p_clean = float(head(clean_tr.outputs[str(vllm.n_layers - 1)][:, : T + 1])[0])
+    p_clean = float(head(clean_tr.outputs[blocks[-1]][:, : T + 1])[0])
     p_corrupted = float(head(corrupted[-1]).mean())
     out = []
     for l in tqdm(layers, desc="restoration", disable=not progress):
-        clean_l = (clean_tr.inputs[str(l)][:, : T + 1])
+        clean_l = (clean_tr.inputs[blocks[l]][:, : T + 1])
         vals = []
         for c0 in range(0, member.shape[0], chunk_size):
             m = member[c0: c0 + chunk_size]  # (W, N_v)
@@ -275,7 +273,7 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
             vis = h[:, :, start:stop]
             keep = m[:, None, :, None]
             h[:, :, start:stop] = torch.where(keep, clean_l[0, start:stop][None, None], vis)
-            final = vllm.adapter.run_from(l, h.flatten(0, 1), clean_tr.kwargs[str(l)])
+            final = vllm.adapter.run_from(l, h.flatten(0, 1), clean_tr.kwargs[blocks[l]])
             vals.append(head(final).view(m.shape[0], n).mean(1))
         out.append(tuple(float(v) for v in torch.cat(vals)))
     return RestorationMap(layers=tuple(layers), values=tuple(out), grid=grid, clean=p_clean, corrupted=p_corrupted,

@@ -60,6 +60,8 @@ class Editor(abc.ABC):
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = StrictConfig
     trained: ClassVar[bool] = False  # loads trained parts (settings may hold ``weights``)
+    #: What :meth:`apply` takes; callers that only hold an editor (the explorers) build requests with it.
+    request_type: ClassVar[type] = EditRequest
 
     def __init__(self, vllm: VLLM, config=None):
         self.vllm = vllm

@@ -9,7 +9,8 @@ the *train* split and by the new fact itself, all written in the model's own con
 
 Each demonstration pairs a training edit (its question and counterfactual answer) with one probe:
 the same question (*copy*), its paraphrase with the new answer (*update*), or an unrelated text
-question with its true answer (*retain*), in turn. Demonstrations are text-only: one image per prompt.
+question with its true answer (*retain*), in turn. The frame is the backbone's own
+(:attr:`VLLM.frame`, owned by its adapter), the same one every prompt is put in. Demonstrations are text-only: one image per prompt.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ class IKEConfig(StrictConfig):
             raise ValueError(f"n_demos must be an int ≥ 0, got {self.n_demos!r}")
 
 
-def _turn(question: str, answer: str) -> str:
-    return f"USER: {question.strip()} ASSISTANT: {answer.strip()}"
-
-
 @register_editor
 class InContextEditor(Editor):
     """IKE: edit by prompting. ``demos``: MMEdit records to draw demonstrations from (default: the
@@ -60,7 +57,7 @@ class InContextEditor(Editor):
         lines = []
         for k, rec in enumerate(chosen):
             probe = [(rec.src, rec.alt), (rec.rephrase, rec.alt), (rec.loc, rec.loc_ans)][k % 3]
-            lines.append(_turn(rec.src, rec.alt) + " " + _turn(*probe))
+            lines.append(vllm.frame.turn(rec.src, rec.alt) + " " + vllm.frame.turn(*probe))
         self.demonstrations = " ".join(lines)
 
     def _apply(self, request: EditRequest) -> None:
@@ -70,5 +67,5 @@ class InContextEditor(Editor):
     def context(self) -> str:
         """The demonstrations, then the new fact of every applied edit, oldest first (stacked edits all
         stay in context, so many of them outgrow the model's positions: IKE's limit in sequential editing)."""
-        facts = " ".join(_turn(r.prompt, r.target) for r in self.requests)
+        facts = " ".join(self.vllm.frame.turn(r.prompt, r.target) for r in self.requests)
         return f"{self.demonstrations} {facts}".strip()

@@ -247,7 +247,7 @@ def train_mend(vllm, records: Sequence, config: MENDConfig = MENDConfig(), *, ou
     checkpoint and a training record; with ``out`` also saves both there (atomically)."""
     from tqdm.auto import tqdm
 
-    from ..evaluation.protocol import quick_scores
+    from .scoring import quick_scores
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)

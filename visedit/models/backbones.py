@@ -19,6 +19,7 @@ Canonical sites (``L`` = number of LLM layers):
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 from typing import Callable
@@ -49,13 +50,91 @@ def adapter_for(model: nn.Module) -> "BackboneAdapter":
                      "Add one with @visedit.models.register_backbone(YourModelClass).")
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptFrame:
+    """A backbone's conversation frame, used for every prompt (:meth:`VLLM.format_prompt`) and every
+    in-context demonstration (IKE), so the two can never disagree.
+
+    ``template`` holds ``{image}`` (``image`` with the image token as ``{token}``, or nothing) and
+    ``{question}``.
+    With ``image_in_text=False`` the processor places the image tokens itself (BLIP-2's query tokens go
+    before the text) and ``{image}`` is always empty.
+    """
+
+    template: str = "USER: {image}{question} ASSISTANT:"
+    image: str = "{token}\n"
+    image_in_text: bool = True
+
+    def prompt(self, question: str, image_token: str | None = None) -> str:
+        """``question`` in the frame; ``image_token`` (or None for a text-only prompt) where the image goes."""
+        image = self.image.format(token=image_token) if image_token is not None and self.image_in_text else ""
+        return self.template.format(image=image, question=question.strip())
+
+    def turn(self, question: str, answer: str) -> str:
+        """One text-only exchange: the framed question followed by its answer (IKE's demonstrations)."""
+        return f"{self.prompt(question)} {answer.strip()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualLayout:
+    """Where one item's ``n_tokens`` visual tokens come from in the image.
+
+    ``grids``: the (rows, cols) patch grid of each image part, in token order — one grid (LLaVA), one
+    grid per input whose size depends on the image (Qwen2-VL), several grids (LLaVA-NeXT's base image and
+    tiles) — or empty when the tokens have no spatial arrangement (BLIP-2's learned query tokens).
+    """
+
+    n_tokens: int
+    grids: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The single patch grid covering every visual token, or None (no grid, or several)."""
+        if len(self.grids) == 1 and self.grids[0][0] * self.grids[0][1] == self.n_tokens:
+            return tuple(self.grids[0])
+        return None
+
+    def describe(self) -> str:
+        if not self.grids:
+            return f"{self.n_tokens} visual tokens with no patch grid (query tokens)"
+        if len(self.grids) > 1:
+            return f"{self.n_tokens} visual tokens on {len(self.grids)} patch grids"
+        return f"{self.n_tokens} visual tokens on a {self.grids[0][0]}×{self.grids[0][1]} grid"
+
+    def require_grid(self, feature: str, backbone: str) -> tuple[int, int]:
+        """The single grid, or a one-line refusal naming ``feature`` and ``backbone``."""
+        if self.grid is None:
+            raise ValueError(f"{feature} needs one patch grid, but {backbone} gives {self.describe()}: "
+                             "use the per-token values (.visual) instead")
+        return self.grid
+
+
 class BackboneAdapter:
-    """Maps canonical site names to modules. Subclasses fill :meth:`_sites` and the visual-token facts."""
+    """The backbone contract: everything architecture-specific lives behind these methods, so
+    attribution and editing see only a :class:`~visedit.models.VLLM` and its :class:`Inputs`.
+
+    Per architecture (subclass): the module map (:meth:`layers`, :meth:`_fixed_sites`,
+    :meth:`_layer_sites`), :attr:`image_token_id`, :attr:`frame`, :meth:`visual_layout`, and — through a
+    decoder mixin (:class:`LlamaFamilyMath`, :class:`OPTMath`) — the decoder math: :meth:`attention_state`,
+    :meth:`attention_delta`, :meth:`attention_merge`, :meth:`attention_terms`, :meth:`attention_weights`,
+    :meth:`attention_output_bias`, :meth:`logit_direction`. What an architecture cannot do raises a
+    one-line ``ValueError`` naming the feature and the backbone (:meth:`unsupported`).
+    """
+
+    #: The conversation frame of prompts and in-context demonstrations.
+    frame: PromptFrame = PromptFrame()
+    #: The architecture's name in messages and in the support table.
+    label: str = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
-    # --- to implement per architecture --------------------------------------------------------------
+    def unsupported(self, feature: str, why: str = "") -> ValueError:
+        """The one-line refusal for a feature this backbone does not support."""
+        name = self.label or type(self).__name__
+        return ValueError(f"{feature} is not supported for {name}{': ' + why if why else ''}")
+
+    # --- the module map (per architecture) -----------------------------------------------------------
     def layers(self) -> nn.ModuleList:
         raise NotImplementedError
 
@@ -69,9 +148,96 @@ class BackboneAdapter:
     def image_token_id(self) -> int:
         raise NotImplementedError
 
+    @property
+    def text_config(self):
+        return getattr(self.model.config, "text_config", self.model.config)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the LLM's residual stream."""
+        return int(self.text_config.hidden_size)
+
+    # --- inputs (per architecture where the processor's output differs) ------------------------------
     def visual_grid(self, n_tokens: int) -> tuple[int, int] | None:
-        """(rows, cols) of the patch grid for ``n_tokens`` visual tokens, or None if not spatial."""
-        raise NotImplementedError
+        """(rows, cols) of the fixed patch grid for ``n_tokens`` visual tokens, or None."""
+        return None
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        """The layout of one item's visual tokens, from its processor output ``encoding``."""
+        grid = self.visual_grid(n_tokens)
+        return VisualLayout(n_tokens, (grid,) if grid else ())
+
+    def image_tensors(self, encoding: dict) -> dict[str, torch.Tensor]:
+        """The processor's tensors of one item other than the text ones (pixels and their extras)."""
+        return {k: v for k, v in encoding.items() if k not in ("input_ids", "attention_mask")
+                and isinstance(v, torch.Tensor) and not self.is_sequence_tensor(k)}
+
+    def is_sequence_tensor(self, key: str) -> bool:
+        """True for a processor tensor laid out like ``input_ids`` (padded and grown with the text)."""
+        return key in ("mm_token_type_ids", "token_type_ids")
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The image tensors of the items that have an image, joined into one batch (concatenated on
+        the first dimension, which is how transformers batches them)."""
+        keys = per_item[0] if per_item else {}
+        return {k: torch.cat([item[k] for item in per_item]) for k in keys}
+
+    def repeat_images(self, tensors: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Image tensors of a one-item batch, for ``n`` copies of that item."""
+        return {k: v.expand(n, *v.shape[1:]) for k, v in tensors.items()}
+
+    # --- the decoder math (per decoder family, through a mixin) --------------------------------------
+    def attention_state(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> dict:
+        raise self.unsupported("exact attention decomposition")
+
+    def attention_delta(self, state: dict, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise self.unsupported("the batched noise-perturbation engine", "use engine='loop'")
+
+    def attention_merge(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        raise self.unsupported("the batched noise-perturbation engine", "use engine='loop'")
+
+    def attention_output_bias(self, layer: int) -> torch.Tensor | None:
+        raise self.unsupported("per-token allocation")
+
+    def attention_weights(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
+        """Attention weights (heads, query+1) of position ``query`` over positions 0…query at ``layer``,
+        recomputed from the module's input ``hidden`` (1, S, d) and keyword arguments."""
+        return self.attention_state(layer, hidden, kwargs, query)["scores"].softmax(-1)
+
+    def attention_terms(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
+        """Exact per-head, per-source decomposition of layer ``layer``'s attention output at ``query``.
+
+        ``hidden``: the attention module's input (1, S, d); ``kwargs``: its keyword arguments. Returns
+        (heads, query+1, d): term[h, j] = a[h, query, j]·v_j^h·W_O^h. Their sum over heads and sources,
+        plus :meth:`attention_output_bias`, is the module's output at ``query``.
+        """
+        st = self.attention_state(layer, hidden, kwargs, query)
+        w = self.output_projection(layer).weight
+        w_o = w.view(w.shape[0], -1, st["v"].shape[-1])  # (d, H, hd)
+        per_head = torch.einsum("hjk,dhk->hjd", st["v"], w_o)  # value_j of head h through W_O^h
+        return st["scores"].softmax(-1)[:, :, None] * per_head
+
+    def output_projection(self, layer: int) -> nn.Linear:
+        raise self.unsupported("per-token allocation")
+
+    def logit_direction(self, resid: torch.Tensor, token: int) -> tuple[torch.Tensor, float]:
+        """Direct logit attribution through the final norm at the residual ``resid`` (d,): a direction u
+        (d,) and a constant c with logit(token) = resid·u + c, so that any part r_i of the residual
+        stream (Σ r_i = resid) contributes r_i·u — exactly."""
+        raise self.unsupported("direct logit attribution")
+
+    def vision_layers(self) -> list[nn.Module]:
+        """The vision-encoder blocks whose output reaches the LLM, in order (fine-tuning the vision side)."""
+        raise self.unsupported("fine-tuning the vision encoder (FT-V)")
+
+    def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run decoder layers ``layer``…L−1 on ``hidden`` (B, S, d), the residual stream at the *input* of
+        ``layer``, with that layer's recorded keyword arguments; returns the final residual (B, S, d)."""
+        kw = slice_kwargs(kwargs, hidden.shape[1])
+        for block in self.layers()[self.check_layer(layer):]:
+            out = block(hidden, **kw)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     # --- shared ---------------------------------------------------------------------------------------
     @property
@@ -100,15 +266,130 @@ class BackboneAdapter:
         raise ValueError(f"unknown site {name!r}; sites are {', '.join(fixed)}, llm.layers.{{l}}, "
                          "llm.layers.{l}.attn, llm.layers.{l}.mlp")
 
-    def vision_layers(self) -> list[nn.Module]:
-        """The vision-encoder blocks whose output reaches the LLM, in order (fine-tuning the vision side)."""
-        raise NotImplementedError(f"{type(self).__name__} does not list its vision layers yet")
-
     def site_names(self) -> list[str]:
         names = list(self._fixed_sites())
         for l in range(self.n_layers):
             names += [f"llm.layers.{l}", f"llm.layers.{l}.attn", f"llm.layers.{l}.mlp"]
         return names
+
+
+def _kv_delta(attn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Change of the keys and values (n, H_kv, N, hd) when ``z`` (n, N, d) is added to the input of the
+    attention module ``attn``: the projections are linear, so their biases cancel."""
+    n, N, hd = z.shape[0], z.shape[1], attn.head_dim
+    dk = (z @ attn.k_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
+    dv = (z @ attn.v_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
+    return dk, dv
+
+
+class _AttentionOutput:
+    """The output side shared by the decoder mixins: the attention module of a layer and its output
+    projection (named ``o_proj`` or ``out_proj``)."""
+
+    _out_proj = "o_proj"
+
+    def _attn(self, layer: int) -> nn.Module:
+        return self.layers()[self.check_layer(layer)].self_attn
+
+    def output_projection(self, layer: int) -> nn.Linear:
+        return getattr(self._attn(layer), self._out_proj)
+
+    def attention_merge(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (..., H, hd) → the attention module's output (..., d) (output projection)."""
+        return self.output_projection(layer)(heads.flatten(-2))
+
+    def attention_output_bias(self, layer: int) -> torch.Tensor | None:
+        """The bias added after the attention heads are summed (None when there is none)."""
+        return self.output_projection(layer).bias
+
+
+class LlamaFamilyMath(_AttentionOutput):
+    """Decoder math of the Llama family (Llama, Vicuna, Mistral, Qwen2): q/k/v/o projections (biases
+    allowed), grouped-query attention, rotary positions passed as ``position_embeddings``, RMSNorm.
+    Mixed into an adapter that provides ``layers()`` and ``_final_norm()``."""
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def attention_state(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> dict:
+        """Clean last-row attention state of layer ``layer`` for ``hidden`` (1, ≥query+1, d).
+
+        Returns q (H, hd) at ``query``, v (H, query+1, hd), scores (H, query+1) = q·k/√hd, the scaling,
+        and the rotary tables, for :meth:`attention_delta` and :meth:`attention_merge`.
+        """
+        attn = self._attn(layer)
+        hd, S = attn.head_dim, query + 1
+        x = hidden[:, :S]
+        q = attn.q_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(1, S, -1, hd).transpose(1, 2)
+        cos, sin = (t[..., :S, :] for t in kwargs["position_embeddings"])
+        q, k = self._rotate(q, k, cos, sin)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1)[0], v.repeat_interleave(rep, 1)[0]
+        qT = q[0, :, -1]
+        return {"q": qT, "v": v, "scores": torch.einsum("hk,hjk->hj", qT, k) * attn.scaling,
+                "scaling": attn.scaling, "cos": cos, "sin": sin, "rep": rep, "attn": attn}
+
+    def attention_delta(self, state: dict, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change of the (roped) keys and of the values when ``z`` (n, N, d) is added to the module input
+        at positions start…start+N. k and v projections are linear, so biases cancel. Returns two
+        (n, H, N, hd) tensors."""
+        rep, N = state["rep"], z.shape[1]
+        dk, dv = _kv_delta(state["attn"], z)
+        cos, sin = state["cos"][..., start:start + N, :], state["sin"][..., start:start + N, :]
+        _, dk = self._rotate(dk, dk, cos, sin)
+        return dk.repeat_interleave(rep, 1), dv.repeat_interleave(rep, 1)
+
+    def final_norm_scale(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm as a per-position linear map: norm(x) = scale ⊙ x at this residual ``resid``."""
+        norm = self._final_norm()
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        rms = resid.float().pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+        return norm.weight * rms
+
+    def logit_direction(self, resid: torch.Tensor, token: int) -> tuple[torch.Tensor, float]:
+        """RMSNorm is linear at a fixed residual: u = scale ⊙ W_U[token], c = the head's bias (if any)."""
+        head = self.site("lm_head")
+        direction = self.final_norm_scale(resid).float() * head.weight[token].float()
+        return direction, float(head.bias[token]) if getattr(head, "bias", None) is not None else 0.0
+
+
+class OPTMath(_AttentionOutput):
+    """Decoder math of OPT (BLIP-2 OPT): learned absolute positions added before the first layer,
+    q/k/v/out projections with biases, no rotary tables, pre-LayerNorm blocks and a final LayerNorm.
+    LayerNorm is affine at a fixed residual, so direct logit attribution stays exact (the norm's bias
+    becomes a constant). Mixed into an adapter that provides ``layers()`` and ``_final_norm()``."""
+
+    _out_proj = "out_proj"
+
+    def attention_state(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> dict:
+        attn = self._attn(layer)
+        hd, S = attn.head_dim, query + 1
+        x = hidden[:, :S]
+        q = attn.q_proj(x[:, -1]).view(-1, hd)  # (H, hd)
+        k = attn.k_proj(x).view(S, -1, hd).transpose(0, 1)
+        v = attn.v_proj(x).view(S, -1, hd).transpose(0, 1)
+        return {"q": q, "v": v, "scores": torch.einsum("hk,hjk->hj", q, k) * attn.scaling,
+                "scaling": attn.scaling, "rep": 1, "attn": attn}
+
+    def attention_delta(self, state: dict, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _kv_delta(state["attn"], z)
+
+    def logit_direction(self, resid: torch.Tensor, token: int) -> tuple[torch.Tensor, float]:
+        """LayerNorm(x) = w ⊙ (x − mean x)/σ + b with σ fixed by ``resid``: u = P(w ⊙ W_U[token])/σ where P
+        removes the mean (P is symmetric, so r·u = P(r)·(w ⊙ W_U)/σ), c = b·W_U[token] (+ the head's bias)."""
+        norm, head = self._final_norm(), self.site("lm_head")
+        x = resid.float()
+        sigma = (x.var(-1, unbiased=False) + norm.eps).sqrt()
+        w_u = head.weight[token].float()
+        u = norm.weight.float() * w_u / sigma
+        c = float(norm.bias.float() @ w_u) if norm.bias is not None else 0.0
+        if getattr(head, "bias", None) is not None:
+            c += float(head.bias[token])
+        return u - u.mean(), c
 
 
 def _llava_class():
@@ -117,19 +398,26 @@ def _llava_class():
     return LlavaForConditionalGeneration
 
 
-@register_backbone(_llava_class())
-class LlavaAdapter(BackboneAdapter):
-    """LLaVA (``LlavaForConditionalGeneration``): CLIP-style tower → projector → decoder-only LLM."""
+class _VisionLanguageModel(LlamaFamilyMath, BackboneAdapter):
+    """The transformers layout of LLaVA-style models: ``model.model.language_model`` (a Llama-family
+    decoder), ``model.lm_head``, image tokens in the text at ``config.image_token_id``. Subclasses name
+    the vision side (:meth:`_vision_sites`)."""
 
     def _lm(self) -> nn.Module:
         return self.model.model.language_model
 
+    def _final_norm(self) -> nn.Module:
+        return self._lm().norm
+
     def layers(self) -> nn.ModuleList:
         return self._lm().layers
 
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
     def _fixed_sites(self) -> dict[str, nn.Module]:
         return {"llm.embed": self._lm().embed_tokens, "llm.norm": self._lm().norm, "lm_head": self.model.lm_head,
-                "vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}
+                **self._vision_sites()}
 
     def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
         return {"attn": layer.self_attn, "mlp": layer.mlp}
@@ -137,6 +425,17 @@ class LlavaAdapter(BackboneAdapter):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+
+@register_backbone(_llava_class())
+class LlavaAdapter(_VisionLanguageModel):
+    """LLaVA (``LlavaForConditionalGeneration``): CLIP-style tower → projector → a Llama-family LLM
+    (Llama / Vicuna, Mistral, Qwen2)."""
+
+    label = "LLaVA"
+
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}
 
     def vision_layers(self) -> list[nn.Module]:
         """The vision-tower blocks whose output reaches the projector (up to ``vision_feature_layer``)."""
@@ -148,86 +447,6 @@ class LlavaAdapter(BackboneAdapter):
         stop = feature_layer % (len(layers) + 1)
         return layers[:stop]
 
-    def attention_weights(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
-        """Attention weights (heads, query+1) of position ``query`` over positions 0…query at ``layer``,
-        recomputed from the module's input ``hidden`` (1, S, d) and keyword arguments."""
-        st = self.attention_state(layer, hidden, kwargs, query)
-        return st["scores"].softmax(-1)
-
-    def attention_terms(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> torch.Tensor:
-        """Exact per-head, per-source decomposition of layer ``layer``'s attention output at ``query``.
-
-        ``hidden``: the attention module's input (1, S, d); ``kwargs``: its keyword arguments (with
-        ``position_embeddings``). Returns (heads, query+1, d): term[h, j] = a[h, query, j]·v_j^h·W_O^h.
-        Their sum over heads and sources, plus ``o_proj.bias`` if any, is the module's output at ``query``.
-        """
-        st = self.attention_state(layer, hidden, kwargs, query)
-        attn = st["attn"]
-        w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, attn.head_dim)  # (d, H, hd)
-        per_head = torch.einsum("hjk,dhk->hjd", st["v"], w_o)  # value_j of head h through W_O^h
-        return st["scores"].softmax(-1)[:, :, None] * per_head
-
-    def attention_state(self, layer: int, hidden: torch.Tensor, kwargs: dict, query: int) -> dict:
-        """Clean last-row attention state of layer ``layer`` for ``hidden`` (1, ≥query+1, d).
-
-        Returns q (H, hd) at ``query``, v (H, query+1, hd), scores (H, query+1) = q·k/√hd, the scaling,
-        and the rotary tables, for :meth:`attention_delta` and :meth:`attention_merge`.
-        """
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        attn = self.layers()[self.check_layer(layer)].self_attn
-        hd, S = attn.head_dim, query + 1
-        x = hidden[:, :S]
-        q = attn.q_proj(x).view(1, S, -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(1, S, -1, hd).transpose(1, 2)
-        v = attn.v_proj(x).view(1, S, -1, hd).transpose(1, 2)
-        cos, sin = (t[:, :S] for t in kwargs["position_embeddings"])
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1)[0], v.repeat_interleave(rep, 1)[0]
-        qT = q[0, :, -1]
-        return {"q": qT, "v": v, "scores": torch.einsum("hk,hjk->hj", qT, k) * attn.scaling,
-                "scaling": attn.scaling, "cos": cos, "sin": sin, "rep": rep, "attn": attn}
-
-    def attention_delta(self, state: dict, z: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Change of the (roped) keys and of the values when ``z`` (n, N, d) is added to the module input
-        at positions start…start+N. k and v projections are linear, so biases cancel. Returns two
-        (n, H, N, hd) tensors."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        attn, rep = state["attn"], state["rep"]
-        hd, n, N = attn.head_dim, z.shape[0], z.shape[1]
-        dk = (z @ attn.k_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
-        dv = (z @ attn.v_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
-        cos, sin = state["cos"][:, start:start + N], state["sin"][:, start:start + N]
-        _, dk = apply_rotary_pos_emb(dk, dk, cos, sin)
-        return dk.repeat_interleave(rep, 1), dv.repeat_interleave(rep, 1)
-
-    def attention_merge(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
-        """Per-head outputs (..., H, hd) → the attention module's output (..., d) (output projection)."""
-        attn = self.layers()[self.check_layer(layer)].self_attn
-        return attn.o_proj(heads.flatten(-2))
-
-    def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Run decoder layers ``layer``…L−1 on ``hidden`` (B, S, d), the residual stream at the *input* of
-        ``layer``, with that layer's recorded keyword arguments; returns the final residual (B, S, d)."""
-        kw = slice_kwargs(kwargs, hidden.shape[1])
-        for block in self.layers()[self.check_layer(layer):]:
-            out = block(hidden, **kw)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
-    def attention_output_bias(self, layer: int) -> torch.Tensor | None:
-        """The bias added after the attention heads are summed (None when there is none)."""
-        return self.layers()[self.check_layer(layer)].self_attn.o_proj.bias
-
-    def final_norm_scale(self, resid: torch.Tensor) -> torch.Tensor:
-        """The final RMSNorm as a per-position linear map: norm(x) = scale ⊙ x at this residual ``resid``."""
-        norm = self._lm().norm
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        rms = resid.float().pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
-        return norm.weight * rms
-
     def visual_grid(self, n_tokens: int) -> tuple[int, int] | None:
         vc = self.model.config.vision_config
         size = vc.image_size if isinstance(vc.image_size, (tuple, list)) else (vc.image_size, vc.image_size)
@@ -236,13 +455,181 @@ class LlavaAdapter(BackboneAdapter):
         return grid if grid[0] * grid[1] == n_tokens else None
 
 
+def _blip2_class():
+    from transformers import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration
+
+
+def _qwen2_vl_class():
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration
+
+
+@register_backbone(_qwen2_vl_class())
+class Qwen2VLAdapter(_VisionLanguageModel):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``): a ViT with 2-D rotary positions whose 2×2 patch
+    groups are merged into one visual token each, → a Qwen2 decoder with multimodal rotary positions
+    (M-RoPE). Images keep their aspect ratio, so each input has its own grid (``image_grid_thw``). The
+    rotary tables reach the attention already recomposed per position, so the Llama-family math holds;
+    pixel values are flattened patches, so integrated gradients on pixels are refused."""
+
+    label = "Qwen2-VL"
+    frame = PromptFrame("<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n",
+                        image="<|vision_start|>{token}<|vision_end|>")
+
+    def _vision_sites(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.model.model.visual, "projector": self.model.model.visual.merger}
+
+    def vision_layers(self) -> list[nn.Module]:
+        return list(self.model.model.visual.blocks)
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        t, h, w = (int(x) for x in encoding["image_grid_thw"][0])
+        merge = self.model.config.vision_config.spatial_merge_size
+        return VisualLayout(n_tokens, ((h // merge, w // merge),) if t == 1 else ())
+
+    def repeat_images(self, tensors: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Flattened patches and grids of one image, for ``n`` copies (concatenated, as Qwen2-VL batches)."""
+        return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in tensors.items()}
+
+
+def _qwen2_5_vl_class():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration
+
+
+@register_backbone(_qwen2_5_vl_class())
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL shares Qwen2-VL's layout and decoder; its ViT attends within windows (and SwiGLU MLPs)."""
+
+    label = "Qwen2.5-VL"
+
+
+def _decoder_math(language_model: nn.Module) -> type:
+    """The decoder-math mixin for a causal LM, chosen by its architecture class."""
+    from transformers import (LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM, Qwen2ForCausalLM)
+
+    for cls, math in ((OPTForCausalLM, OPTMath), (LlamaForCausalLM, LlamaFamilyMath),
+                      (MistralForCausalLM, LlamaFamilyMath), (Qwen2ForCausalLM, LlamaFamilyMath)):
+        if isinstance(language_model, cls):
+            return math
+    raise ValueError(f"no decoder math for {type(language_model).__name__}: visedit knows OPT and the Llama family "
+                     "(Llama, Mistral, Qwen2)")
+
+
+@register_backbone(_blip2_class())
+class Blip2Adapter(BackboneAdapter):
+    """BLIP-2 (``Blip2ForConditionalGeneration``): a frozen ViT → Q-Former (learned query tokens) → a
+    linear projection → a decoder LLM. With an OPT decoder it is the paper's BLIP-2 OPT; with a Llama
+    (Vicuna) decoder it is MiniGPT-4's design. The visual tokens are the projected query tokens, placed
+    by the processor before the text: they have no patch grid, so grid-needing features refuse.
+
+    The MLP site of an OPT layer is its ``fc2`` (whose output is what the MLP adds to the residual; FT-L
+    and MEND tune ``fc2`` there); a Llama layer's is its ``mlp``.
+    """
+
+    frame = PromptFrame("Question: {question} Answer:", image_in_text=False)
+
+    #: decoder math → the concrete adapter, for the class registered on the architecture
+    variants: dict = {}
+
+    def __new__(cls, model):
+        if "variants" in cls.__dict__:
+            cls = cls.variants[_decoder_math(model.language_model)]
+        return super().__new__(cls)
+
+    def _decoder(self) -> nn.Module:
+        lm = self.model.language_model.model
+        return lm.decoder if hasattr(lm, "decoder") else lm
+
+    def layers(self) -> nn.ModuleList:
+        return self._decoder().layers
+
+    def _final_norm(self) -> nn.Module:
+        dec = self._decoder()
+        return dec.final_layer_norm if hasattr(dec, "final_layer_norm") else dec.norm
+
+    def _fixed_sites(self) -> dict[str, nn.Module]:
+        return {"llm.embed": self._decoder().embed_tokens, "llm.norm": self._final_norm(),
+                "lm_head": self.model.language_model.lm_head, "vision_tower": self.model.vision_model,
+                "qformer": self.model.qformer, "projector": self.model.language_projection}
+
+    def _layer_sites(self, layer: nn.Module) -> dict[str, nn.Module]:
+        return {"attn": layer.self_attn, "mlp": layer.fc2 if hasattr(layer, "fc2") else layer.mlp}
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def vision_layers(self) -> list[nn.Module]:
+        """Every ViT block (the Q-Former reads the ViT's last layer)."""
+        return list(self.model.vision_model.encoder.layers)
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """BLIP-2's forward needs pixels even for a text-only batch: a blank image, which no token reads."""
+        if per_item:
+            return super().collate_images(per_item)
+        size = self.model.config.vision_config.image_size
+        return {"pixel_values": torch.zeros(1, 3, size, size)}
+
+
+class Blip2OPTAdapter(OPTMath, Blip2Adapter):
+    label = "BLIP-2 (OPT)"
+
+
+class Blip2LlamaAdapter(LlamaFamilyMath, Blip2Adapter):
+    label = "BLIP-2 with a Llama decoder (MiniGPT-4's design)"
+
+
+Blip2Adapter.variants = {OPTMath: Blip2OPTAdapter, LlamaFamilyMath: Blip2LlamaAdapter}
+
+
+def _instructblip_class():
+    from transformers import InstructBlipForConditionalGeneration
+
+    return InstructBlipForConditionalGeneration
+
+
+@register_backbone(_instructblip_class())
+class InstructBlipAdapter(Blip2Adapter):
+    """InstructBLIP (``InstructBlipForConditionalGeneration``): BLIP-2 whose Q-Former also reads the
+    instruction (``qformer_input_ids``, padded per batch here), so the query tokens depend on the question."""
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not per_item:  # a text-only batch: a blank image and a one-token instruction that no token reads
+            pad = int(self.model.config.qformer_config.pad_token_id or 0)
+            return {**super().collate_images(per_item), "qformer_input_ids": torch.tensor([[pad]]),
+                    "qformer_attention_mask": torch.ones(1, 1, dtype=torch.long)}
+        width = max(item["qformer_input_ids"].shape[1] for item in per_item)
+        padded = []
+        for item in per_item:
+            extra = width - item["qformer_input_ids"].shape[1]
+            padded.append({**item, "qformer_input_ids": torch.nn.functional.pad(item["qformer_input_ids"], (0, extra)),
+                           "qformer_attention_mask": torch.nn.functional.pad(item["qformer_attention_mask"], (0, extra))})
+        return super().collate_images(padded)
+
+
+class InstructBlipOPTAdapter(OPTMath, InstructBlipAdapter):
+    label = "InstructBLIP (OPT)"
+
+
+class InstructBlipLlamaAdapter(LlamaFamilyMath, InstructBlipAdapter):
+    label = "InstructBLIP (Vicuna / Llama)"
+
+
+InstructBlipAdapter.variants = {OPTMath: InstructBlipOPTAdapter, LlamaFamilyMath: InstructBlipLlamaAdapter}
+
+
 def slice_kwargs(kwargs: dict, length: int) -> dict:
     """Keyword arguments recorded from a layer or attention call, cut to the first ``length`` positions
     and stripped of caches (so a module can be re-run on a batch of edited copies)."""
     kw = dict(kwargs)
     if "position_embeddings" in kw and kw["position_embeddings"] is not None:
-        cos, sin = kw["position_embeddings"]
-        kw["position_embeddings"] = (cos[:, :length], sin[:, :length])
+        cos, sin = kw["position_embeddings"]  # (B, S, hd), or (3, B, S, hd) for M-RoPE
+        kw["position_embeddings"] = (cos[..., :length, :], sin[..., :length, :])
     mask = kw.get("attention_mask")
     if isinstance(mask, torch.Tensor):
         kw["attention_mask"] = mask[..., :length, :length]

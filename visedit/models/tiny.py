@@ -87,20 +87,34 @@ def build_processor(world: World, cfg: TinyConfig = TinyConfig(), *, tokenizer=N
                           num_additional_image_tokens=1)
 
 
-def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), *, seed: int = 0, vision_feature_layer: int = -1):
+def text_config(tokenizer, cfg: TinyConfig = TinyConfig(), *, decoder: str = "llama", kv_heads: int | None = None):
+    """The decoder's config: ``decoder`` is ``llama`` (the embedded models'), ``mistral``, ``qwen2`` or
+    ``opt``; ``kv_heads`` < heads gives grouped-query attention (Llama family)."""
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, hidden_size=cfg.hidden,
+               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions)
+    if decoder == "opt":
+        return OPTConfig(**ids, ffn_dim=cfg.intermediate, word_embed_proj_dim=cfg.hidden)
+    family = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if decoder not in family:
+        raise ValueError(f"unknown decoder {decoder!r}: use one of llama, mistral, qwen2, opt")
+    return family[decoder](**ids, intermediate_size=cfg.intermediate, num_key_value_heads=kv_heads or cfg.heads)
+
+
+def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), *, seed: int = 0, vision_feature_layer: int = -1,
+                decoder: str = "llama", kv_heads: int | None = None):
     """A freshly initialised tiny ``LlavaForConditionalGeneration`` (seeded). The decoder reads the vision
-    tower's ``vision_feature_layer`` (−1: the last; LLaVA-1.5 reads −2, the penultimate)."""
+    tower's ``vision_feature_layer`` (−1: the last; LLaVA-1.5 reads −2, the penultimate); ``decoder`` and
+    ``kv_heads``: see :func:`text_config`."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
                               num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
                               image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                       max_position_embeddings=cfg.max_positions, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False)
+    text = text_config(tokenizer, cfg, decoder=decoder, kv_heads=kv_heads)
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,

@@ -7,6 +7,7 @@ named sites, and two ways to read the model (greedy answers; teacher-forced targ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,15 +17,16 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ..hooks import Trace, stop_after as _stop_after
 from ..io import load_image
-from .backbones import BackboneAdapter, adapter_for
+from .backbones import BackboneAdapter, PromptFrame, VisualLayout, adapter_for
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 #: The embedded teaching models by name: the first (one creature per image, word-level vocabulary) and the
 #: second, made LLaVA's way (scenes, frozen contrastive encoder, byte-level BPE, 12 layers).
 EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__).parent / "embedded_llava"}
 #: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
-DEFAULT_TEMPLATE = "USER: {image}{question} ASSISTANT:"
+DEFAULT_TEMPLATE = PromptFrame().template
 
 ImageLike = "str | os.PathLike | Image.Image | None"
 
@@ -33,11 +35,13 @@ ImageLike = "str | os.PathLike | Image.Image | None"
 class Inputs:
     """Model inputs for a batch of B items (right-padded) and where things are in each sequence.
 
-    ``tensors``: ``input_ids`` (B, S), ``attention_mask`` (B, S) and, when any item has an image,
-    ``pixel_values`` (B_img, 3, H, W). ``visual_spans[b]``: (start, stop) of item b's visual tokens or
-    None; ``last_prompt``: position T of each item's last prompt token (it predicts the answer's first
-    token); ``target_positions[b]``: positions of item b's target tokens (empty without a target);
-    ``target_ids[b]``: those tokens' ids.
+    ``tensors``: ``input_ids`` (B, S), ``attention_mask`` (B, S) and, when any item has an image, every
+    image tensor the processor makes (``pixel_values`` (B_img, 3, H, W) for LLaVA; flattened patches and
+    ``image_grid_thw`` for Qwen2-VL; …) and any tensor laid out like ``input_ids``. ``visual_spans[b]``:
+    (start, stop) of item b's visual tokens or None; ``last_prompt``: position T of each item's last
+    prompt token (it predicts the answer's first token); ``target_positions[b]``: positions of item b's
+    target tokens (empty without a target); ``target_ids[b]``: those tokens' ids; ``layouts[b]``: the
+    :class:`VisualLayout` of item b's visual tokens (grid, grids or none), None without an image.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -45,9 +49,28 @@ class Inputs:
     last_prompt: tuple[int, ...]
     target_positions: tuple[tuple[int, ...], ...]
     target_ids: tuple[tuple[int, ...], ...]
+    layouts: tuple[VisualLayout | None, ...] = ()
+    image_keys: tuple[str, ...] = ()
+
+    def layout(self, b: int = 0) -> VisualLayout | None:
+        """Item ``b``'s visual layout (None without an image)."""
+        return self.layouts[b] if b < len(self.layouts) else None
 
     def __len__(self) -> int:
         return len(self.last_prompt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What :meth:`VLLM.run` recorded. ``logits`` (B, S, vocab) float32, or None when the pass stopped
+    early; ``outputs`` / ``inputs`` / ``kwargs``: per traced site name, the main output tensor, the main
+    input tensor and the keyword arguments of its last call (inputs and kwargs only with
+    ``trace_inputs``)."""
+
+    logits: torch.Tensor | None
+    outputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    kwargs: dict[str, dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +101,7 @@ class VLLM:
     Use :func:`load_vllm` to get one. ``model``, ``processor``, ``tokenizer`` and ``adapter`` are public.
     """
 
-    def __init__(self, model, processor, *, template: str = DEFAULT_TEMPLATE, name: str = "",
+    def __init__(self, model, processor, *, template: str | None = None, name: str = "",
                  info: dict | None = None):
         self.model = model.eval()
         #: What visedit knows of the model beyond its config (``visedit.json`` of a checkpoint folder):
@@ -87,7 +110,9 @@ class VLLM:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.adapter: BackboneAdapter = adapter_for(model)
-        self.template = template
+        #: The conversation frame (the adapter's, unless ``template`` overrides it).
+        self.frame: PromptFrame = self.adapter.frame if template is None else PromptFrame(template)
+        self.template = self.frame.template
         self.name = name or type(model).__name__
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -103,13 +128,23 @@ class VLLM:
 
     @property
     def image_token(self) -> str:
-        return self.processor.image_token
+        token = self.processor.image_token
+        return getattr(token, "content", token)  # BLIP-2's processor holds an AddedToken
+
+    @property
+    def d_model(self) -> int:
+        """Width of the LLM's residual stream."""
+        return self.adapter.d_model
+
+    @property
+    def backbone(self) -> str:
+        """The backbone's name, for messages (``LLaVA``, ``BLIP-2 (OPT)``, …)."""
+        return self.adapter.label or type(self.model).__name__
 
     @property
     def max_positions(self) -> int | None:
         """How many positions the language model reads (prompt + answer), if its config says."""
-        text = getattr(self.model.config, "text_config", self.model.config)
-        return getattr(text, "max_position_embeddings", None)
+        return getattr(self.adapter.text_config, "max_position_embeddings", None)
 
     @property
     def fingerprint(self) -> str:
@@ -155,7 +190,7 @@ class VLLM:
                 raise ValueError(f"the prompt contains the image token {self.image_token!r} but no image was "
                                  "given: pass image=… or remove the token")
             return question
-        return self.template.format(image=self.image_token + "\n" if has_image else "", question=question.strip())
+        return self.frame.prompt(question, self.image_token if has_image else None)
 
     def encode_target(self, target: str) -> list[int]:
         """Token ids of ``target`` as it follows a prompt (with a leading space); errors if unencodable."""
@@ -177,7 +212,7 @@ class VLLM:
         """
         if len(items) == 0:
             raise ValueError("no items given: pass at least one (image, question[, target]) tuple")
-        rows, images, spans, lasts, tpos, tids = [], [], [], [], [], []
+        rows, images, spans, lasts, tpos, tids, layouts, seqs = [], [], [], [], [], [], [], []
         img_id = self.adapter.image_token_id
         for item in items:
             image, question, target = (tuple(item) + (None,))[:3]
@@ -188,12 +223,14 @@ class VLLM:
             enc = self.processor(text=[prompt], images=[img] if img is not None else None, return_tensors="pt")
             ids = enc["input_ids"][0].tolist()
             if img is not None:
-                images.append(enc["pixel_values"][0])
+                images.append(self.adapter.image_tensors(enc))
+            seqs.append({k: v[0] for k, v in enc.items() if self.adapter.is_sequence_tensor(k)})
             target_ids = self.encode_target(target) if target is not None else []
             if add_eos and target is not None:
                 target_ids = target_ids + [self.tokenizer.eos_token_id]
             positions = [i for i, t in enumerate(ids) if t == img_id]
             spans.append((positions[0], positions[-1] + 1) if positions else None)
+            layouts.append(self.adapter.visual_layout(enc, len(positions)) if positions else None)
             if positions and positions[-1] - positions[0] + 1 != len(positions):
                 raise ValueError("visual tokens are not contiguous in the prompt; use one image per prompt")
             lasts.append(len(ids) - 1)
@@ -213,11 +250,53 @@ class VLLM:
             input_ids[b, : len(r)] = torch.tensor(r)
             mask[b, : len(r)] = 1
         tensors = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if images:
-            tensors["pixel_values"] = torch.stack(images).to(self.device, self.model.dtype)
-        return Inputs(tensors, tuple(spans), tuple(lasts), tuple(tpos), tuple(tids))
+        for key in seqs[0]:  # laid out like input_ids: padded with zeros, targets get zeros too
+            t = torch.zeros((len(rows), width), dtype=seqs[0][key].dtype)
+            for b, s in enumerate(seqs):
+                t[b, : len(s[key])] = s[key]
+            tensors[key] = t.to(self.device)
+        image_tensors = self.adapter.collate_images(images)
+        for key, t in image_tensors.items():
+            tensors[key] = t.to(self.device, self.model.dtype) if t.is_floating_point() else t.to(self.device)
+        return Inputs(tensors, tuple(spans), tuple(lasts), tuple(tpos), tuple(tids), tuple(layouts),
+                      tuple(image_tensors))
+
+    def repeat(self, inputs: Inputs, n: int) -> dict[str, torch.Tensor]:
+        """The model tensors of a one-item ``inputs`` for ``n`` copies of that item (a batch for
+        perturbation, integrated gradients, deletion curves). Expanded views: no copies are made."""
+        if len(inputs) != 1:
+            raise ValueError(f"repeat() needs inputs of one item, got {len(inputs)}")
+        images = {k: inputs.tensors[k] for k in inputs.image_keys}
+        out = {k: v.expand(n, *v.shape[1:]) for k, v in inputs.tensors.items() if k not in images}
+        return out | self.adapter.repeat_images(images, n)
 
     # --- reading the model ----------------------------------------------------------------------------
+    def run(self, inputs: "Inputs | dict[str, torch.Tensor]", *, trace: Sequence[str] = (), trace_inputs: bool = False,
+            trace_outputs: bool = True, stop_after: str | None = None, grad: bool = False) -> Run:
+        """One forward pass that records the named sites (TransformerLens' ``run_with_cache`` with a
+        names filter) and, with ``stop_after``, ends once that site has run (``stop_at_layer``).
+
+        ``inputs``: an :class:`Inputs` or its model tensors (e.g. from :meth:`repeat`). ``trace``:
+        canonical site names (``"llm.layers.3.attn"``, ``"llm.norm"``, …). With ``grad`` the pass keeps
+        the autograd graph (where gradients are enabled) and the recorded tensors are not detached.
+        """
+        tensors = inputs.tensors if isinstance(inputs, Inputs) else inputs
+        sites = {name: self.site(name) for name in trace}
+        logits = None
+        with contextlib.ExitStack() as stack:
+            tr = stack.enter_context(Trace(sites, inputs=trace_inputs, outputs=trace_outputs, detach=not grad))
+            if stop_after is not None:
+                stack.enter_context(_stop_after(self.site(stop_after)))
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                logits = self.model(**tensors, use_cache=False).logits.float()
+        shape = tuple(tensors["input_ids"].shape)
+
+        def unflatten(t):  # OPT runs its MLP on (B·S, d) rows: give every site (B, S, …)
+            return t.view(*shape, -1) if t is not None and t.dim() == 2 and t.shape[0] == shape[0] * shape[1] else t
+
+        return Run(logits, {k: unflatten(v) for k, v in tr.outputs.items()},
+                   {k: unflatten(v) for k, v in tr.inputs.items()}, tr.kwargs)
+
     @torch.no_grad()
     def logits(self, inputs: Inputs) -> torch.Tensor:
         """Full forward pass; returns logits (B, S, vocab) in float32."""
@@ -259,14 +338,17 @@ class VLLM:
         ids = inputs.tensors["input_ids"]
         mask = inputs.tensors["attention_mask"]
         lengths = mask.sum(1)
-        extra = {k: v for k, v in inputs.tensors.items() if k == "pixel_values"}
+        extra = {k: inputs.tensors[k] for k in inputs.image_keys}
+        grow = {k: v for k, v in inputs.tensors.items() if self.adapter.is_sequence_tensor(k)}
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(len(items), dtype=torch.bool, device=ids.device)
         generated: list[list[int]] = [[] for _ in items]
         for _ in range(max_new_tokens):
             ids = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
             mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
-            logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **extra).logits
+            grow = {k: torch.cat([v, torch.zeros_like(v[:, :1])], 1) for k, v in grow.items()}
+            logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **extra,
+                                **{k: v[:, :-1] for k, v in grow.items()}).logits
             step = logits[torch.arange(len(items)), lengths - 1]
             step[:, self.adapter.image_token_id] = float("-inf")  # an image token would need an image
             nxt = step.argmax(-1)
@@ -314,7 +396,12 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
                                     f"model's name ({', '.join(EMBEDDED_MODELS)})")
     source = str(path) if path.exists() else str(path_or_id)
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        try:
+            processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        except ImportError:
+            processor = _processor_without_video(source, local_files_only)
+            if processor is None:
+                raise
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     except ImportError as err:
         package = _missing_package(err)
@@ -331,6 +418,26 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         info = {"edition": 1, "recipe": "first", **info}
     vllm = VLLM(model.to(device), processor, name=name, info=info)
     return vllm
+
+
+#: Architectures whose processor is rebuilt from tokenizer + image processor when its video part cannot load.
+_IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _processor_without_video(source: str, local_files_only: bool):
+    """For a Qwen2-VL checkpoint whose processor needs torchvision (only for video): the image-only
+    :class:`~visedit.models.processing.ImageTextProcessor`. None for other checkpoints."""
+    from transformers import AutoConfig
+
+    from .processing import ImageTextProcessor
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, local_files_only=local_files_only).model_type
+    except (OSError, ValueError):
+        return None
+    if model_type not in _IMAGE_ONLY_PROCESSORS:
+        return None
+    return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only)
 
 
 def _missing_package(err: ImportError) -> str:

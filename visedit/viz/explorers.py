@@ -69,7 +69,6 @@ def edit_playground(editor, world, *, seed: int = 0):
     import ipywidgets as w
     from IPython.display import display
 
-    from ..editing import EditRequest
     from ..world import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, render
 
     questions = [q for qs in TRAIN_TEMPLATES.values() for q in qs] + [q for qs in HELDOUT_TEMPLATES.values() for q in qs]
@@ -89,7 +88,7 @@ def edit_playground(editor, world, *, seed: int = 0):
         with out:
             try:
                 before = editor.vllm.answer(probe, probe_question.value)
-                with editor.edit(EditRequest(edit_image, question.value, answer.value)):
+                with editor.edit(editor.request_type(edit_image, question.value, answer.value)):
                     after = editor.vllm.answer(probe, probe_question.value)
             except ValueError as err:
                 print(f"cannot edit: {err}")

@@ -1,4 +1,5 @@
-"""Static plotly figures shared by the chapters."""
+"""Static figures shared by the chapters (plotly; seaborn for the evaluation results). Figures take
+results and arrays; nothing here imports the rest of visedit, so every layer may draw with them."""
 
 from __future__ import annotations
 
@@ -141,4 +142,90 @@ def read_depth_figure(rows: Sequence[dict]):
                      go.Bar(x=names, y=[r["early_share"] for r in rows], name="share of the first third")])
     fig.update_layout(barmode="group", yaxis_range=[0, 1.02], height=340,
                       title="Where does each model read its image?", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+#: The metrics a layer sweep is drawn with (the others stay in its table).
+SWEEP_METRICS = ("reliability", "m_generality", "m_locality", "mean")
+
+
+def plot_results(summaries: Sequence, *, score: str = "token"):
+    """Seaborn bar chart: metric × editor with the bootstrap intervals. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = []
+    for s in summaries:
+        values, ci = getattr(s, score), getattr(s, score + "_ci")
+        for m in values:  # the five metrics, in the protocol's order
+            rows.append({"editor": s.editor, "metric": m, "value": values[m], "lo": ci[m][0], "hi": ci[m][1]})
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(df, x="metric", y="value", hue="editor", ax=ax, errorbar=None)
+    for bar_group, (_, sub) in zip(ax.containers, df.groupby("editor", sort=False)):
+        xs = [b.get_x() + b.get_width() / 2 for b in bar_group]
+        ax.errorbar(xs, sub["value"], yerr=[sub["value"] - sub["lo"], sub["hi"] - sub["value"]], fmt="none",
+                    ecolor="black", elinewidth=0.8, capsize=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("token accuracy" if score == "token" else "exact match")
+    ax.legend(ncol=len(summaries), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def plot_layer_sweep(rows: Sequence[dict], profile=None):
+    """The layer sweep of an editor that sits at one layer (``sweep-vead`` rows: ``layer``, ``at`` and the
+    token-accuracy metrics), drawn against a :class:`~visedit.attribution.ContributionProfile` (attention
+    and MLP contribution per layer) when given. Rows at the output of layer l are drawn at the input of
+    l + 1 (the same stream). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    if not rows:
+        raise ValueError("no sweep rows given: pass the JSON rows written by `python -m visedit sweep-vead`")
+    df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1),
+                        "IM": ("no IM" if not r.get("use_im", True) else "IM reads the edit image"
+                               if r.get("im_reads") == "image" else "IM reads the prompt"),
+                        **{m: r[m] for m in SWEEP_METRICS}} for r in rows])
+    long = df.melt(id_vars=["into layer", "IM"], value_vars=list(SWEEP_METRICS),
+                   var_name="metric", value_name="token accuracy")
+    panels = 2 if profile is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.0 * panels), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    sns.lineplot(long, x="into layer", y="token accuracy", hue="metric", style="IM", markers=True, ax=ax)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("editor trained at the stream entering layer l")
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    if profile is not None:
+        attn, mlp = list(profile.mean["attn"]), list(profile.mean["mlp"])
+        contrib = pd.DataFrame({"layer": list(range(len(attn))) + list(range(len(mlp))),
+                                "module": ["attention"] * len(attn) + ["MLP"] * len(mlp),
+                                "contribution": attn + mlp})
+        ax2 = axes[1, 0]
+        sns.barplot(contrib, x="layer", y="contribution", hue="module", ax=ax2, native_scale=True)
+        ax2.set_title(f"contribution of each layer's modules to the answer (paper formula, {profile.n} records)")
+        ax2.set_xlabel("layer l")
+        ax2.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def layer_bars(series: dict[str, Sequence[float]], *, low=None, high=None, method: str = "paper", title: str = ""):
+    """Grouped bar chart of per-layer values (attention vs MLP), with error bars when given."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in series.items():
+        err = None
+        if low is not None and high is not None:
+            err = dict(type="data", symmetric=False, array=np.subtract(high[name], values),
+                       arrayminus=np.subtract(values, low[name]))
+        fig.add_bar(name=name, x=list(range(len(values))), y=list(values), error_y=err)
+    fig.update_layout(barmode="group", xaxis_title="LLM layer", height=340, title=title,
+                      yaxis_title="contribution" if method == "paper" else "direct logit attribution",
+                      margin=dict(l=50, r=10, t=40, b=40))
     return fig

@@ -86,21 +86,17 @@ def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int =
     import torch
     import torch.nn.functional as F
 
-    from ...hooks import Trace
     from ...models.backbones import unembed
 
     out_loss, out_norm = [], []
     for layer in layers:
         layer = vllm.adapter.check_layer(layer)
-        block = vllm.site(f"llm.layers.{layer}")
+        block, after = f"llm.layers.{layer}", f"llm.layers.{min(layer + 1, vllm.n_layers - 1)}"
         losses, norms = [], []
         for rec in records:
             inputs = vllm.inputs([(rec.image, rec.src, rec.alt)])
-            with torch.no_grad(), Trace({"block": block}) as trace, \
-                    Trace({"next": vllm.site(f"llm.layers.{min(layer + 1, vllm.n_layers - 1)}")}, inputs=True,
-                          outputs=False) as nxt:
-                vllm.model(**inputs.tensors, use_cache=False)
-            h = trace.outputs["block"]
+            run = vllm.run(inputs, trace=[block, after], trace_inputs=True)
+            h = run.outputs[block]
             start, stop = inputs.visual_spans[0]
             delta = torch.zeros_like(h[:, start:stop], requires_grad=True)
             opt = torch.optim.Adam([delta], lr=lr)
@@ -110,7 +106,7 @@ def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int =
                 for _ in range(steps):
                     edited = torch.cat([h[:, :start], h[:, start:stop] + delta, h[:, stop:]], 1)
                     if layer + 1 < vllm.n_layers:
-                        edited = vllm.adapter.run_from(layer + 1, edited, nxt.kwargs["next"])
+                        edited = vllm.adapter.run_from(layer + 1, edited, run.kwargs[after])
                     loss = F.cross_entropy(unembed(vllm.adapter, edited[0, pos]).float(), target)
                     opt.zero_grad()
                     loss.backward()
@@ -203,8 +199,6 @@ def written_words(editor, image, question: str) -> WrittenWords:
     import torch
     import torch.nn.functional as F
 
-    from ...hooks import stop_after
-
     if not editor.applied:
         raise RuntimeError("written_words() needs an applied edit: use `with editor.edit(request):`")
     vllm = editor.vllm
@@ -212,13 +206,12 @@ def written_words(editor, image, question: str) -> WrittenWords:
     if inputs.visual_spans[0] is None:
         raise ValueError("written_words() needs an image: VEAD is off on text-only inputs")
     start, stop = inputs.visual_spans[0]
-    with torch.no_grad(), stop_after(vllm.site(f"llm.layers.{editor.layer}")):
-        vllm.model(**inputs.tensors, use_cache=False)
+    vllm.run(inputs, stop_after=f"llm.layers.{editor.layer}")
     before, after = (t[0].float() for t in editor.last_visual)
     delta = after - before
     change = delta.norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-9)
     embed = vllm.model.get_input_embeddings().weight.detach().float()
     best = (F.normalize(delta, dim=-1) @ F.normalize(embed, dim=-1).T).max(-1)
     words = tuple(vllm.tokenizer.decode([int(i)]).strip() for i in best.indices)
-    return WrittenWords(vllm.adapter.visual_grid(stop - start), words,
+    return WrittenWords(inputs.layout(0).grid, words,
                         tuple(round(float(c), 4) for c in best.values), tuple(round(float(c), 4) for c in change))

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ...hooks import Trace, edit_input, edit_output, stop_after
+from ...hooks import Trace, edit_input, edit_output
 from ..base import EditRequest, Editor, check_trained_for, load_trained, register_editor, save_trained
 from .module import VEAD, VEADConfig
 
@@ -72,7 +72,7 @@ class VEADEditor(Editor):
             raise ValueError("VEADConfig.layer is not set: pick l_e with choose_edit_layer(vllm, train_records) "
                              "or set `layer:` in the preset")
         self.layer = vllm.adapter.check_layer(self.config.layer)
-        d = vllm.model.config.text_config.hidden_size
+        d = vllm.d_model
         self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
         self.adapter.to(vllm.device).eval()
         self.memory: EditMemory | None = None
@@ -97,7 +97,7 @@ class VEADEditor(Editor):
         """The VEAD in ``folder``; refused if trained for another model (see :func:`check_trained_for`)."""
         meta, state = load_trained(folder, "vead")
         config = VEADConfig.from_dict(meta["config"])
-        d = vllm.model.config.text_config.hidden_size
+        d = vllm.d_model
         if meta["sizes"]["d"] != d or meta["layer"] >= vllm.n_layers:
             raise ValueError(f"the VEAD in {folder} was trained for another model ({meta.get('model', '?')}, "
                              f"d = {meta['sizes']['d']}); train one for this model with `python -m visedit "
@@ -129,11 +129,11 @@ class VEADEditor(Editor):
         (image, question[, target]) items, from a forward pass stopped there (VEAD off unless an edit
         is applied)."""
         inputs = self.vllm.inputs(items)
-        block = self.vllm.site(f"llm.layers.{self.layer}")
-        with Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace, \
-                stop_after(block), torch.no_grad(), self._off():
-            self.vllm.model(**inputs.tensors, use_cache=False)
-        return (trace.inputs if self.at_input else trace.outputs)["block"], inputs
+        block = f"llm.layers.{self.layer}"
+        with self._off():
+            run = self.vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input,
+                                stop_after=block)
+        return (run.inputs if self.at_input else run.outputs)[block], inputs
 
     @contextlib.contextmanager
     def _off(self):
@@ -301,9 +301,8 @@ class VEADEditor(Editor):
         inputs = self.vllm.inputs([(image, question)])
         if inputs.visual_spans[0] is None:
             raise ValueError("gate() needs an image: VEAD is off on text-only inputs")
-        block = self.vllm.site(f"llm.layers.{self.layer}")
-        with stop_after(block), torch.no_grad():
-            self.vllm.model(**inputs.tensors, use_cache=False)
+        grid = inputs.layout(0).require_grid("the gate map of VEAD's influence mapper", self.vllm.backbone)
+        self.vllm.run(inputs, stop_after=f"llm.layers.{self.layer}")
         s = self.last_gate_logits[0]
         gate = torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)
-        return gate.reshape(self.vllm.adapter.visual_grid(len(s))).numpy()
+        return gate.reshape(grid).numpy()

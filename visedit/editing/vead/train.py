@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...hooks import Trace, stop_after
 from ...models.backbones import unembed
 from ..base import holdout_split, pair_key
 from .editor import VEADEditor
@@ -88,10 +87,10 @@ class Cache:
     def record(self, record) -> CachedRecord:
         vllm = self.vllm
         inputs = vllm.inputs(_items(record), add_eos=self.config.eos)
-        block = vllm.site(f"llm.layers.{self.layer}")
-        with torch.no_grad(), Trace({"block": block}, inputs=self.at_input, outputs=not self.at_input) as trace:
-            logits = vllm.model(**inputs.tensors, use_cache=False).logits.float()
-        states = (trace.inputs if self.at_input else trace.outputs)["block"].float()
+        block = f"llm.layers.{self.layer}"
+        run = vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input)
+        logits = run.logits
+        states = (run.inputs if self.at_input else run.outputs)[block].float()
         span = inputs.visual_spans[0]
         if any(s != span for s in inputs.visual_spans):
             raise ValueError("VEAD training needs the same visual-token span in every input of a record")
@@ -122,10 +121,10 @@ class Cache:
         if self._kwargs is None or self._kwargs[0] < length:
             width = max(length, 256)
             ids = torch.full((1, width), self.vllm.tokenizer.bos_token_id, device=self.vllm.device)
-            nxt = self.vllm.site(f"llm.layers.{min(self.first, self.vllm.n_layers - 1)}")
-            with torch.no_grad(), Trace({"next": nxt}, inputs=True, outputs=False) as trace, stop_after(nxt):
-                self.vllm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            self._kwargs = (width, trace.kwargs["next"])
+            nxt = f"llm.layers.{min(self.first, self.vllm.n_layers - 1)}"
+            run = self.vllm.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, trace=[nxt],
+                                trace_inputs=True, trace_outputs=False, stop_after=nxt)
+            self._kwargs = (width, run.kwargs[nxt])
         from ...models.backbones import slice_kwargs
 
         return slice_kwargs(self._kwargs[1], length)
@@ -236,7 +235,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     interrupted run resumes (same settings, records and model weights) where it stopped."""
     from tqdm.auto import tqdm
 
-    from ...evaluation.protocol import quick_scores
+    from ..scoring import quick_scores
     from ...io import atomic_path
 
     if config.layer is None:

@@ -1,0 +1,50 @@
+"""A processor made of a tokenizer and an image processor, for checkpoints whose transformers processor
+cannot be built here: Qwen2-VL's needs torchvision for its video part, which this torch cannot import.
+
+It does what the real processor does for images: each image token of the text becomes one token per
+merged patch group (``image_grid_thw`` ÷ ``merge_size``²), and ``mm_token_type_ids`` marks them (1).
+"""
+
+from __future__ import annotations
+
+
+
+
+class ImageTextProcessor:
+    """``processor(text=[...], images=[...] or None, return_tensors="pt")`` like a transformers processor;
+    ``tokenizer``, ``image_processor`` and ``image_token`` are public."""
+
+    def __init__(self, tokenizer, image_processor, *, image_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token or getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def __call__(self, text, images=None, return_tensors: str = "pt") -> dict:
+        text = [text] if isinstance(text, str) else list(text)
+        out: dict = {}
+        if images:
+            out.update(self.image_processor(images, return_tensors="pt"))
+            merge = self.image_processor.merge_size ** 2
+            counts = iter(int(g.prod()) // merge for g in out["image_grid_thw"])  # images in text order
+            expanded = []
+            for t in text:
+                first, *rest = t.split(self.image_token)
+                expanded.append(first + "".join(self.image_token * next(counts) + part for part in rest))
+            text = expanded
+        enc = self.tokenizer(text, return_tensors="pt", padding=True)
+        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs) -> "ImageTextProcessor":
+        """Tokenizer + image processor of a checkpoint folder, without its video processor."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(folder, **kwargs),
+                   AutoImageProcessor.from_pretrained(folder, backend="pil", **kwargs))
+
+    def save_pretrained(self, folder) -> None:
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)

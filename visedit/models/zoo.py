@@ -1,0 +1,129 @@
+"""Tiny random checkpoints of every architecture visedit supports, built from configs (no download).
+
+``build_checkpoint(kind, folder)`` writes a folder that :func:`~visedit.models.load_vllm` loads like a
+real checkpoint: the tests run every technique on each, and they let a reader try an architecture offline.
+The weights are random; only the plumbing (shapes, sites, exactness oracles) is meaningful.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .tiny import TinyConfig, build_model, build_processor, build_tokenizer, text_config
+
+#: The tiny shapes (seconds per technique on a CPU).
+SMALL = TinyConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                   vision_intermediate=64, hidden=48, layers=3, heads=2, intermediate=96, max_positions=128)
+#: kind → (architecture class, decoder, what it stands for)
+KINDS = {
+    "llava": ("LlavaForConditionalGeneration", "llama", "LLaVA-1.5 (Vicuna / Llama decoder)"),
+    "llava-mistral": ("LlavaForConditionalGeneration", "mistral", "LLaVA with a Mistral decoder (GQA)"),
+    "llava-qwen2": ("LlavaForConditionalGeneration", "qwen2", "LLaVA with a Qwen2 decoder (q/k/v biases)"),
+    "blip2-opt": ("Blip2ForConditionalGeneration", "opt", "BLIP-2 OPT (the paper's second backbone)"),
+    "blip2-llama": ("Blip2ForConditionalGeneration", "llama",
+                    "BLIP-2 with a Llama decoder: MiniGPT-4's design (ViT + Q-Former + linear → Vicuna)"),
+    "instructblip": ("InstructBlipForConditionalGeneration", "llama",
+                     "InstructBLIP (Vicuna / Llama decoder; the Q-Former reads the instruction)"),
+    "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2", "Qwen2-VL (M-RoPE, a grid per input, GQA)"),
+    "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
+}
+NUM_QUERY_TOKENS = 8
+
+
+def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, world=None) -> Path:
+    """Write a tiny random checkpoint of ``kind`` (see :data:`KINDS`) to ``folder``; returns the folder."""
+    import torch
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    from ..world import make_world
+
+    world = world or make_world(0)
+    folder = Path(folder)
+    arch, decoder, _ = KINDS[kind]
+    tokenizer = build_tokenizer(world)
+    kv_heads = 1 if decoder == "mistral" else None
+    if arch == "LlavaForConditionalGeneration":
+        processor = build_processor(world, SMALL, tokenizer=tokenizer)
+        model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
+    elif arch.startswith("Qwen2"):
+        processor, model = _qwen2_vl(tokenizer, seed, version=kind)
+    else:
+        processor, model = _blip2(tokenizer, seed, decoder=decoder, instruct=arch.startswith("InstructBlip"))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _blip2(tokenizer, seed: int, *, decoder: str, instruct: bool):
+    """Tiny BLIP-2 or InstructBLIP: a 2-block ViT, a 1-layer Q-Former with 8 query tokens, a linear
+    projection into the decoder."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    prefix = "InstructBlip" if instruct else "Blip2"
+    parts = {name: getattr(transformers, prefix + name) for name in
+             ("Config", "ForConditionalGeneration", "Processor", "QFormerConfig", "VisionConfig")}
+    # the processor adds its own image token (an AddedToken) to a tokenizer that has none
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>",
+                                    eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="right")
+    size = SMALL.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    extra = {"qformer_tokenizer": PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                                          pad_token="<pad>", padding_side="right")} if instruct else {}
+    processor = parts["Processor"](image_processor=image_processor, tokenizer=plain, num_query_tokens=NUM_QUERY_TOKENS,
+                                   **extra)
+    vision = parts["VisionConfig"](hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                                   num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                                   image_size=size, patch_size=SMALL.patch_size)
+    words = dict(vocab_size=len(plain), pad_token_id=plain.pad_token_id) if instruct else {}
+    qformer = parts["QFormerConfig"](hidden_size=SMALL.vision_hidden, num_hidden_layers=1,
+                                     num_attention_heads=SMALL.vision_heads, intermediate_size=SMALL.vision_intermediate,
+                                     encoder_hidden_size=SMALL.vision_hidden, **words)
+    text = text_config(plain, SMALL, decoder=decoder)
+    config = parts["Config"](vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                             num_query_tokens=NUM_QUERY_TOKENS, image_token_index=plain.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = parts["ForConditionalGeneration"](config)
+    with torch.no_grad():  # fresh query tokens are all zeros: every visual token would be the same
+        model.query_tokens.normal_(std=1.0)
+    return processor, model
+
+
+def _qwen2_vl(tokenizer, seed: int, *, version: str = "qwen2-vl"):
+    """Tiny Qwen2-VL or Qwen2.5-VL: 8-pixel patches merged 2×2 (a 2×2 token grid for a 32-pixel image),
+    M-RoPE sections summing to half the head width; the processor is tokenizer + image processor (no
+    video part)."""
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .processing import ImageTextProcessor
+
+    size = SMALL.image_size
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size,
+                                               patch_size=SMALL.patch_size, temporal_patch_size=2, merge_size=2)
+    text = text_config(tokenizer, SMALL, decoder="qwen2", kv_heads=1).to_dict()
+    head = SMALL.hidden // SMALL.heads
+    text["max_position_embeddings"] = 512  # its chat frame is long in a word-level vocabulary (IKE's context)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head // 6] * 3}
+    unused = tokenizer.unk_token_id  # no video and no vision start/end tokens in the tiny vocabulary
+    vision = dict(depth=1, num_heads=SMALL.vision_heads, patch_size=SMALL.patch_size, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if version == "qwen2-vl":
+        vision |= dict(embed_dim=SMALL.vision_hidden, hidden_size=SMALL.hidden, mlp_ratio=2)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        vision |= dict(hidden_size=SMALL.vision_hidden, out_hidden_size=SMALL.hidden,
+                       intermediate_size=SMALL.vision_intermediate, window_size=2 * 2 * SMALL.patch_size,
+                       fullatt_block_indexes=[0])
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_class(text_config=text, vision_config=vision, video_token_id=unused,
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                          vision_start_token_id=unused, vision_end_token_id=unused)
+    torch.manual_seed(seed)
+    return ImageTextProcessor(tokenizer, image_processor), model_class(config)
