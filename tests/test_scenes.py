@@ -152,16 +152,9 @@ def test_scene_dataset_prefers_look_alikes_sharing_two_attributes(scene_dataset)
 
 
 def test_scene_dataset_is_byte_identical_for_the_same_seed(tmp_path, scene_dataset):
+    from test_world import _digest as digest
+
     again = make_edit_dataset(tmp_path / "again", SCENE_SMALL, progress=False)
-
-    def digest(root):
-        h = hashlib.sha256()
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                h.update(p.relative_to(root).as_posix().encode())
-                h.update(p.read_bytes())
-        return h.hexdigest()
-
     assert digest(again) == digest(scene_dataset)
 
 

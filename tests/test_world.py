@@ -87,6 +87,7 @@ def test_templates():
 
 
 def _digest(folder: Path) -> str:
+    """A digest of every file under ``folder`` (names and bytes): equal only for byte-identical trees."""
     h = hashlib.sha256()
     for f in sorted(folder.rglob("*")):
         if f.is_file():

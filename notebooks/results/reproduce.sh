@@ -35,15 +35,7 @@ if [[ -n "${MODEL:-}" ]]; then
   L=(--layer 0)                        # the preset's l_e (another --model would choose it from its profile)
 fi
 
-step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
-  local out=$1; shift
-  if [[ -e $out ]]; then echo "done    $out"; return; fi
-  echo "run     $out: $(printf '%q ' "$@")"
-  [[ -n "${DRY:-}" ]] && return
-  local t0=$SECONDS
-  "$@"
-  echo "        $out: $((SECONDS - t0)) s"
-}
+source notebooks/results/steps.sh
 
 to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to FILE
   local file=$1; shift

@@ -16,15 +16,7 @@ R=notebooks/results/study
 W=${WORK:-.study}
 DEV=(--device "${DEVICE:-cpu}")
 
-step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
-  local out=$1; shift
-  if [[ -e $out ]]; then echo "done    $out"; return; fi
-  echo "run     $out: $(printf '%q ' "$@")"
-  [[ -n "${DRY:-}" ]] && return
-  local t0=$SECONDS
-  "$@" > /dev/null
-  echo "        $out: $((SECONDS - t0)) s"
-}
+source notebooks/results/steps.sh
 
 # the first teaching model as shipped
 step "$R/first.json" $PY -m visedit reading --model visedit-tiny --out "$R/first.json"
