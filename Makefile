@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: book test setup clean
+.PHONY: book test setup clean measure
 
 setup: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 ## Execute every notebook on the embedded model and build the book to _build/html (warnings are errors).
 book: $(STAMP)
+	@grep -q 'url: https://github.com/your-org/visedit' _config.yml && echo "notice: _config.yml's repository.url is still the placeholder github.com/your-org/visedit; the Colab/Binder launch buttons and source links point nowhere until the publisher sets it." || true
 	VISEDIT_BOOK=1 VISEDIT_STATIC=1 $(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
@@ -26,6 +27,10 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	VISEDIT_STATIC=1 $(BIN)/python -m pytest -q --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+## Size of the built site and each page's load time in headless Chromium (needs `make book` first).
+measure:
+	$(BIN)/python book/_ext/measure_site.py _build/html
 
 clean:
 	rm -rf _build

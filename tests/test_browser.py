@@ -1,0 +1,238 @@
+"""The built book, opened page by page in a real browser (Playwright driving Debian's Chromium).
+
+Needs a built book (``make book`` writes ``_build/html``; another folder: ``VISEDIT_BOOK_HTML``) and
+Chromium (``/usr/bin/chromium``; another: ``VISEDIT_CHROMIUM``). Without either the tests skip with a
+one-line reason, except under ``VISEDIT_REQUIRE_BROWSER=1`` (set by ``.ci/run``, which installs
+Chromium and builds the book first), where a missing piece fails them. The book is not built here:
+a build executes every notebook (minutes), and the pages must show what the notebooks print.
+
+Each page is served over HTTP on 127.0.0.1 and checked for: no console error, no request to another
+host, every formula typeset by MathJax (no raw TeX left), every plotly figure drawn with a non-zero size
+inside the text column, a slider that changes its figure (where a page has one), and nothing wider
+than a 390 px phone screen. Screenshots land in ``_build/screens/`` (desktop and phone width).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = Path(os.environ.get("VISEDIT_BOOK_HTML", ROOT / "_build" / "html"))
+CHROMIUM = Path(os.environ.get("VISEDIT_CHROMIUM", "/usr/bin/chromium"))
+SCREENS = ROOT / "_build" / "screens"
+REQUIRED = os.environ.get("VISEDIT_REQUIRE_BROWSER") == "1"
+# Pages a reader opens: every chapter and prose page (not the redirect, search and index pages).
+PAGES = sorted(str(p.relative_to(BOOK)) for p in BOOK.glob("*/*.html") if p.parts[-2] not in ("_static", "_sources"))
+ISSUE_NUMBER = re.compile(r"\bissues?\s*(?:#|no\.?\s*|number\s*)?\d+", re.I)
+
+
+def _missing() -> str | None:
+    if not (BOOK / "index.html").exists():
+        return f"no built book at {BOOK}: run `make book` first"
+    if not CHROMIUM.exists():
+        return f"no Chromium at {CHROMIUM}: apt-get install -y chromium"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed: pip install -e '.[test]'"
+    return None
+
+
+def _require() -> None:
+    if (why := _missing()) is not None:
+        (pytest.fail if REQUIRED else pytest.skip)(why)
+
+
+@pytest.fixture(scope="module")
+def site():
+    _require()
+    handler = functools.partial(_QuietHandler, directory=str(BOOK))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser(site):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, url: str, width: int, height: int):
+    """Open ``url`` at the given viewport; returns the page, its console errors and its foreign requests."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors, foreign = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+
+    def request(r):
+        parts = urlsplit(r.url)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.hostname != "127.0.0.1":
+            foreign.append(r.url)
+
+    page.on("request", request)
+    page.goto(url, wait_until="load")
+    page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
+    # Figures are drawn when they come near the screen: scroll through them as a reader would.
+    page.evaluate(SCROLL_THROUGH_FIGURES)
+    page.wait_for_load_state("networkidle")
+    return page, errors, foreign
+
+
+SCROLL_THROUGH_FIGURES = """async () => {
+  for (const g of document.querySelectorAll('.plotly-graph-div')) {
+    g.scrollIntoView();
+    for (let i = 0; i < 100 && !g._fullLayout; i++) await new Promise(r => setTimeout(r, 50));
+  }
+  window.scrollTo(0, 0);
+}"""
+
+
+UNRENDERED_MATH = """() => {
+  const math = [...document.querySelectorAll('.math')];
+  const left = math.filter(e => !e.querySelector('mjx-container')).map(e => e.textContent.slice(0, 60));
+  const walker = document.createTreeWalker(document.querySelector('main') || document.body, NodeFilter.SHOW_TEXT);
+  const raw = [];
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (n.parentElement.closest('pre, code, script, style, mjx-container, .plotly-graph-div')) continue;
+    if (/\\\\\\(|\\\\\\[|\\$\\$/.test(n.textContent)) raw.push(n.textContent.trim().slice(0, 60));
+  }
+  return {formulas: math.length, left, raw};
+}"""
+
+FIGURES = """() => {
+  const column = (document.querySelector('article.bd-article') || document.querySelector('main')).getBoundingClientRect();
+  return [...document.querySelectorAll('.plotly-graph-div')].map(g => {
+    const r = g.getBoundingClientRect();
+    return {id: g.id, title: (g.layout && g.layout.title && g.layout.title.text) || '', drawn: !!g._fullLayout,
+            width: r.width, height: r.height, inside: r.left >= column.left - 1 && r.right <= column.right + 1,
+            sliders: (g.layout && g.layout.sliders || []).length};
+  });
+}"""
+
+# Everything but the slider itself, as drawn: changes when a slider step restyles or relayouts the figure.
+DRAWING = """id => [...document.getElementById(id).querySelectorAll('svg.main-svg')].map(s => {
+  const c = s.cloneNode(true); c.querySelectorAll('.slider-container').forEach(n => n.remove()); return c.outerHTML;
+}).join('')"""
+
+OVERFLOW = """() => {
+  const W = document.documentElement.clientWidth, out = [];
+  for (const e of document.querySelectorAll('body *')) {
+    const r = e.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0 || r.right <= W + 1 || getComputedStyle(e).visibility === 'hidden') continue;
+    let a = e.parentElement, clipped = false;
+    for (; a && a !== document.body; a = a.parentElement) {
+      if (getComputedStyle(a).overflowX !== 'visible' && a.getBoundingClientRect().right <= W + 1) { clipped = true; break; }
+    }
+    if (!clipped) out.push(`${e.tagName.toLowerCase()}.${[...e.classList].join('.')} right=${Math.round(r.right)}`);
+  }
+  return {viewport: W, scrollWidth: document.documentElement.scrollWidth, out};
+}"""
+
+
+def _screen(page, name: str) -> None:
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENS / name), full_page=True)
+
+
+@pytest.mark.parametrize("path", PAGES or ["(no built book)"])
+def test_page_in_the_browser(browser, site, path):
+    page, errors, foreign = _open(browser, f"{site}/{path}", 1280, 1000)
+    try:
+        _screen(page, path.replace("/", "__").replace(".html", ".png"))
+        assert not errors, f"console errors: {errors[:5]}"
+        assert not foreign, f"requests to another host: {sorted(set(foreign))[:5]}"
+        math = page.evaluate(UNRENDERED_MATH)
+        assert not math["left"], f"{len(math['left'])} of {math['formulas']} formulas not typeset: {math['left'][:3]}"
+        assert not math["raw"], f"raw TeX on the page: {math['raw'][:3]}"
+        for fig in page.evaluate(FIGURES):
+            assert fig["drawn"] and fig["width"] > 0 and fig["height"] > 0, f"figure not drawn: {fig}"
+            assert fig["inside"], f"figure wider than the text column: {fig}"
+            if fig["sliders"]:
+                before = page.evaluate(DRAWING, fig["id"])
+                rail = page.locator(f"[id='{fig['id']}'] .slider-rail-touch-rect").first.bounding_box()
+                page.mouse.click(rail["x"] + rail["width"] - 2, rail["y"] + rail["height"] / 2)
+                page.wait_for_timeout(600)
+                assert page.evaluate(DRAWING, fig["id"]) != before, f"moving the slider changes nothing: {fig}"
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("path", PAGES or ["(no built book)"])
+def test_page_fits_a_phone(browser, site, path):
+    page, _, _ = _open(browser, f"{site}/{path}", 390, 844)
+    try:
+        _screen(page, path.replace("/", "__").replace(".html", "-390.png"))
+        fit = page.evaluate(OVERFLOW)
+        assert not fit["out"], f"{len(fit['out'])} elements overflow a {fit['viewport']} px screen: {fit['out'][:5]}"
+        assert fit["scrollWidth"] <= fit["viewport"] + 1, f"the page scrolls sideways: {fit}"
+    finally:
+        page.close()
+
+
+def test_no_built_page_mentions_an_issue_number():
+    """Project-management references ("issue 2 of the project") do not belong in the reader's pages."""
+    if not (BOOK / "index.html").exists():
+        (pytest.fail if REQUIRED else pytest.skip)(f"no built book at {BOOK}: run `make book` first")
+    hits = []
+    for page in sorted(BOOK.glob("*/*.html")):
+        text = re.sub(r"<script.*?</script>|<style.*?</style>|<[^>]+>", " ", page.read_text(), flags=re.S)
+        hits += [f"{page.relative_to(BOOK)}: …{m.group(0)}…" for m in re.finditer(r"\bissues?\b.{0,30}", text, re.I)
+                 if ISSUE_NUMBER.search(m.group(0))]
+    assert not hits, hits[:5]
+
+
+def test_sources_do_not_mention_an_issue_number():
+    """The same rule on the book's sources, so it holds without a build."""
+    import json
+
+    hits = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
+        texts = (["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+                 if path.suffix == ".ipynb" else [path.read_text()])
+        hits += [f"{path.name}: {m.group(0)}" for t in texts for m in re.finditer(r"\bissues?\b.{0,30}", t, re.I)
+                 if ISSUE_NUMBER.search(m.group(0))]
+    assert not hits, hits
+
+
+def test_book_renderer_writes_the_figure_only(monkeypatch):
+    """Under VISEDIT_BOOK=1 a figure's HTML holds neither plotly.js nor a CDN MathJax, and no fixed width."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from visedit.viz import notebook_setup
+
+    before = pio.renderers.default
+    monkeypatch.setenv("VISEDIT_BOOK", "1")
+    try:
+        assert notebook_setup() == "visedit_book"
+        fig = go.Figure(go.Bar(y=[1, 2]), layout={"width": 900, "height": 300, "title": {"text": "a </script> b"}})
+        html = pio.renderers["visedit_book"].to_mimebundle(fig.to_dict())["text/html"]
+    finally:
+        pio.renderers.default = before
+    assert "cdn" not in html and "MathJax" not in html and "Plotly.newPlot" not in html
+    assert 'class="plotly-graph-div"' in html and "height:300px; width:100%" in html
+    spec = json.loads(re.search(r'<script type="application/json"[^>]*>(.*)</script>', html, re.S).group(1))
+    assert "width" not in spec["layout"] and spec["layout"]["title"]["text"] == "a </script> b"
