@@ -73,6 +73,23 @@ def test_scene_turns_ask_the_selected_creature(micro_world):
             assert "{x}" not in q
 
 
+def test_a_scene_where_no_creature_can_be_picked_out_is_described(micro_world):
+    """Two creatures of the same colour and pattern, side by side within the position margin: no selector
+    picks either out, so the scene is described (the loop that draws a creature to ask about would never end)."""
+    import dataclasses
+
+    from visedit.models.recipe import DESCRIBE
+    from visedit.world import selectors
+
+    ents = micro_world.entities
+    a, b = next((x, y) for x in ents for y in ents if x is not y and x.colour == y.colour and x.pattern == y.pattern)
+    scene = render_scene([a, b], seed=0)
+    scene = dataclasses.replace(scene, centres=((40.0, 40.0), (43.0, 42.0)))
+    assert not selectors(scene, 0) and not selectors(scene, 1)
+    turns = scene_turns(scene, random.Random(0), 4)
+    assert len(turns) == 1 and turns[0][0] == DESCRIBE and a.shape in turns[0][1] and b.shape in turns[0][1]
+
+
 def test_recipes_change_one_ingredient_each():
     base = recipe_config("llava")
     assert base.layers >= 12 and base.frozen_encoder and base.max_creatures == 4 and base.n_visual >= 100

@@ -45,7 +45,7 @@ from ..io import atomic_path
 from ..world import FACTS, World, make_world
 from ..world.entities import COLOURS, PATTERNS, SHAPES
 from ..world.questions import TEXT_TEMPLATES
-from ..world.scene import SCENE_TEMPLATES, askable, caption, position_words, render_scene
+from ..world.scene import SCENE_TEMPLATES, askable, caption, position_words, render_scene, selectors
 from .tiny import TinyConfig, build_model, build_processor
 from .train import collate
 
@@ -329,6 +329,10 @@ class _Batcher:
 def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
     """``n`` (question, answer) turns about creatures of ``scene``, each with a selector that picks its
     creature out and does not give the answer away (training templates only)."""
+    if not any(selectors(scene, j) for j in range(len(scene))):
+        # no creature can be picked out (same colour and pattern, none far enough to one side): the
+        # scene is described instead of asked about (rare; every other scene's stream is unchanged)
+        return [(DESCRIBE, caption(scene, rng=rng))]
     turns = []
     for _ in range(n):
         k = rng.randrange(len(scene))
