@@ -111,3 +111,36 @@ def test_evaluate_cli_sequential(tiny_random_dir, records, tmp_path, capsys):
     assert code == 0 and out["T"] == 3 and out["order"] == edit_order(4, 3, 2) and len(out["retention"]) == 3
     assert main(["evaluate", "--editor", "none", "--model", str(tiny_random_dir), "--every", "2"]) == 2
     assert "only apply to --sequential" in capsys.readouterr().err
+
+
+def test_ike_keeps_the_newest_facts_that_fit_and_can_refuse_instead(tiny_random):
+    """Stacked IKE facts outgrow the model's positions: the window keeps the demonstrations and the newest
+    facts (the oldest fall out, counted in ``dropped``); ``overflow='error'`` refuses in one line."""
+    from visedit.editing import EditRequest, IKEConfig, InContextEditor
+    from visedit.world import image_question, load_world_split
+
+    recs = load_world_split("train")[:60]
+    ike = InContextEditor(tiny_random, IKEConfig(n_demos=1), demos=recs)
+    item = (recs[0].image, recs[0].src, recs[0].alt)
+    for r in recs[:50]:
+        ike.apply(EditRequest.from_record(r))
+    scores = ike.score_batch([item])
+    assert 0 < ike.dropped < 50 and len(scores) == 1
+    kept = 50 - ike.dropped
+    ctx = ike.context(kept)
+    assert ctx.endswith(tiny_random.frame.turn(recs[49].src, recs[49].alt))
+    assert tiny_random.frame.turn(recs[0].src, recs[0].alt) + " " not in ctx.replace(ike.demonstrations, "", 1)
+    # the kept context is the longest that fits: one more fact does not
+    tiny_random.inputs([item], context=ctx)
+    with pytest.raises(ValueError, match="positions"):
+        tiny_random.inputs([item], context=ike.context(kept + 1))
+    assert len(ike.answer_batch([item[:2]], max_new_tokens=4)) == 1
+    ike.restore()
+    strict = InContextEditor(tiny_random, IKEConfig(n_demos=1, overflow="error"), demos=recs)
+    for r in recs[:50]:
+        strict.apply(EditRequest.from_record(r))
+    with pytest.raises(ValueError, match="overflow='window'") as err:
+        strict.score_batch([item])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="overflow"):
+        IKEConfig(overflow="drop")
