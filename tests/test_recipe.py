@@ -252,3 +252,13 @@ def test_scene_records_are_scored_on_the_region_probes_too(micro_run, tmp_path):
     assert summary.exact["i_locality"] == summary.exact["la_locality"] == 1.0
     assert summary.mean == np.mean([summary.token[m] for m in METRICS])
     assert EvalSummary.load(tmp_path / "run" / "summary.json") == summary
+
+
+def test_study_figures_put_each_model_at_its_relative_depth():
+    from visedit.viz.figures import depth_profiles_figure, read_depth_figure
+
+    fig = depth_profiles_figure({"eight": [0.0] * 7 + [1.0], "twelve": [0.0] * 6 + [1.0] + [0.0] * 5})
+    assert [list(t.x)[-1] for t in fig.data] == [1.0, 1.0]
+    assert list(fig.data[1].x)[6] == pytest.approx(6 / 11)
+    bars = read_depth_figure([{"recipe": "a", "attention_peak_relative_depth": 0.5, "early_share": 0.1}])
+    assert list(bars.data[0].y) == [0.5] and list(bars.data[1].y) == [0.1]

@@ -145,6 +145,22 @@ def read_depth_figure(rows: Sequence[dict]):
     return fig
 
 
+def depth_profiles_figure(profiles: dict[str, Sequence[float]]):
+    """Attention-contribution profiles of several models against relative depth (layer ÷ (L − 1)), so that
+    models of different depths line up (``profiles``: name → per-layer contribution)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, values in profiles.items():
+        L = len(values)
+        fig.add_trace(go.Scatter(x=[l / max(L - 1, 1) for l in range(L)], y=list(values), mode="lines+markers",
+                                 name=name))
+    fig.update_layout(xaxis_title="relative depth (layer ÷ (L − 1))", yaxis_title="attention contribution",
+                      height=380, title="Where each model writes its answer from the image",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
 #: The metrics a layer sweep is drawn with (the others stay in its table).
 SWEEP_METRICS = ("reliability", "m_generality", "m_locality", "mean")
 
