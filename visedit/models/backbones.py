@@ -24,6 +24,7 @@ import numbers
 import re
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,23 +83,60 @@ class VisualLayout:
     ``grids``: the (rows, cols) patch grid of each image part, in token order — one grid (LLaVA), one
     grid per input whose size depends on the image (Qwen2-VL), several grids (LLaVA-NeXT's base image and
     tiles) — or empty when the tokens have no spatial arrangement (BLIP-2's learned query tokens).
+    ``newlines``: per grid, True when a newline token closes each of its rows (LLaVA-NeXT's tiles), so
+    that grid takes rows × (cols + 1) tokens; empty means none anywhere. The parts cover every token.
     """
 
     n_tokens: int
     grids: tuple[tuple[int, int], ...] = ()
+    newlines: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.newlines and len(self.newlines) != len(self.grids):
+            raise ValueError(f"newlines has {len(self.newlines)} flags for {len(self.grids)} grids: give one per grid")
+        covered = sum(rows * (cols + nl) for (rows, cols), nl in zip(self.grids, self._newlines()))
+        if self.grids and covered != self.n_tokens:
+            raise ValueError(f"the grids {self.grids} cover {covered} tokens, not the {self.n_tokens} visual tokens")
+
+    def _newlines(self) -> tuple[bool, ...]:
+        return self.newlines or (False,) * len(self.grids)
 
     @property
     def grid(self) -> tuple[int, int] | None:
         """The single patch grid covering every visual token, or None (no grid, or several)."""
-        if len(self.grids) == 1 and self.grids[0][0] * self.grids[0][1] == self.n_tokens:
+        if len(self.grids) == 1 and not any(self.newlines):
             return tuple(self.grids[0])
         return None
+
+    @property
+    def map_grid(self) -> tuple[int, int] | None:
+        """The grid that maps are drawn on: the only grid, or the first (LLaVA-NeXT's base image, which
+        shows the whole image); None without a grid."""
+        return tuple(self.grids[0]) if self.grids else None
+
+    @property
+    def map_cells(self) -> tuple[int, ...] | None:
+        """The visual tokens of :attr:`map_grid`'s cells in row-major order when that grid does not hold
+        every token (None when it does, or without a grid)."""
+        if not self.grids or self.grid is not None:
+            return None
+        return tuple(int(i) for i in self.cells(0).ravel())
+
+    def cells(self, part: int) -> np.ndarray:
+        """(rows, cols) index of the visual token at each cell of grid ``part`` (newline tokens skipped)."""
+        offset = 0
+        for (rows, cols), nl in zip(self.grids[:part], self._newlines()):
+            offset += rows * (cols + nl)
+        rows, cols = self.grids[part]
+        return offset + np.arange(rows)[:, None] * (cols + self._newlines()[part]) + np.arange(cols)[None, :]
 
     def describe(self) -> str:
         if not self.grids:
             return f"{self.n_tokens} visual tokens with no patch grid (query tokens)"
         if len(self.grids) > 1:
-            return f"{self.n_tokens} visual tokens on {len(self.grids)} patch grids"
+            shapes = " and ".join(f"{r}×{c}" for r, c in self.grids)
+            extra = ", a newline token closing each row of the last" if self.newlines and self.newlines[-1] else ""
+            return f"{self.n_tokens} visual tokens on {len(self.grids)} patch grids ({shapes}{extra})"
         return f"{self.n_tokens} visual tokens on a {self.grids[0][0]}×{self.grids[0][1]} grid"
 
     def require_grid(self, feature: str, backbone: str) -> tuple[int, int]:
@@ -107,6 +145,18 @@ class VisualLayout:
             raise ValueError(f"{feature} needs one patch grid, but {backbone} gives {self.describe()}: "
                              "use the per-token values (.visual) instead")
         return self.grid
+
+    def require_map(self, feature: str, backbone: str) -> tuple[int, int]:
+        """:attr:`map_grid`, or a one-line refusal naming ``feature`` and ``backbone`` without a grid."""
+        if self.map_grid is None:
+            raise ValueError(f"{feature} needs a patch grid, but {backbone} gives {self.describe()}: "
+                             "use the per-token values instead")
+        return self.map_grid
+
+    def on_map(self, values: np.ndarray) -> np.ndarray:
+        """Per-token ``values`` (n_tokens,) as a (rows, cols) map on :attr:`map_grid` (see :meth:`require_map`)."""
+        values = np.asarray(values)
+        return (values if self.map_cells is None else values[list(self.map_cells)]).reshape(self.map_grid)
 
 
 class BackboneAdapter:
