@@ -505,6 +505,50 @@ class LlavaAdapter(_VisionLanguageModel):
         return grid if grid[0] * grid[1] == n_tokens else None
 
 
+def _llava_next_class():
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration
+
+
+@register_backbone(_llava_next_class())
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT / LLaVA-1.6 (``LlavaNextForConditionalGeneration``), "anyres": the image is read twice,
+    resized to the vision tower's resolution (the base image) and, at the best of the configured
+    ``image_grid_pinpoints`` resolutions, cut into tiles of that size. Its visual tokens are the base
+    image's patch grid, then the tiles' patches as one grid with the padding removed and a learned
+    newline token closing each row. Maps are drawn on the base grid, which shows the whole image; the
+    pixel values are the base image and its tiles (B, 1 + tiles, 3, H, W), not one image."""
+
+    label = "LLaVA-NeXT"
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        """The base grid, then the unpadded grid of the tiles (with its newline tokens), computed as the
+        model packs them from the original image size (``image_sizes``) and the pinpoints."""
+        from transformers.image_processing_utils import select_best_resolution
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size  # patches along a side of the base image and of a tile
+        size = [int(x) for x in encoding["image_sizes"][0]]  # (H, W) of the original image
+        height, width = select_best_resolution(size, self.model.config.image_grid_pinpoints)
+        padded = torch.empty(0, height // vision.image_size * side, width // vision.image_size * side)
+        rows, cols = unpad_image(padded, size).shape[1:]
+        if side * side + rows * (cols + 1) != n_tokens:  # a tower that keeps its CLS token ("full"): no grid
+            return VisualLayout(n_tokens)
+        return VisualLayout(n_tokens, ((side, side), (rows, cols)), (False, True))
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each item's base image and tiles, padded with blank tiles to the most tiles in the batch (as
+        the processor batches them: the model reads as many tiles as each item's ``image_sizes`` gives)."""
+        most = max((item["pixel_values"].shape[1] for item in per_item), default=0)
+        padded = []
+        for item in per_item:  # (1, tiles + 1, 3, H, W): pad the second dimension at its end
+            blank = most - item["pixel_values"].shape[1]
+            padded.append({**item, "pixel_values": torch.nn.functional.pad(item["pixel_values"], (0,) * 7 + (blank,))})
+        return super().collate_images(padded)
+
+
 def _blip2_class():
     from transformers import Blip2ForConditionalGeneration
 

@@ -27,8 +27,11 @@ KINDS = {
                      "InstructBLIP (Vicuna / Llama decoder; the Q-Former reads the instruction)"),
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2", "Qwen2-VL (M-RoPE, a grid per input, GQA)"),
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
+    "llava-next": ("LlavaNextForConditionalGeneration", "llama",
+                   "LLaVA-NeXT / LLaVA-1.6 (anyres: a base image and tiles, a newline token after each row)"),
 }
 NUM_QUERY_TOKENS = 8
+
 
 
 def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, world=None) -> Path:
@@ -47,6 +50,8 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
     if arch == "LlavaForConditionalGeneration":
         processor = build_processor(world, SMALL, tokenizer=tokenizer)
         model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
+    elif arch == "LlavaNextForConditionalGeneration":
+        processor, model = _llava_next(tokenizer, seed)
     elif arch.startswith("Qwen2"):
         processor, model = _qwen2_vl(tokenizer, seed, version=kind)
     else:
@@ -127,3 +132,34 @@ def _qwen2_vl(tokenizer, seed: int, *, version: str = "qwen2-vl"):
                           vision_start_token_id=unused, vision_end_token_id=unused)
     torch.manual_seed(seed)
     return ImageTextProcessor(tokenizer, image_processor), model_class(config)
+
+
+#: LLaVA-NeXT's tiny resolutions: a 16-pixel base image (a 2×2 grid of 8-pixel patches) and tiles of 16
+#: pixels at one of these (height, width) resolutions — a 32-pixel square image becomes 2×2 tiles, whose
+#: patches form a 4×4 grid (the image's own resolution), each row closed by a newline token: 24 tokens.
+LLAVA_NEXT_BASE = 16
+LLAVA_NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def _llava_next(tokenizer, seed: int):
+    """Tiny LLaVA-NeXT: a CLIP tower at 16 pixels, "anyres" tiles at the pinpoints above, the PIL image
+    processor (no torchvision), the CLS token dropped (``vision_feature_select_strategy="default"``)."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    side = LLAVA_NEXT_BASE
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": side},
+                                                 crop_size={"height": side, "width": side},
+                                                 image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=SMALL.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                              num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                              image_size=side, patch_size=SMALL.patch_size, projection_dim=SMALL.vision_hidden)
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text_config(tokenizer, SMALL).to_dict(),
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_seq_length=(side // SMALL.patch_size) ** 2)
+    torch.manual_seed(seed)
+    return processor, LlavaNextForConditionalGeneration(config)
