@@ -6,6 +6,8 @@ architecture cannot do is refused in one line that names the feature and the bac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from visedit.editing import (EditRequest, IKEConfig, InContextEditor, MENDConfig
 from visedit.evaluation import evaluate
 from visedit.hooks import hook_count
 from visedit.models import load_vllm
-from visedit.models.zoo import KINDS, NUM_QUERY_TOKENS, build_checkpoint
+from visedit.models.zoo import KINDS, NUM_QUERY_TOKENS, SUPPORT, build_checkpoint, support_markdown
 from visedit.world import DatasetSpec, image_question, load_world_split, render
 
 SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
@@ -190,3 +192,15 @@ def test_llava_next_layout_is_how_the_model_packs_its_tokens(world, tmp_path):
     for item, scored in zip(items, batch):
         assert scored.logprob == pytest.approx(vllm.score_batch([item])[0].logprob, abs=1e-5)
 
+
+def test_the_support_table_is_the_readme_s_and_says_what_these_tests_check():
+    assert support_markdown() in (Path(__file__).parents[1] / "README.md").read_text()
+    assert sorted(k for row in SUPPORT for k in row.kinds) == sorted(KINDS)
+    for row in SUPPORT:
+        refusals = row.refused  # "as BLIP-2 OPT": that row's
+        if refusals.startswith("as "):
+            refusals = next(r.refused for r in SUPPORT if r.backbone.startswith(refusals[3:]))
+        if row.kinds:
+            assert ("IG on pixels" in refusals) == any(k in NO_PIXEL_IG for k in row.kinds), row.backbone
+            assert ("`attention_map`" in refusals) == any(GRID[k] is None for k in row.kinds), row.backbone
+            assert ("region scores" in refusals) == any(k in SEVERAL_GRIDS or GRID[k] is None for k in row.kinds)

@@ -7,6 +7,7 @@ The weights are random; only the plumbing (shapes, sites, exactness oracles) is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -32,6 +33,66 @@ KINDS = {
 }
 NUM_QUERY_TOKENS = 8
 
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """One architecture's row of the support table. ``kinds``: the tiny checkpoints (:data:`KINDS`) on
+    which the tests prove the row, and where its class names come from; an architecture with none is not
+    supported yet and names its ``classes`` itself. ``refused``: the features refused in one line that
+    names the feature and the backbone, each with its reason."""
+
+    backbone: str
+    kinds: tuple[str, ...]
+    decoder: str
+    visual_tokens: str
+    supported: str
+    refused: str
+    classes: tuple[str, ...] = ()
+
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(KINDS[k][0] for k in self.kinds)) or self.classes
+
+
+_BLIP2 = "BLIP-2 OPT"
+#: The support table, one row per architecture (README.md holds the same table; a test keeps them equal).
+SUPPORT = (
+    Support("LLaVA-1.5 (the book's)", ("llava",), "Llama / Vicuna", "one patch grid", "everything", "—"),
+    Support("LLaVA with Mistral or Qwen2", ("llava-mistral", "llava-qwen2"), "Mistral (GQA), Qwen2 (q/k/v biases)",
+            "one patch grid", "everything", "—"),
+    Support("BLIP-2 OPT (the paper's)", ("blip2-opt",), "OPT", "query tokens, no grid",
+            "answers, contributions (paper, DLA), allocation, noise perturbation (1-D windows in token order; "
+            "batched and loop), restoration, IG on a layer's visual tokens, every editor, `evaluate`",
+            "IG on pixels, heatmaps, `attention_map`, region scores, VEAD's gate map (the query tokens have no grid)"),
+    Support("BLIP-2 with a Llama decoder (MiniGPT-4's design: ViT + Q-Former + linear → Vicuna)", ("blip2-llama",),
+            "Llama", "query tokens, no grid", f"as {_BLIP2}", f"as {_BLIP2}"),
+    Support("Qwen2-VL, Qwen2.5-VL", ("qwen2-vl", "qwen2.5-vl"), "Qwen2 with M-RoPE",
+            "one grid per input (`image_grid_thw`, merged 2×2)", "everything but pixel IG",
+            "IG on pixels (its pixel values are flattened patches)"),
+    Support("InstructBLIP", ("instructblip",), "Vicuna / Llama, or OPT (Flan-T5 is refused: not a decoder-only LM)",
+            "query tokens that also read the instruction, no grid", f"as {_BLIP2}", f"as {_BLIP2}"),
+    Support("LLaVA-NeXT / LLaVA-1.6", ("llava-next",), "Llama family (Vicuna, Mistral)",
+            "the base image's grid, then the tiles' grid with a newline token closing each row (`image_sizes`)",
+            "everything else: heatmaps, `attention_map` and VEAD's gate map on the base image's grid; noise and "
+            "restoration windows on each grid", "IG on pixels (its pixel values are the base image and its tiles), "
+            "region scores (they need one grid holding every visual token)"),
+    Support("LLaVA-OneVision", (), "Qwen2", "—", "not yet: `load_vllm` says no adapter is registered", "everything",
+            classes=("LlavaOnevisionForConditionalGeneration",)),
+)
+SUPPORT_COLUMNS = ("Backbone", "class", "decoder", "visual tokens", "supported",
+                   "refused (one line naming feature and backbone)")
+
+
+def support_table() -> list[dict[str, str]]:
+    """The support table's rows, one per architecture, as {column: text} (columns: :data:`SUPPORT_COLUMNS`)."""
+    return [dict(zip(SUPPORT_COLUMNS, (row.backbone, ", ".join(f"`{c}`" for c in row.class_names()), row.decoder,
+                                       row.visual_tokens, row.supported, row.refused))) for row in SUPPORT]
+
+
+def support_markdown() -> str:
+    """The support table as Markdown (as README.md shows it)."""
+    lines = ["| " + " | ".join(SUPPORT_COLUMNS) + " |", "|" + "---|" * len(SUPPORT_COLUMNS)]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in support_table()]
+    return "\n".join(lines)
 
 
 def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, world=None) -> Path:
