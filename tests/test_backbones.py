@@ -6,25 +6,30 @@ architecture cannot do is refused in one line that names the feature and the bac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from visedit.attribution import (integrated_gradients, module_contributions, noise_perturbation,
-                                 restoration_tracing, token_allocation, attention_map)
+from visedit.attribution import (attention_map, integrated_gradients, module_contributions, noise_perturbation,
+                                 region_scores, restoration_tracing, token_allocation)
 from visedit.editing import (EditRequest, IKEConfig, InContextEditor, MENDConfig, MENDEditor, VEADConfig,
                              VEADEditor, get_editor)
 from visedit.evaluation import evaluate
 from visedit.hooks import hook_count
 from visedit.models import load_vllm
-from visedit.models.zoo import KINDS, NUM_QUERY_TOKENS, build_checkpoint
+from visedit.models.zoo import KINDS, NUM_QUERY_TOKENS, SUPPORT, build_checkpoint, support_markdown
 from visedit.world import DatasetSpec, image_question, load_world_split, render
 
 SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
+#: The grid that maps are drawn on (LLaVA-NeXT: its base image's, ahead of the tiles' 4×4 grid).
 GRID = {"llava": (4, 4), "llava-mistral": (4, 4), "llava-qwen2": (4, 4), "blip2-opt": None, "blip2-llama": None,
-        "instructblip": None, "qwen2-vl": (2, 2), "qwen2.5-vl": (2, 2)}
-#: Where integrated gradients on pixels are refused (no grid, or pixel values that are not images).
-NO_PIXEL_IG = {"blip2-opt", "blip2-llama", "instructblip", "qwen2-vl", "qwen2.5-vl"}
+        "instructblip": None, "qwen2-vl": (2, 2), "qwen2.5-vl": (2, 2), "llava-next": (2, 2)}
+#: Where the visual tokens lie on several grids, so no single grid holds them all.
+SEVERAL_GRIDS = {"llava-next"}
+#: Where integrated gradients on pixels are refused (no grid, or pixel values that are not one image).
+NO_PIXEL_IG = {"blip2-opt", "blip2-llama", "instructblip", "qwen2-vl", "qwen2.5-vl", "llava-next"}
 
 
 def refused(vllm, feature: str, call) -> None:
@@ -60,8 +65,9 @@ def test_answers_and_visual_layout(vllm, shot):
     start, stop = inputs.visual_spans[0]
     layout = inputs.layout(0)
     assert inputs.layout(1) is None and layout.n_tokens == stop - start
-    assert layout.grid == GRID[vllm.kind]
-    if layout.grid is None:
+    assert layout.grid == (None if vllm.kind in SEVERAL_GRIDS else GRID[vllm.kind])
+    assert layout.map_grid == GRID[vllm.kind]
+    if layout.map_grid is None:
         assert stop - start == NUM_QUERY_TOKENS
     assert vllm.d_model == 48
 
@@ -84,11 +90,12 @@ def test_allocation_oracle(vllm, shot, layer):
         refused(vllm, "attention_map", lambda: attention_map(vllm, shot, image_question("habitat"), layer=layer))
     else:
         assert al.heatmap().shape == GRID[vllm.kind]
+        assert attention_map(vllm, shot, image_question("habitat"), layer=layer).shape == GRID[vllm.kind]
 
 
 def test_noise_perturbation_batched_equals_the_loop(vllm, shot):
     q = image_question("habitat")
-    radius = 0 if GRID[vllm.kind] == (2, 2) else 1
+    radius = 0 if vllm.kind.startswith("qwen") else 1
     loop = noise_perturbation(vllm, shot, q, radius=radius, n=3, seed=3, engine="loop")
     fast = noise_perturbation(vllm, shot, q, radius=radius, n=3, seed=3, chunk_size=5)
     assert np.abs(loop.array() - fast.array()).max() <= 1e-5 and fast.array().max() > 0
@@ -99,6 +106,12 @@ def test_restoration_of_everything_at_layer_0_recovers_the_clean_run(vllm, shot)
     r = restoration_tracing(vllm, shot, image_question("name"), layers=[0, 1], n=2,
                             regions=torch.ones(1, n_vis, dtype=torch.bool))
     assert r.values[0][0] == pytest.approx(r.clean, abs=1e-6)
+
+
+def test_region_scores_need_one_grid_for_every_token(vllm, records):
+    if vllm.inputs([(records[0].image, records[0].src)]).layout(0).grid is not None:
+        pytest.skip("one grid holds every visual token: region scores run (chapter 4 scores them)")
+    refused(vllm, "region scores", lambda: region_scores(vllm, records[:1], progress=False))
 
 
 def test_integrated_gradients(vllm, shot):
@@ -154,3 +167,40 @@ def test_a_three_edit_evaluation(vllm, records):
     summary = evaluate(get_editor("ft_l", vllm, layer=-1, max_steps=2), records[:3], progress=False)
     assert summary.n == 3 and set(summary.token) == set(summary.exact)
     assert all(0 <= v <= 1 for v in summary.token.values())
+
+
+def test_llava_next_layout_is_how_the_model_packs_its_tokens(world, tmp_path):
+    """The base image's 2×2 grid comes first (the projected patches of the base image), then the tiles'
+    4×4 grid with the learned newline token closing each row; a wide image gets fewer tiles, and a batch
+    mixing a square image, a wide one and no image reads each item as it reads it alone."""
+    vllm = load_vllm(build_checkpoint("llava-next", tmp_path, world=world))
+    square = render(world.entities[5], seed=3, size=32).image
+    wide = square.resize((32, 16))
+    inputs = vllm.inputs([(square, "what colour is it ?")])
+    layout, (start, stop) = inputs.layout(0), inputs.visual_spans[0]
+    assert layout.grids == ((2, 2), (4, 4)) and layout.n_tokens == 2 * 2 + 4 * 5
+    run = vllm.run(inputs, trace=["llm.layers.0", "projector"], trace_inputs=True)
+    embeds, projected = run.inputs["llm.layers.0"][0, start:stop], run.outputs["projector"]
+    assert torch.equal(embeds[layout.cells(0).ravel()], projected[0])
+    on_grid = set(layout.cells(0).ravel()) | set(layout.cells(1).ravel())
+    newline = vllm.model.model.image_newline
+    assert all(torch.equal(embeds[t], newline) == (t not in on_grid) for t in range(layout.n_tokens))
+    assert vllm.inputs([(wide, "what colour is it ?")]).layout(0).grids == ((2, 2), (2, 4))
+    items = [(square, "what colour is it ?", "red"), (wide, "what colour is it ?", "red"),
+             (None, "what is a lomi ?", "red")]
+    batch = vllm.score_batch(items)
+    for item, scored in zip(items, batch):
+        assert scored.logprob == pytest.approx(vllm.score_batch([item])[0].logprob, abs=1e-5)
+
+
+def test_the_support_table_is_the_readme_s_and_says_what_these_tests_check():
+    assert support_markdown() in (Path(__file__).parents[1] / "README.md").read_text()
+    assert sorted(k for row in SUPPORT for k in row.kinds) == sorted(KINDS)
+    for row in SUPPORT:
+        refusals = row.refused  # "as BLIP-2 OPT": that row's
+        if refusals.startswith("as "):
+            refusals = next(r.refused for r in SUPPORT if r.backbone.startswith(refusals[3:]))
+        if row.kinds:
+            assert ("IG on pixels" in refusals) == any(k in NO_PIXEL_IG for k in row.kinds), row.backbone
+            assert ("`attention_map`" in refusals) == any(GRID[k] is None for k in row.kinds), row.backbone
+            assert ("region scores" in refusals) == any(k in SEVERAL_GRIDS or GRID[k] is None for k in row.kinds)

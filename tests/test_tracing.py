@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from visedit.attribution import (attention_map, deletion_insertion, noise_perturbation, patch_coverage,
-                                 restoration_tracing, score_heatmap, select_region, windows)
+from visedit.attribution import (attention_map, deletion_insertion, layout_windows, noise_perturbation,
+                                 patch_coverage, restoration_tracing, score_heatmap, select_region, windows)
 from visedit.hooks import hook_count
+from visedit.models import VisualLayout
 from visedit.world import image_question, render
 
 
@@ -35,6 +36,20 @@ def test_windows_are_clipped_squares():
     m = windows(16, (4, 4), 1)
     assert m.shape == (16, 16) and m[0].sum() == 4 and m[5].sum() == 9
     assert windows(8, None, 2)[0].sum() == 3
+
+
+def test_windows_on_several_grids_stay_on_their_grid():
+    """LLaVA-NeXT: a 2×2 base grid, then a 4×4 grid of tiles whose rows each end in a newline token."""
+    layout = VisualLayout(24, ((2, 2), (4, 4)), (False, True))
+    m = layout_windows(layout, 1)
+    base, tiles = layout.cells(0).ravel(), layout.cells(1).ravel()
+    assert list(base) == [0, 1, 2, 3] and list(layout.cells(1)[1]) == [9, 10, 11, 12]
+    assert m[0].sum() == 4 and not m[0, 4:].any()  # the whole base grid, nothing of the tiles
+    assert m[tiles[5]].sum() == 9 and m[tiles[5]][tiles].sum() == 9
+    newlines = sorted(set(range(24)) - set(base) - set(tiles))
+    assert newlines == [8, 13, 18, 23] and all(m[t].sum() == 1 for t in newlines)
+    with pytest.raises(ValueError, match="radius"):
+        layout_windows(layout, 2)
 
 
 def test_restoring_everything_at_layer_0_recovers_the_clean_output(tiny_random, shot):

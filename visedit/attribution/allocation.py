@@ -18,14 +18,15 @@ from ..models import VLLM
 _NO_VISUAL = "this input has no visual tokens: pass an image (attribution over visual tokens needs one)"
 
 
-def on_grid(values: np.ndarray, grid: tuple[int, int] | None, feature: str) -> np.ndarray:
-    """``values`` (N_v,) as a (rows, cols) heatmap; a one-line refusal when the visual tokens have no
-    single patch grid (query tokens, several tiles) — never a silent 1×N strip."""
+def on_grid(values: np.ndarray, grid: tuple[int, int] | None, feature: str,
+            cells: tuple[int, ...] | None = None) -> np.ndarray:
+    """``values`` (N_v,) as a (rows, cols) heatmap — of the tokens ``cells`` when the grid holds only
+    some of them (LLaVA-NeXT's base image); a one-line refusal when the visual tokens have no patch
+    grid (query tokens) — never a silent 1×N strip."""
     if grid is None:
-        raise ValueError(f"{feature} needs the visual tokens on one patch grid, and these {len(values)} have "
-                         "none (the backbone reads the image as query tokens or as several grids): use the "
-                         "per-token values instead")
-    return values.reshape(grid)
+        raise ValueError(f"{feature} needs the visual tokens on a patch grid, and these {len(values)} have "
+                         "none (the backbone reads the image as query tokens): use the per-token values instead")
+    return (values if cells is None else values[list(cells)]).reshape(grid)
 
 
 def visual_span(inputs, b: int = 0) -> tuple[int, int]:
@@ -47,14 +48,14 @@ def prepare(vllm: VLLM, image, question: str):
 
 
 class VisualTokenMap:
-    """Mixin for results holding one value per visual token (``visual``) and a ``grid``."""
+    """Mixin for results holding one value per visual token (``visual``), a ``grid`` and its ``cells``."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def heatmap(self) -> np.ndarray:
         """(rows, cols) array on the patch grid; refused without a grid (use ``visual``)."""
-        return on_grid(np.asarray(self.visual), self.grid, "a heatmap")
+        return on_grid(np.asarray(self.visual), self.grid, "a heatmap", self.cells)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,9 @@ class TokenAllocation(VisualTokenMap):
     """Allocation of one layer's attention output to source positions.
 
     ``visual``: (N_v,) contribution of each visual token; ``grid``: (rows, cols) or None for
-    query-token backbones; ``text``: contribution of all non-visual positions together;
-    ``module_projection``: the attention output's own projection; ``max_error``: |Σ terms + bias −
+    query-token backbones; ``cells``: the visual tokens on ``grid``, row-major, when it holds only some
+    (LLaVA-NeXT's base image ahead of its tiles), else None; ``text``: contribution of all non-visual
+    positions together; ``module_projection``: the attention output's own projection; ``max_error``: |Σ terms + bias −
     module_projection| (the oracle).
     """
 
@@ -75,6 +77,7 @@ class TokenAllocation(VisualTokenMap):
     bias: float
     module_projection: float
     max_error: float
+    cells: tuple[int, ...] | None = None
 
     def plot(self, image=None, mask=None, *, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -101,7 +104,8 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
     error = abs(float(per_source.sum()) + bias_proj - module_proj)
     visual = per_source[start:stop]
     return TokenAllocation(layer=layer, target=vllm.tokenizer.decode([y]).strip(),
-                           visual=tuple(visual.tolist()), grid=inputs.layout(0).grid,
+                           visual=tuple(visual.tolist()), grid=inputs.layout(0).map_grid,
+                           cells=inputs.layout(0).map_cells,
                            text=float(per_source.sum() - visual.sum()), bias=bias_proj,
                            module_projection=module_proj, max_error=error)
 
@@ -109,11 +113,13 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
 @torch.no_grad()
 def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray:
     """Raw attention weights from the last prompt token to each visual token at ``layer``, averaged
-    over heads: a (rows, cols) heatmap (refused when the visual tokens have no patch grid)."""
+    over heads: a (rows, cols) heatmap on the patch grid (LLaVA-NeXT: its base image's), refused when
+    the visual tokens have none."""
     layer = vllm.adapter.check_layer(layer)
     inputs, start, stop, T = prepare(vllm, image, question)
-    grid = inputs.layout(0).require_grid("attention_map", vllm.backbone)
+    layout = inputs.layout(0)
+    layout.require_map("attention_map", vllm.backbone)
     site = f"llm.layers.{layer}.attn"
     run = vllm.run(inputs, trace=[site], trace_inputs=True)
     weights = vllm.adapter.attention_weights(layer, run.inputs[site], run.kwargs[site], T).mean(0)
-    return weights[start:stop].float().numpy().reshape(grid)
+    return layout.on_map(weights[start:stop].float().numpy())

@@ -48,6 +48,7 @@ class IGResult(VisualTokenMap):
     relative_delta: float
     output_difference: float
     n_steps: int
+    cells: tuple[int, ...] | None = None
 
     def plot(self, image=None, mask=None, *, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -73,12 +74,14 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
     if baseline not in ("zeros", "mean"):
         raise ValueError(f"baseline must be 'zeros' or 'mean', got {baseline!r}")
     inputs, start, stop, T = prepare(vllm, image, question)
-    grid = inputs.layout(0).grid
+    layout = inputs.layout(0)
+    grid, cells = layout.map_grid, layout.map_cells
     if layer is None:
-        grid = inputs.layout(0).require_grid("integrated gradients on pixels (summed per patch)", vllm.backbone)
-        if inputs.tensors["pixel_values"].ndim != 4:
-            raise vllm.adapter.unsupported("integrated gradients on pixels", "its pixel values are not images "
-                                           "(B, 3, H, W); attribute a layer's visual tokens (layer=…) instead")
+        shape = tuple(inputs.tensors["pixel_values"].shape)
+        if len(shape) != 4:
+            raise vllm.adapter.unsupported("integrated gradients on pixels", f"its pixel values {shape} are not one "
+                                           "image per item (B, 3, H, W); attribute a layer's visual tokens (layer=…)")
+        grid, cells = layout.require_grid("integrated gradients on pixels (summed per patch)", vllm.backbone), None
     with torch.no_grad():
         logits = vllm.logits(inputs)[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
@@ -125,5 +128,5 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
         visual = attr[0].sum(-1)
     d = float(delta.abs().max())
     return IGResult(where=where, target=vllm.tokenizer.decode([y]).strip(), visual=tuple(visual.float().tolist()),
-                    grid=grid, delta=d, relative_delta=d / max(abs(diff), 1e-12), output_difference=diff,
+                    grid=grid, cells=cells, delta=d, relative_delta=d / max(abs(diff), 1e-12), output_difference=diff,
                     n_steps=n_steps)

@@ -134,6 +134,10 @@ def region_scores(vllm, records, *, steps: int = 8, progress: bool = True) -> di
 
     if not records:
         raise ValueError("no records to score: pass a non-empty list")
+    if vllm.inputs([(records[0].image, records[0].src)]).layout(0).grid is None:
+        raise vllm.adapter.unsupported("region scores", "they delete visual tokens in the order of every method's "
+                                       "heatmap, pixel gradients included, which needs one patch grid holding "
+                                       "every visual token")
     L = vllm.n_layers
     heatmaps: dict[str, list[dict]] = {m: [] for m in ("noise", "restoration", "allocation", "attention",
                                                        "ig_layer", "ig_pixels")}

@@ -1,9 +1,9 @@
 """Noise-perturbation tracing of visual tokens (the paper's analysis B), batched and as a reference loop.
 
-For layer l and every window of visual tokens (radius R on the patch grid, clipped at the borders; a
-1-D window for query-token backbones), add Gaussian noise N(0, σ²) to the window's hidden states at the
-input of layer l's attention module, in n noisy copies, re-run that module and score
-mean(1 − cos(attn_out_noisy[T], attn_out_clean[T])).
+For layer l and every window of visual tokens (radius R on the patch grid, clipped at the borders; on
+each of LLaVA-NeXT's two grids, a newline token alone; a 1-D window for query-token backbones), add
+Gaussian noise N(0, σ²) to the window's hidden states at the input of layer l's attention module, in
+n noisy copies, re-run that module and score mean(1 − cos(attn_out_noisy[T], attn_out_clean[T])).
 
 Noise convention (shared by both engines, so they agree to float precision): for each layer one noise
 field z (n copies × all visual tokens × d) is drawn from the seed; window w uses z on its own tokens
@@ -25,14 +25,15 @@ import numpy as np
 import torch
 
 from ..models import VLLM
-from ..models.backbones import slice_kwargs
+from ..models.backbones import VisualLayout, slice_kwargs
 from .allocation import on_grid, prepare
 
 
 @dataclasses.dataclass(frozen=True)
 class InfluenceMap:
     """Influence of every visual-token window, per layer. ``values[i][t]``: layer ``layers[i]``, window
-    centred on visual token t. ``grid``: (rows, cols) or None (1-D strip)."""
+    centred on visual token t. ``grid``: (rows, cols) or None (1-D strip); ``cells``: the visual tokens on
+    ``grid`` when it holds only some (LLaVA-NeXT's base image), else None."""
 
     layers: tuple[int, ...]
     values: tuple[tuple[float, ...], ...]
@@ -42,6 +43,7 @@ class InfluenceMap:
     n: int
     seed: int
     engine: str
+    cells: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -54,7 +56,7 @@ class InfluenceMap:
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not traced; traced layers: {list(self.layers)}")
         row = self.array()[self.layers.index(layer)]
-        return on_grid(row, self.grid, "a noise-perturbation heatmap")
+        return on_grid(row, self.grid, "a noise-perturbation heatmap", self.cells)
 
     def plot(self, image=None, mask=None, *, layer: int | None = None, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -74,13 +76,38 @@ def windows(n_tokens: int, grid: tuple[int, int] | None, radius: int) -> torch.T
             raise ValueError(f"window of radius {radius} ({2 * radius + 1} tokens) is larger than the "
                              f"{n_tokens} visual tokens; choose radius ≤ {(n_tokens - 1) // 2}")
         return (idx[:, None] - idx[None, :]).abs() <= radius
+    _check_radius(grid, radius)
+    return _grid_windows(grid, radius)
+
+
+def _check_radius(grid: tuple[int, int], radius: int) -> None:
     rows, cols = grid
+    if radius < 0:
+        raise ValueError(f"radius must be ≥ 0, got {radius}")
     if 2 * radius + 1 > max(rows, cols):
         raise ValueError(f"window of radius {radius} ({2 * radius + 1}×{2 * radius + 1}) is larger than the "
                          f"{rows}×{cols} grid; choose radius ≤ {(max(rows, cols) - 1) // 2}")
+
+
+def _grid_windows(grid: tuple[int, int], radius: int) -> torch.Tensor:
+    rows, cols = grid
     r = torch.arange(rows).repeat_interleave(cols)
     c = torch.arange(cols).repeat(rows)
     return ((r[:, None] - r[None, :]).abs() <= radius) & ((c[:, None] - c[None, :]).abs() <= radius)
+
+
+def layout_windows(layout: VisualLayout, radius: int) -> torch.Tensor:
+    """(N_v, N_v) bool membership of the windows of ``layout``'s tokens: :func:`windows` on its one grid
+    or in token order; with several grids (LLaVA-NeXT), windows on each grid (clipped at its borders)
+    and every token on no grid (a newline token) a window of its own."""
+    if layout.grid is not None or not layout.grids:
+        return windows(layout.n_tokens, layout.grid, radius)
+    _check_radius(max(layout.grids, key=max), radius)  # the window must fit the largest grid
+    member = torch.eye(layout.n_tokens, dtype=torch.bool)
+    for part, grid in enumerate(layout.grids):
+        idx = torch.as_tensor(layout.cells(part).ravel())
+        member[idx[:, None], idx[None, :]] = _grid_windows(grid, radius)
+    return member
 
 
 def noise_field(seed: int, layer: int, n: int, n_tokens: int, d: int, sigma: float) -> torch.Tensor:
@@ -123,8 +150,8 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
         raise ValueError(f"engine must be 'batched' or 'loop', got {engine!r}")
     inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
-    grid = inputs.layout(0).grid  # windows on the grid, or 1-D windows in token order without one
-    member = windows(n_vis, grid, radius)
+    layout = inputs.layout(0)  # windows on the grid(s), or 1-D windows in token order without one
+    member = layout_windows(layout, radius)
     sites = {l: f"llm.layers.{l}.attn" for l in layers}
     tr = vllm.run(inputs, trace=list(sites.values()), trace_inputs=True)
     out = []
@@ -141,8 +168,8 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
                                   "available; pass a smaller chunk_size")
             vals = _batched(vllm, l, x, kwargs, clean, z, member, start, T, chunk_size)
         out.append(tuple(float(v) for v in vals))
-    return InfluenceMap(layers=tuple(layers), values=tuple(out), grid=grid, radius=radius, sigma=sigma, n=n,
-                        seed=seed, engine=engine)
+    return InfluenceMap(layers=tuple(layers), values=tuple(out), grid=layout.map_grid, radius=radius, sigma=sigma,
+                        n=n, seed=seed, engine=engine, cells=layout.map_cells)
 
 
 def _loop(attn, x, kwargs, clean, z, member, start, T) -> torch.Tensor:
@@ -196,6 +223,7 @@ class RestorationMap:
     sigma: float
     n: int
     seed: int
+    cells: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -212,7 +240,7 @@ class RestorationMap:
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not traced; traced layers: {list(self.layers)}")
         row = self.effect()[self.layers.index(layer)]
-        return on_grid(row, self.grid, "a restoration heatmap")
+        return on_grid(row, self.grid, "a restoration heatmap", self.cells)
 
     def plot(self, image=None, mask=None, *, layer: int | None = None, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -241,8 +269,8 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
     _check(1.0 if sigma is None else sigma, n, layers, chunk_size)
     inputs, start, stop, T = prepare(vllm, image, question)
     n_vis = stop - start
-    grid = inputs.layout(0).grid
-    member = windows(n_vis, grid, radius) if regions is None else torch.as_tensor(regions, dtype=torch.bool)
+    layout = inputs.layout(0)
+    member = layout_windows(layout, radius) if regions is None else torch.as_tensor(regions, dtype=torch.bool)
     if member.ndim != 2 or member.shape[1] != n_vis:
         raise ValueError(f"regions must be a (W, {n_vis}) bool tensor, got shape {tuple(member.shape)}")
     blocks = [f"llm.layers.{l}" for l in range(vllm.n_layers)]
@@ -276,8 +304,9 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
             final = vllm.adapter.run_from(l, h.flatten(0, 1), clean_tr.kwargs[blocks[l]])
             vals.append(head(final).view(m.shape[0], n).mean(1))
         out.append(tuple(float(v) for v in torch.cat(vals)))
-    return RestorationMap(layers=tuple(layers), values=tuple(out), grid=grid, clean=p_clean, corrupted=p_corrupted,
-                          target=vllm.tokenizer.decode([y]).strip(), radius=radius, sigma=sigma, n=n, seed=seed)
+    return RestorationMap(layers=tuple(layers), values=tuple(out), grid=layout.map_grid, clean=p_clean,
+                          corrupted=p_corrupted, target=vllm.tokenizer.decode([y]).strip(), radius=radius,
+                          sigma=sigma, n=n, seed=seed, cells=layout.map_cells)
 
 
 def _one_layer(vllm, l, h, kwargs):

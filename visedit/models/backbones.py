@@ -24,6 +24,7 @@ import numbers
 import re
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,23 +83,60 @@ class VisualLayout:
     ``grids``: the (rows, cols) patch grid of each image part, in token order — one grid (LLaVA), one
     grid per input whose size depends on the image (Qwen2-VL), several grids (LLaVA-NeXT's base image and
     tiles) — or empty when the tokens have no spatial arrangement (BLIP-2's learned query tokens).
+    ``newlines``: per grid, True when a newline token closes each of its rows (LLaVA-NeXT's tiles), so
+    that grid takes rows × (cols + 1) tokens; empty means none anywhere. The parts cover every token.
     """
 
     n_tokens: int
     grids: tuple[tuple[int, int], ...] = ()
+    newlines: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.newlines and len(self.newlines) != len(self.grids):
+            raise ValueError(f"newlines has {len(self.newlines)} flags for {len(self.grids)} grids: give one per grid")
+        covered = sum(rows * (cols + nl) for (rows, cols), nl in zip(self.grids, self._newlines()))
+        if self.grids and covered != self.n_tokens:
+            raise ValueError(f"the grids {self.grids} cover {covered} tokens, not the {self.n_tokens} visual tokens")
+
+    def _newlines(self) -> tuple[bool, ...]:
+        return self.newlines or (False,) * len(self.grids)
 
     @property
     def grid(self) -> tuple[int, int] | None:
         """The single patch grid covering every visual token, or None (no grid, or several)."""
-        if len(self.grids) == 1 and self.grids[0][0] * self.grids[0][1] == self.n_tokens:
+        if len(self.grids) == 1 and not any(self.newlines):
             return tuple(self.grids[0])
         return None
+
+    @property
+    def map_grid(self) -> tuple[int, int] | None:
+        """The grid that maps are drawn on: the only grid, or the first (LLaVA-NeXT's base image, which
+        shows the whole image); None without a grid."""
+        return tuple(self.grids[0]) if self.grids else None
+
+    @property
+    def map_cells(self) -> tuple[int, ...] | None:
+        """The visual tokens of :attr:`map_grid`'s cells in row-major order when that grid does not hold
+        every token (None when it does, or without a grid)."""
+        if not self.grids or self.grid is not None:
+            return None
+        return tuple(int(i) for i in self.cells(0).ravel())
+
+    def cells(self, part: int) -> np.ndarray:
+        """(rows, cols) index of the visual token at each cell of grid ``part`` (newline tokens skipped)."""
+        offset = 0
+        for (rows, cols), nl in zip(self.grids[:part], self._newlines()):
+            offset += rows * (cols + nl)
+        rows, cols = self.grids[part]
+        return offset + np.arange(rows)[:, None] * (cols + self._newlines()[part]) + np.arange(cols)[None, :]
 
     def describe(self) -> str:
         if not self.grids:
             return f"{self.n_tokens} visual tokens with no patch grid (query tokens)"
         if len(self.grids) > 1:
-            return f"{self.n_tokens} visual tokens on {len(self.grids)} patch grids"
+            shapes = " and ".join(f"{r}×{c}" for r, c in self.grids)
+            extra = ", a newline token closing each row of the last" if self.newlines and self.newlines[-1] else ""
+            return f"{self.n_tokens} visual tokens on {len(self.grids)} patch grids ({shapes}{extra})"
         return f"{self.n_tokens} visual tokens on a {self.grids[0][0]}×{self.grids[0][1]} grid"
 
     def require_grid(self, feature: str, backbone: str) -> tuple[int, int]:
@@ -107,6 +145,18 @@ class VisualLayout:
             raise ValueError(f"{feature} needs one patch grid, but {backbone} gives {self.describe()}: "
                              "use the per-token values (.visual) instead")
         return self.grid
+
+    def require_map(self, feature: str, backbone: str) -> tuple[int, int]:
+        """:attr:`map_grid`, or a one-line refusal naming ``feature`` and ``backbone`` without a grid."""
+        if self.map_grid is None:
+            raise ValueError(f"{feature} needs a patch grid, but {backbone} gives {self.describe()}: "
+                             "use the per-token values instead")
+        return self.map_grid
+
+    def on_map(self, values: np.ndarray) -> np.ndarray:
+        """Per-token ``values`` (n_tokens,) as a (rows, cols) map on :attr:`map_grid` (see :meth:`require_map`)."""
+        values = np.asarray(values)
+        return (values if self.map_cells is None else values[list(self.map_cells)]).reshape(self.map_grid)
 
 
 class BackboneAdapter:
@@ -453,6 +503,50 @@ class LlavaAdapter(_VisionLanguageModel):
         patch = vc.patch_size
         grid = (size[0] // patch, size[1] // patch)
         return grid if grid[0] * grid[1] == n_tokens else None
+
+
+def _llava_next_class():
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration
+
+
+@register_backbone(_llava_next_class())
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT / LLaVA-1.6 (``LlavaNextForConditionalGeneration``), "anyres": the image is read twice,
+    resized to the vision tower's resolution (the base image) and, at the best of the configured
+    ``image_grid_pinpoints`` resolutions, cut into tiles of that size. Its visual tokens are the base
+    image's patch grid, then the tiles' patches as one grid with the padding removed and a learned
+    newline token closing each row. Maps are drawn on the base grid, which shows the whole image; the
+    pixel values are the base image and its tiles (B, 1 + tiles, 3, H, W), not one image."""
+
+    label = "LLaVA-NeXT"
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        """The base grid, then the unpadded grid of the tiles (with its newline tokens), computed as the
+        model packs them from the original image size (``image_sizes``) and the pinpoints."""
+        from transformers.image_processing_utils import select_best_resolution
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size  # patches along a side of the base image and of a tile
+        size = [int(x) for x in encoding["image_sizes"][0]]  # (H, W) of the original image
+        height, width = select_best_resolution(size, self.model.config.image_grid_pinpoints)
+        padded = torch.empty(0, height // vision.image_size * side, width // vision.image_size * side)
+        rows, cols = unpad_image(padded, size).shape[1:]
+        if side * side + rows * (cols + 1) != n_tokens:  # a tower that keeps its CLS token ("full"): no grid
+            return VisualLayout(n_tokens)
+        return VisualLayout(n_tokens, ((side, side), (rows, cols)), (False, True))
+
+    def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each item's base image and tiles, padded with blank tiles to the most tiles in the batch (as
+        the processor batches them: the model reads as many tiles as each item's ``image_sizes`` gives)."""
+        most = max((item["pixel_values"].shape[1] for item in per_item), default=0)
+        padded = []
+        for item in per_item:  # (1, tiles + 1, 3, H, W): pad the second dimension at its end
+            blank = most - item["pixel_values"].shape[1]
+            padded.append({**item, "pixel_values": torch.nn.functional.pad(item["pixel_values"], (0,) * 7 + (blank,))})
+        return super().collate_images(padded)
 
 
 def _blip2_class():

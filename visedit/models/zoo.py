@@ -7,6 +7,7 @@ The weights are random; only the plumbing (shapes, sites, exactness oracles) is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -27,8 +28,71 @@ KINDS = {
                      "InstructBLIP (Vicuna / Llama decoder; the Q-Former reads the instruction)"),
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2", "Qwen2-VL (M-RoPE, a grid per input, GQA)"),
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
+    "llava-next": ("LlavaNextForConditionalGeneration", "llama",
+                   "LLaVA-NeXT / LLaVA-1.6 (anyres: a base image and tiles, a newline token after each row)"),
 }
 NUM_QUERY_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """One architecture's row of the support table. ``kinds``: the tiny checkpoints (:data:`KINDS`) on
+    which the tests prove the row, and where its class names come from; an architecture with none is not
+    supported yet and names its ``classes`` itself. ``refused``: the features refused in one line that
+    names the feature and the backbone, each with its reason."""
+
+    backbone: str
+    kinds: tuple[str, ...]
+    decoder: str
+    visual_tokens: str
+    supported: str
+    refused: str
+    classes: tuple[str, ...] = ()
+
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(KINDS[k][0] for k in self.kinds)) or self.classes
+
+
+_BLIP2 = "BLIP-2 OPT"
+#: The support table, one row per architecture (README.md holds the same table; a test keeps them equal).
+SUPPORT = (
+    Support("LLaVA-1.5 (the book's)", ("llava",), "Llama / Vicuna", "one patch grid", "everything", "—"),
+    Support("LLaVA with Mistral or Qwen2", ("llava-mistral", "llava-qwen2"), "Mistral (GQA), Qwen2 (q/k/v biases)",
+            "one patch grid", "everything", "—"),
+    Support("BLIP-2 OPT (the paper's)", ("blip2-opt",), "OPT", "query tokens, no grid",
+            "answers, contributions (paper, DLA), allocation, noise perturbation (1-D windows in token order; "
+            "batched and loop), restoration, IG on a layer's visual tokens, every editor, `evaluate`",
+            "IG on pixels, heatmaps, `attention_map`, region scores, VEAD's gate map (the query tokens have no grid)"),
+    Support("BLIP-2 with a Llama decoder (MiniGPT-4's design: ViT + Q-Former + linear → Vicuna)", ("blip2-llama",),
+            "Llama", "query tokens, no grid", f"as {_BLIP2}", f"as {_BLIP2}"),
+    Support("Qwen2-VL, Qwen2.5-VL", ("qwen2-vl", "qwen2.5-vl"), "Qwen2 with M-RoPE",
+            "one grid per input (`image_grid_thw`, merged 2×2)", "everything but pixel IG",
+            "IG on pixels (its pixel values are flattened patches)"),
+    Support("InstructBLIP", ("instructblip",), "Vicuna / Llama, or OPT (Flan-T5 is refused: not a decoder-only LM)",
+            "query tokens that also read the instruction, no grid", f"as {_BLIP2}", f"as {_BLIP2}"),
+    Support("LLaVA-NeXT / LLaVA-1.6", ("llava-next",), "Llama family (Vicuna, Mistral)",
+            "the base image's grid, then the tiles' grid with a newline token closing each row (`image_sizes`)",
+            "everything else: heatmaps, `attention_map` and VEAD's gate map on the base image's grid; noise and "
+            "restoration windows on each grid", "IG on pixels (its pixel values are the base image and its tiles), "
+            "region scores (they need one grid holding every visual token)"),
+    Support("LLaVA-OneVision", (), "Qwen2", "—", "not yet: `load_vllm` says no adapter is registered", "everything",
+            classes=("LlavaOnevisionForConditionalGeneration",)),
+)
+SUPPORT_COLUMNS = ("Backbone", "class", "decoder", "visual tokens", "supported",
+                   "refused (one line naming feature and backbone)")
+
+
+def support_table() -> list[dict[str, str]]:
+    """The support table's rows, one per architecture, as {column: text} (columns: :data:`SUPPORT_COLUMNS`)."""
+    return [dict(zip(SUPPORT_COLUMNS, (row.backbone, ", ".join(f"`{c}`" for c in row.class_names()), row.decoder,
+                                       row.visual_tokens, row.supported, row.refused))) for row in SUPPORT]
+
+
+def support_markdown() -> str:
+    """The support table as Markdown (as README.md shows it)."""
+    lines = ["| " + " | ".join(SUPPORT_COLUMNS) + " |", "|" + "---|" * len(SUPPORT_COLUMNS)]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in support_table()]
+    return "\n".join(lines)
 
 
 def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, world=None) -> Path:
@@ -47,6 +111,8 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
     if arch == "LlavaForConditionalGeneration":
         processor = build_processor(world, SMALL, tokenizer=tokenizer)
         model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
+    elif arch == "LlavaNextForConditionalGeneration":
+        processor, model = _llava_next(tokenizer, seed)
     elif arch.startswith("Qwen2"):
         processor, model = _qwen2_vl(tokenizer, seed, version=kind)
     else:
@@ -127,3 +193,34 @@ def _qwen2_vl(tokenizer, seed: int, *, version: str = "qwen2-vl"):
                           vision_start_token_id=unused, vision_end_token_id=unused)
     torch.manual_seed(seed)
     return ImageTextProcessor(tokenizer, image_processor), model_class(config)
+
+
+#: LLaVA-NeXT's tiny resolutions: a 16-pixel base image (a 2×2 grid of 8-pixel patches) and tiles of 16
+#: pixels at one of these (height, width) resolutions — a 32-pixel square image becomes 2×2 tiles, whose
+#: patches form a 4×4 grid (the image's own resolution), each row closed by a newline token: 24 tokens.
+LLAVA_NEXT_BASE = 16
+LLAVA_NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def _llava_next(tokenizer, seed: int):
+    """Tiny LLaVA-NeXT: a CLIP tower at 16 pixels, "anyres" tiles at the pinpoints above, the PIL image
+    processor (no torchvision), the CLS token dropped (``vision_feature_select_strategy="default"``)."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    side = LLAVA_NEXT_BASE
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": side},
+                                                 crop_size={"height": side, "width": side},
+                                                 image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=SMALL.patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vision = CLIPVisionConfig(hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                              num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                              image_size=side, patch_size=SMALL.patch_size, projection_dim=SMALL.vision_hidden)
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text_config(tokenizer, SMALL).to_dict(),
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_seq_length=(side // SMALL.patch_size) ** 2)
+    torch.manual_seed(seed)
+    return processor, LlavaNextForConditionalGeneration(config)

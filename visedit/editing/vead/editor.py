@@ -295,14 +295,15 @@ class VEADEditor(Editor):
     # --- reading the influence mapper -------------------------------------------------------------------
     def gate(self, image, question: str) -> np.ndarray:
         """The IM's gate σ(s) over the visual-token grid (rows, cols) for (image, question) under the
-        applied edit (1 everywhere when the IM is ablated)."""
+        applied edit (1 everywhere when the IM is ablated); LLaVA-NeXT: on its base image's grid."""
         if not self.applied:
             raise RuntimeError("gate() needs an applied edit: use `with editor.edit(request):`")
         inputs = self.vllm.inputs([(image, question)])
         if inputs.visual_spans[0] is None:
             raise ValueError("gate() needs an image: VEAD is off on text-only inputs")
-        grid = inputs.layout(0).require_grid("the gate map of VEAD's influence mapper", self.vllm.backbone)
+        layout = inputs.layout(0)
+        layout.require_map("the gate map of VEAD's influence mapper", self.vllm.backbone)
         self.vllm.run(inputs, stop_after=f"llm.layers.{self.layer}")
         s = self.last_gate_logits[0]
         gate = torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)
-        return gate.reshape(grid).numpy()
+        return layout.on_map(gate.numpy())
