@@ -1,4 +1,4 @@
-"""Every trainer's numbers, pinned: micro runs of the four trainers end in the weights and losses they ended in
+"""The shared fit loop (resume, budget, schedule, clipping, callbacks), and every trainer's numbers, pinned: micro runs of the four trainers end in the weights and losses they ended in
 before the trainers shared one fit loop (digests computed with the hand-written loops, one thread, this
 torch). A change that alters a trainer's numbers — the order of random draws, of parameter groups, of float
 operations — fails here."""
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import SMALL
+from visedit.fit import Every, fit, warmup_cosine
 from visedit.world import DatasetSpec, load_world_split
 
 SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
@@ -101,3 +102,72 @@ def test_model_trainers_reproduce_their_pinned_numbers(trainer, tmp_path, one_th
 @pytest.mark.parametrize("trainer", ["vead", "mend"])
 def test_editor_trainers_reproduce_their_pinned_numbers(trainer, tiny_random, records, one_thread):
     assert {"vead": vead_digest, "mend": mend_digest}[trainer](tiny_random, records) == PINNED[trainer]
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def _problem(seed: int = 0):
+    """A linear regression whose batches are a function of the step alone, and an AdamW on it."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW([{"params": [model.weight], "weight_decay": 0.1},
+                             {"params": [model.bias], "weight_decay": 0.0}], lr=0.1)
+
+    def loss_at(step: int):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+        loss = ((model(x) - y) ** 2).mean()
+        return loss, {"loss": loss.item(), "twice": 2 * loss.item()}
+
+    return model, opt, loss_at
+
+
+def _run(**kw):
+    model, opt, loss_at = _problem()
+    state = fit(loss_at, opt, 7, lr=lambda s: warmup_cosine(s, 7, 2, 0.1), clip_params=model.parameters(),
+                max_norm=0.5, progress=False, **kw)
+    return model, opt, loss_at, state
+
+
+def test_a_run_stopped_and_resumed_with_the_optimiser_state_ends_bit_identical():
+    model, _, _, whole = _run()
+    stopped, opt, loss_at, first = _run(stop_after=3)
+    assert first.step == 3 and not first.finished and whole.finished
+    saved, weights = opt.state_dict(), {k: v.clone() for k, v in stopped.state_dict().items()}
+    again, opt2, loss_at2 = _problem(seed=1)  # other initial weights: everything comes from the checkpoint
+    again.load_state_dict(weights)
+    rest = fit(loss_at2, opt2, 7, lr=lambda s: warmup_cosine(s, 7, 2, 0.1), clip_params=again.parameters(),
+               max_norm=0.5, start=3, optimizer_state=saved, running=first.running, progress=False)
+    assert rest.finished and rest.running == whole.running and rest.loss == whole.loss
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_each_step_sets_the_schedule_clips_and_calls_back_every_k_and_at_the_end():
+    seen, calls = [], []
+    model, opt, loss_at = _problem()
+    step = opt.step
+
+    def recording(*args, **kw):
+        norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[1]["lr"], float(norm)))
+        return step(*args, **kw)
+
+    opt.step = recording
+    state = fit(loss_at, opt, 7, lr=lambda s: 0.01 * s, clip_params=model.parameters(), max_norm=1e-3,
+                progress=False, stop_after=5, callbacks=[Every(2, lambda s: calls.append(("k", s.step))),
+                                                         Every(0, lambda s: calls.append(("end", s.step)), at_end=True)])
+    assert [(a, b) for a, b, _ in seen] == [(0.01 * s, 0.01 * s) for s in range(5)]
+    assert all(n <= 1e-3 * (1 + 1e-5) for _, _, n in seen)
+    assert calls == [("k", 2), ("k", 4), ("end", 5)] and state.step == 5
+    assert state.parts["twice"] == 2 * state.parts["loss"] and state.running != state.loss  # the running loss
+
+
+def test_the_loop_trains_under_no_grad_and_refuses_half_a_clip():
+    model, opt, loss_at = _problem()
+    before = model.weight.clone()
+    with torch.no_grad():
+        fit(loss_at, opt, 2, progress=False)
+    assert not torch.equal(before, model.weight)
+    with pytest.raises(ValueError, match="both clip_params and max_norm"):
+        fit(loss_at, opt, 2, max_norm=1.0, progress=False)
+    with pytest.raises(ValueError, match="start must be in 0…2"):
+        fit(loss_at, opt, 2, start=3, progress=False)
