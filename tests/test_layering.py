@@ -101,3 +101,10 @@ def test_attribution_and_editing_see_only_the_model_interface():
     for part in ("attribution", "editing"):
         for path in (ROOT / part).rglob("*.py"):
             assert "transformers.models" not in path.read_text(), path
+
+
+def test_config_and_the_fit_loop_are_the_lowest_layer():
+    """``visedit.config`` and ``visedit.fit`` import no other part: models and editing both build on them."""
+    graph = import_graph()
+    assert graph["visedit.config"] == set() and graph["visedit.fit"] == set()
+    assert "visedit.fit" in graph["visedit.models"] and "visedit.fit" in graph["visedit.editing"]

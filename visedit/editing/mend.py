@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import StrictConfig
+from ..fit import Every, FitState, fit
 from ..hooks import Trace
 from .base import (EditRequest, Editor, check_trained_for, holdout_split, load_trained, register_editor, save_trained,
                    target_loss)
@@ -257,24 +258,24 @@ def train_mend(vllm, records: Sequence, config: MENDConfig = MENDConfig(), *, ou
     optimizer = torch.optim.Adam(networks.parameters(), lr=config.lr)
     history, best, best_state = [], -1.0, None
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train MEND", disable=not progress)
-    for step in bar:
+
+    def loss_at(step: int) -> tuple[torch.Tensor, dict]:
         networks.train()
         if step and step % len(train) == 0:
             rng.shuffle(train)  # a new epoch, a new order
-        with torch.enable_grad():
-            loss, parts = mend_loss(vllm, networks, train[step % len(train)], config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        bar.set_postfix(edit=f"{parts['edit']:.3f}", loc=f"{parts['loc']:.3f}")
-        if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
-            networks.eval()
-            scores = quick_scores(editor, val)
-            history.append({"step": step + 1, **parts, **{f"val_{k}": v for k, v in scores.items()}})
-            if scores["mean"] > best:
-                best = scores["mean"]
-                best_state = {k: v.detach().clone() for k, v in networks.state_dict().items()}
+        return mend_loss(vllm, networks, train[step % len(train)], config)
+
+    def validate(state: FitState) -> None:
+        nonlocal best, best_state
+        networks.eval()
+        scores = quick_scores(editor, val)
+        history.append({"step": state.step, **state.parts, **{f"val_{k}": v for k, v in scores.items()}})
+        if scores["mean"] > best:
+            best = scores["mean"]
+            best_state = {k: v.detach().clone() for k, v in networks.state_dict().items()}
+
+    fit(loss_at, optimizer, config.steps, callbacks=[Every(config.val_every, validate, at_end=True)],
+        desc="train MEND", progress=progress)
     networks.load_state_dict(best_state)
     networks.eval()
     info = {"wall_seconds": round(time.perf_counter() - start, 1), "best_val_mean": round(best, 4),

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import StrictConfig
+from ..fit import Every, FitState, fit, warmup_cosine
 from ..io import atomic_path
 from ..world import FACTS, World, make_world
 from ..world.entities import COLOURS, PATTERNS, SHAPES
@@ -371,12 +371,6 @@ def _hard_negative(scene, rng: random.Random) -> str:
 
 
 # --------------------------------------------------------------------------------------------- training
-def _lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def _step_rngs(cfg: RecipeConfig, stage: int, step: int) -> tuple[np.random.Generator, random.Random]:
     """Every step's data comes from its own seeds, so a resumed run draws what an unbroken one draws."""
     return (np.random.default_rng([cfg.seed, RECIPE_STREAM, stage, step]),
@@ -424,8 +418,6 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     ``stop_after``: stop (with a checkpoint) after this many steps in this call, for tests and for
     splitting a run over sessions; the folder is written only when every stage is done.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     torch.set_num_threads(cfg.threads)
     world = make_world(cfg.world_seed, cfg.n_entities)
@@ -463,43 +455,33 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         rest = [p for p in trainable if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-        if first and ckpt.state and ckpt.state["opt"] is not None:
-            opt.load_state_dict(ckpt.state["opt"])
-        t0 = time.time()
-        bar = tqdm(range(first, steps), desc=name, disable=not progress, initial=first, total=steps)
-        running = record.get(f"{name}_running")
-        for step in bar:
-            if budget["n"] is not None and budget["n"] <= 0:
-                return False
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, steps, warmup, lr)
-            loss = step_fn(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            record[f"{name}_running"] = running  # unrounded: a resumed run logs what an unbroken one logs
-            bar.set_postfix(loss=f"{running:.3f}")
-            done = step + 1
-            if log_every and done % log_every == 0:
-                record["log"].append({"stage": name, "step": done, "loss": round(running, 4)})
-                if not progress:
-                    print(json.dumps(record["log"][-1]), flush=True)
-            record["seconds"][name] = round(record["seconds"].get(name, 0.0) + time.time() - t0, 1)
-            t0 = time.time()
-            if budget["n"] is not None:
-                budget["n"] -= 1
-            finished = done == steps
-            if finished:
-                record[f"{name}_loss"] = round(float(running), 4)
-            if finished or done % checkpoint_every == 0 or budget["n"] == 0:
-                nxt = (STAGES[index + 1], 0) if finished and index + 1 < len(STAGES) else (name, done)
-                if finished and index + 1 == len(STAGES):
-                    nxt = ("instruct", steps)
-                ckpt.save(nxt[0], nxt[1], {"model": model, "aux": aux, "temp": _Temp(log_temp)},
-                          None if finished else opt, record)
-        return True
+        seconds = record["seconds"].get(name, 0.0)
+
+        def log(state: FitState) -> None:
+            record["log"].append({"stage": name, "step": state.step, "loss": round(state.running, 4)})
+            if not progress:
+                print(json.dumps(record["log"][-1]), flush=True)
+
+        def checkpoint(state: FitState) -> None:
+            record[f"{name}_running"] = state.running  # unrounded: a resumed run logs what an unbroken one logs
+            record["seconds"][name] = round(seconds + state.seconds, 1)
+            if state.finished:
+                record[f"{name}_loss"] = round(float(state.running), 4)
+            nxt = (STAGES[index + 1], 0) if state.finished and index + 1 < len(STAGES) else (name, state.step)
+            if state.finished and index + 1 == len(STAGES):
+                nxt = ("instruct", steps)
+            ckpt.save(nxt[0], nxt[1], {"model": model, "aux": aux, "temp": _Temp(log_temp)},
+                      None if state.finished else opt, record)
+
+        resumed = first and ckpt.state and ckpt.state["opt"] is not None
+        state = fit(step_fn, opt, steps, lr=lambda step: warmup_cosine(step, steps, warmup, lr),
+                    clip_params=trainable, max_norm=1.0, start=first,
+                    optimizer_state=ckpt.state["opt"] if resumed else None, running=record.get(f"{name}_running"),
+                    stop_after=budget["n"], desc=name, progress=progress,
+                    callbacks=[Every(log_every, log), Every(checkpoint_every, checkpoint, at_end=True)])
+        if budget["n"] is not None:
+            budget["n"] -= state.step - first
+        return state.finished
 
     # ---- stage 1: contrastive vision pre-training --------------------------------------------------
     def encoder_step(step: int) -> torch.Tensor:

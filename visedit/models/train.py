@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import partial
-import math
 import random
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import StrictConfig
+from ..fit import Every, FitState, fit, warmup_cosine
 from ..hooks import Trace, edit_output
 from ..io import atomic_path
 from ..world import FACTS, TEXT_FACTS, TRAIN_TEMPLATES, World, make_world, render, text_question
@@ -196,12 +196,6 @@ def _patch_targets(mask: np.ndarray, patch: int, entity) -> np.ndarray:
     return out
 
 
-def _lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConfig = TinyConfig(), *,
                progress: bool = True, log_every: int = 200, snapshot_every: int = 0,
                start_from: str | Path | None = None) -> dict:
@@ -213,8 +207,6 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
     ``context_steps=0``); its weights are the end of stage 2, so only stage 3 runs — the result is the
     same as a run from scratch, because stage 3 depends only on those weights and its own seeds.
     """
-    from tqdm.auto import tqdm
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     world = make_world(cfg.world_seed, cfg.n_entities)
@@ -236,23 +228,20 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
         heads = torch.nn.ModuleList([torch.nn.Linear(tiny.vision_hidden, n) for n in (2, len(COLOURS), len(SHAPES),
                                                                                       len(PATTERNS))])
         opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_lr)
-        bar = tqdm(range(cfg.vision_steps), desc="vision pre-training", disable=not progress)
-        for step in bar:
+
+        def vision_step(step: int) -> torch.Tensor:
             rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 0, step])
             ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.vision_batch)]
             rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
             targets = torch.from_numpy(np.stack([_patch_targets(r.mask, tiny.patch_size, e) for r, e in zip(rends, ents)]))
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg.vision_steps, cfg.warmup // 2, cfg.vision_lr)
             with autocast:
                 feats = tower(batcher.pixels([r.image for r in rends])).last_hidden_state[:, 1:]
-                loss = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
+                return sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
                            for k, h in enumerate(heads))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        record["vision_loss"] = round(loss.item(), 4)
+
+        state = fit(vision_step, opt, cfg.vision_steps, desc="vision pre-training", progress=progress,
+                    lr=lambda step: warmup_cosine(step, cfg.vision_steps, cfg.warmup // 2, cfg.vision_lr))
+        record["vision_loss"] = round(state.loss, 4)
 
         # ---- stage 2: visual instruction tuning --------------------------------------------------------
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -260,9 +249,8 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay + list(heads.parameters()), "weight_decay": 0.0}], lr=cfg.lr,
                                 betas=(0.9, 0.98))
-        bar = tqdm(range(cfg.steps), desc="instruction tuning", disable=not progress)
-        running = None
-        for step in bar:
+
+        def instruct_step(step: int) -> tuple[torch.Tensor, dict]:
             rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 1, step])
             ents = [world.entities[i] for i in rng.integers(0, len(world), cfg.batch_images)]
             rends = [render(e, seed=rng, size=tiny.image_size) for e in ents]
@@ -272,30 +260,23 @@ def train_tiny(out: str | Path, cfg: TrainConfig = TrainConfig(), tiny: TinyConf
             ids, labels, mask = batcher.collate(seqs)
             pixels = batcher.pixels(images)
             # text-only rows carry no image tokens; LLaVA takes pixel_values only for rows that need them
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg.steps, cfg.warmup, cfg.lr)
-            opt.zero_grad()
             with autocast, Trace({"enc": tower.encoder}, detach=False) as tr:
                 logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
                 feats = tr.outputs["enc"][0][:, 1:]
                 aux = sum(F.cross_entropy(h(feats).float().flatten(0, 1), targets[..., k].flatten())
                           for k, h in enumerate(heads))
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-            total = loss + cfg.aux_weight * aux
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.3f}")
-            if log_every and (step + 1) % log_every == 0:
-                record["log"].append({"step": step + 1, "loss": round(running, 4), "seconds": round(time.time() - t0, 1)})
-                if not progress:
-                    print(json.dumps(record["log"][-1]), flush=True)
-            if snapshot_every and (step + 1) % snapshot_every == 0:
-                snap = Path(str(out) + ".snapshot")
-                model.save_pretrained(snap)
-                processor.save_pretrained(snap)
-        record["final_loss"] = round(float(running), 4)
+            return loss + cfg.aux_weight * aux, {"loss": loss.item()}  # the running loss is the answers'
+
+        def snapshot(state: FitState) -> None:
+            snap = Path(str(out) + ".snapshot")
+            model.save_pretrained(snap)
+            processor.save_pretrained(snap)
+
+        state = fit(instruct_step, opt, cfg.steps, lr=lambda step: warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
+                    clip_params=model.parameters(), max_norm=1.0, desc="instruction tuning", progress=progress,
+                    callbacks=[Every(log_every, _logger(record["log"], t0, progress)), Every(snapshot_every, snapshot)])
+        record["final_loss"] = round(float(state.running), 4)
 
     # ---- stage 3: context reading ------------------------------------------------------------------
     if cfg.context_steps:
@@ -352,8 +333,6 @@ def write_notes(embed, notes: dict, visual: torch.Tensor) -> torch.Tensor:
 def _context_stage(model, batcher: _Batcher, world: World, cfg: TrainConfig, tiny: TinyConfig, record: dict,
                    autocast, *, progress: bool, log_every: int, t0: float) -> None:
     """Stage 3: the stage-2 mixture plus context sequences, fresh AdamW, its own seeds."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed + 3)
     py_rng = random.Random(f"context-{cfg.seed}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -362,9 +341,8 @@ def _context_stage(model, batcher: _Batcher, world: World, cfg: TrainConfig, tin
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.context_lr, betas=(0.9, 0.98))
     embed = model.get_input_embeddings()
     record.setdefault("context_log", [])
-    bar = tqdm(range(cfg.context_steps), desc="context reading", disable=not progress)
-    running = None
-    for step in bar:
+
+    def context_step(step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, TRAIN_STREAM, 3, step])
         n = cfg.batch_images + cfg.context_batch
         ents = [world.entities[i] for i in rng.integers(0, len(world), n)]
@@ -378,20 +356,21 @@ def _context_stage(model, batcher: _Batcher, world: World, cfg: TrainConfig, tin
                 notes[k] = (int(rng.integers(0, batcher.n_visual - len(note) + 1)), torch.tensor(note))
         seqs += _text_qa(batcher, py_rng, cfg)
         ids, labels, mask = batcher.collate(seqs)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.context_steps, cfg.warmup // 2, cfg.context_lr)
-        opt.zero_grad()
         with autocast, edit_output(model.model.multi_modal_projector, partial(write_notes, embed, notes)):
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=batcher.pixels(images)).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.3f}")
-        if log_every and (step + 1) % log_every == 0:
-            record["context_log"].append({"step": step + 1, "loss": round(running, 4),
-                                          "seconds": round(time.time() - t0, 1)})
-            if not progress:
-                print(json.dumps(record["context_log"][-1]), flush=True)
-    record["context_loss"] = round(float(running), 4)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    state = fit(context_step, opt, cfg.context_steps, clip_params=model.parameters(), max_norm=1.0,
+                lr=lambda step: warmup_cosine(step, cfg.context_steps, cfg.warmup // 2, cfg.context_lr),
+                desc="context reading", progress=progress,
+                callbacks=[Every(log_every, _logger(record["context_log"], t0, progress))])
+    record["context_loss"] = round(float(state.running), 4)
+
+
+def _logger(log: list, t0: float, progress: bool):
+    """A fit callback that appends the running loss to ``log`` (and prints it when there is no progress bar)."""
+    def append(state: FitState) -> None:
+        log.append({"step": state.step, "loss": round(state.running, 4), "seconds": round(time.time() - t0, 1)})
+        if not progress:
+            print(json.dumps(log[-1]), flush=True)
+    return append

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...fit import Every, FitState, fit
 from ...models.backbones import unembed
 from ..base import holdout_split, pair_key
 from .editor import VEADEditor
@@ -251,7 +252,7 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
     cached = [cache.record(r) for r in tqdm(train, desc=f"cache layer-{editor.layer} states", disable=not progress)]
     cache_seconds = time.perf_counter() - start_time
     optimizer = torch.optim.Adam(vead.parameters(), lr=config.lr)
-    first, history, best, best_state = 0, [], -1.0, None
+    first, history, best, best_state, optimizer_state = 0, [], -1.0, None, None
     ckpt = _checkpoint_path(Path(out)) if out is not None else None
     settings, weights = dataclasses.asdict(config), vllm.fingerprint
     if ckpt is not None and resume and ckpt.exists():
@@ -261,34 +262,31 @@ def train_vead(vllm, records: Sequence, config: VEADConfig, *, out: str | os.Pat
         same = {**dataclasses.asdict(VEADConfig()), **saved["config"]} == settings
         if same and saved["n_train"] == len(train) and saved.get("model") == weights:
             vead.load_state_dict(saved["vead"])
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer_state = saved["optimizer"]
             first, history, best, best_state = saved["step"], saved["history"], saved["best"], saved["best_state"]
-    bar = tqdm(range(first, config.steps), desc="train VEAD", disable=not progress, initial=first, total=config.steps)
-    for step in bar:
+
+    def loss_at(step: int) -> tuple[torch.Tensor, dict]:
         vead.train()
         rng = np.random.default_rng([config.seed, step])
         batch = [cached[i] for i in rng.choice(len(cached), size=min(config.batch, len(cached)), replace=False)]
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        with torch.enable_grad():
-            loss, parts = step_loss(vead, cache, batch, config, rng, pool=cached)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
-        if (step + 1) % config.val_every == 0 or step + 1 == config.steps:
-            vead.eval()
-            scores = quick_scores(editor, val)
-            history.append({"step": step + 1, **parts, **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
-            if scores["mean"] > best:
-                best = scores["mean"]
-                best_state = {k: v.detach().clone() for k, v in vead.state_dict().items()}
-            if ckpt is not None:
-                with atomic_path(ckpt) as tmp:
-                    torch.save({"config": settings, "n_train": len(train), "model": weights,
-                                "vead": vead.state_dict(),
-                                "optimizer": optimizer.state_dict(), "step": step + 1, "history": history,
-                                "best": best, "best_state": best_state}, tmp)
+        return step_loss(vead, cache, batch, config, rng, pool=cached)
+
+    def validate(state: FitState) -> None:
+        nonlocal best, best_state
+        vead.eval()
+        scores = quick_scores(editor, val)
+        history.append({"step": state.step, **state.parts, **{f"val_{k}": round(v, 4) for k, v in scores.items()}})
+        if scores["mean"] > best:
+            best = scores["mean"]
+            best_state = {k: v.detach().clone() for k, v in vead.state_dict().items()}
+        if ckpt is not None:
+            with atomic_path(ckpt) as tmp:
+                torch.save({"config": settings, "n_train": len(train), "model": weights, "vead": vead.state_dict(),
+                            "optimizer": optimizer.state_dict(), "step": state.step, "history": history,
+                            "best": best, "best_state": best_state}, tmp)
+
+    fit(loss_at, optimizer, config.steps, lr=config.lr_at, start=first, optimizer_state=optimizer_state,
+        callbacks=[Every(config.val_every, validate, at_end=True)], desc="train VEAD", progress=progress)
     vead.load_state_dict(best_state)
     vead.eval()
     info = {"wall_seconds": round(time.perf_counter() - start_time, 1), "cache_seconds": round(cache_seconds, 1),
