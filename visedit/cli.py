@@ -105,26 +105,48 @@ def _contributions(args) -> int:
     from .world import load_world_split
 
     _check_limit(args.limit)
+    if args.ig_steps < 2:
+        raise ValueError(f"--ig-steps must be ≥ 2, got {args.ig_steps}")
+    if args.ig_tolerance is not None and not args.ig_tolerance > 0:
+        raise ValueError(f"--ig-tolerance must be > 0 (e.g. 0.05), or none for exactly --ig-steps; got "
+                         f"{args.ig_tolerance}")
+    if args.ig_tolerance is not None and args.ig_max_steps < args.ig_steps:
+        raise ValueError(f"--ig-max-steps ({args.ig_max_steps}) must be ≥ --ig-steps ({args.ig_steps})")
     vllm = load_vllm(args.model)
     records = load_world_split("eval", vllm.dataset_spec, progress=True)
     if args.limit is not None:
         records = _spread(records, args.limit) if args.spread else records[: args.limit]
     profile = contribution_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
-    alloc_err, ig_delta = 0.0, 0.0
+    alloc_err, ig_delta, ig_steps, ig_unconverged = 0.0, 0.0, {"pixels": [], "layer": []}, 0
     for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG")):
         alloc_err = max(alloc_err, token_allocation(vllm, rec.image, rec.src, layer=layer).max_error)
         for where in (None, layer):
-            ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps)
+            ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps,
+                                      tolerance=args.ig_tolerance, max_steps=args.ig_max_steps)
             ig_delta = max(ig_delta, ig.relative_delta)
+            ig_steps["pixels" if where is None else "layer"].append(ig.n_steps)
+            ig_unconverged += not ig.converged
     out = {**{k: [round(x, 6) for x in v] for k, v in profile.mean.items()}, "low": profile.low, "high": profile.high,
            "n": profile.n, "n_total": profile.n_total, "layer": layer, "peak_attn": profile.peak("attn"),
            "peak_mlp": profile.peak("mlp"), "attention_peak_relative_depth": round(profile.relative_peak_depth("attn"), 4),
            "early_share": round(profile.early_share("attn"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
            "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records)),
+           "ig_steps": {where: _steps_summary(steps) for where, steps in ig_steps.items()},
+           "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance,
            "choose_edit_layer": choose_edit_layer(vllm, load_world_split("train", vllm.dataset_spec, progress=False))}
     print(json.dumps(out, indent=1) if args.json else json.dumps(out))
     return 0
+
+
+def _steps_summary(steps: list[int]) -> dict:
+    """Integration steps IG needed over records: min, median, max and how many records took each count."""
+    import numpy as np
+
+    if not steps:
+        return {}
+    counts = {str(s): steps.count(s) for s in sorted(set(steps))}
+    return {"min": min(steps), "median": float(np.median(steps)), "max": max(steps), "counts": counts}
 
 
 def _check_limit(limit: int | None, least: int = 1) -> None:
@@ -455,6 +477,16 @@ def _sweep_vead(args) -> int:
     return 0
 
 
+def _tolerance(text: str) -> float | None:
+    """``--ig-tolerance``: a positive number, or ``none`` for a fixed step count."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.05, or none; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -506,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-records", action="store_true",
                    help="profile every record, not only those the model answers correctly")
     p.add_argument("--ig-limit", type=int, default=8, help="records that also get allocation and IG")
-    p.add_argument("--ig-steps", type=int, default=64)
+    p.add_argument("--ig-steps", type=int, default=64, help="IG's first step count (doubled until it converges)")
+    p.add_argument("--ig-tolerance", type=_tolerance, default=0.05,
+                   help="IG's relative completeness delta to reach ('none': exactly --ig-steps)")
+    p.add_argument("--ig-max-steps", type=int, default=1024, help="the most steps IG may double to")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_contributions)
 

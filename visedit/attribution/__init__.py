@@ -4,13 +4,13 @@ noise-perturbation and restoration tracing, region selection and its scores."""
 from .allocation import TokenAllocation, attention_map, token_allocation, visual_span
 from .contributions import (ContributionProfile, ModuleContributions, bootstrap_ci, contribution_profile,
                             layer_bars, module_contributions)
-from .gradients import IGResult, integrated_gradients, token_baseline
+from .gradients import IGConvergenceWarning, IGResult, integrated_gradients, token_baseline
 from .regions import (RegionScore, deletion_insertion, patch_coverage, region_scores, score_heatmap,
                       select_region)
 from .tracing import InfluenceMap, RestorationMap, noise_perturbation, restoration_tracing, windows
 
 __all__ = ["TokenAllocation", "attention_map", "token_allocation", "visual_span", "ContributionProfile",
            "ModuleContributions", "bootstrap_ci", "contribution_profile", "layer_bars", "module_contributions",
-           "IGResult", "integrated_gradients", "token_baseline", "RegionScore", "deletion_insertion",
-           "patch_coverage", "region_scores", "score_heatmap", "select_region", "InfluenceMap", "RestorationMap",
-           "noise_perturbation", "restoration_tracing", "windows"]
+           "IGConvergenceWarning", "IGResult", "integrated_gradients", "token_baseline", "RegionScore",
+           "deletion_insertion", "patch_coverage", "region_scores", "score_heatmap", "select_region", "InfluenceMap",
+           "RestorationMap", "noise_perturbation", "restoration_tracing", "windows"]
