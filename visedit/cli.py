@@ -154,11 +154,16 @@ def _check_limit(limit: int | None, least: int = 1) -> None:
         raise ValueError(f"--limit must be ≥ {least}, got {limit}")
 
 
-def _correct_eval_records(vllm, limit: int | None, progress: bool):
+def _correct_eval_records(vllm, limit: int | None, progress: bool, *, spread: bool = False):
+    """The first ``limit`` eval records the model answers correctly; with ``spread``, looked for at an even
+    stride first (every entity and fact), then at the records between."""
     from .world import load_world_split
 
     _check_limit(limit)
     records = load_world_split("eval", vllm.dataset_spec, progress=progress)
+    if spread and limit is not None:
+        stride = max(1, len(records) // limit)
+        records = [records[i] for i in sorted(range(len(records)), key=lambda i: i % stride)]
     out = []
     for rec in records:
         if vllm.score(rec.image, rec.src, rec.pred).exact:
@@ -198,6 +203,41 @@ def _regions(args) -> int:
     elif args.methods == "selectivity":
         raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
     print(json.dumps(result, indent=1) if args.json else json.dumps(result))
+    return 0
+
+
+def _sanity(args) -> int:
+    from .attribution.sanity import METHODS, sanity_checks
+    from .models import load_vllm
+
+    _check_limit(args.limit)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.vead is not None and "gate" not in args.methods:
+        raise ValueError("--vead gives the gate's VEAD: add gate to --methods, or leave --vead out")
+    vllm = load_vllm(args.model)
+    editor = None
+    if args.vead is not None:
+        from .editing import get_editor
+
+        editor = get_editor("vead", vllm, **({} if args.vead == "shipped" else {"weights": str(args.vead)}))
+    records = _correct_eval_records(vllm, args.limit, progress=True, spread=True)
+    if not records:
+        raise ValueError("the model answers none of the eval records correctly: nothing to check the maps on")
+    result = sanity_checks(vllm, records, methods=args.methods, layer=args.layer, editor=editor, seed=args.seed,
+                           vision=not args.decoder_only, progress=True)
+    out = {**result.to_dict(), "model_fingerprint": vllm.fingerprint,
+           "command": "python -m visedit " + " ".join(args.argv)}
+    if args.out:
+        from .io import write_json
+
+        write_json(args.out, out)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(result.table().to_string())
+        print(f"data randomisation: {result.data_randomisation}")
     return 0
 
 
@@ -564,6 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval records (spread over the split) for the selectivity scores")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
+
+    p = sub.add_parser("sanity", help="sanity checks of every heatmap method: model randomisation, completeness")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--limit", type=int, default=8,
+                   help="correctly answered eval records to use, spread over the split")
+    p.add_argument("--methods", nargs="+", default=["allocation", "attention", "noise", "restoration", "ig_pixels",
+                                                    "ig_layer", "gate"],
+                   help="allocation attention noise restoration ig_pixels ig_layer gate (default: all)")
+    p.add_argument("--layer", type=int, default=None, help="LLM layer of the layer methods (default: L // 2)")
+    p.add_argument("--vead", nargs="?", const="shipped", default=None, metavar="DIR",
+                   help="check the gate of a trained VEAD: the shipped one, or one from train-vead --out DIR "
+                   "(without --vead the gate is skipped)")
+    p.add_argument("--decoder-only", action="store_true", help="randomise the decoder only, not the vision side")
+    p.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation and the noise")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON) here, atomically")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_sanity)
 
     p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor (or the sequential "
                        "one: --sequential T)")

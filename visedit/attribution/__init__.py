@@ -1,5 +1,5 @@
 """Attribution: module contributions (logit lens, DLA), exact per-token allocation, Captum gradients,
-noise-perturbation and restoration tracing, region selection and its scores."""
+noise-perturbation and restoration tracing, region selection and its scores, and sanity checks of every map."""
 
 from .allocation import TokenAllocation, attention_map, token_allocation, visual_span
 from .contributions import (ContributionProfile, ModuleContributions, bootstrap_ci, contribution_profile,
@@ -7,10 +7,11 @@ from .contributions import (ContributionProfile, ModuleContributions, bootstrap_
 from .gradients import IGConvergenceWarning, IGResult, integrated_gradients, token_baseline
 from .regions import (RegionScore, deletion_insertion, patch_coverage, region_scores, score_heatmap,
                       select_region)
+from .sanity import SanityChecks, sanity_checks
 from .tracing import InfluenceMap, RestorationMap, noise_perturbation, restoration_tracing, windows
 
 __all__ = ["TokenAllocation", "attention_map", "token_allocation", "visual_span", "ContributionProfile",
            "ModuleContributions", "bootstrap_ci", "contribution_profile", "layer_bars", "module_contributions",
            "IGConvergenceWarning", "IGResult", "integrated_gradients", "token_baseline", "RegionScore",
            "deletion_insertion", "patch_coverage", "region_scores", "score_heatmap", "select_region", "InfluenceMap",
-           "RestorationMap", "noise_perturbation", "restoration_tracing", "windows"]
+           "RestorationMap", "noise_perturbation", "restoration_tracing", "windows", "SanityChecks", "sanity_checks"]
