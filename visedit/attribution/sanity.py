@@ -143,7 +143,7 @@ class SanityChecks:
         if "dla" in self.completeness:
             rows["dla"] = {"completeness": self.completeness["dla"], "data randomisation": "not run",
                            "verdict": self.verdicts["dla"]["overall"]}
-        return pd.DataFrame(rows).T
+        return pd.DataFrame(rows).T.infer_objects()
 
     def plot(self, *, steps: Sequence[int] | None = None):
         """The first record's maps as the cascade goes on: a row per method, a column per step (|map|,
