@@ -111,3 +111,50 @@ def test_profile_has_intervals(tiny_random, tmp_path):
     for k in ("attn", "mlp", "dla_attn", "dla_mlp"):
         assert all(lo <= m + 1e-9 and m <= hi + 1e-9 for lo, m, hi in zip(prof.low[k], prof.mean[k], prof.high[k]))
     assert prof.plot().data
+
+
+@pytest.mark.parametrize("power, steps", [(1, 2), (4, 2), (6, 4), (8, 4), (16, 8)])
+def test_ig_doubles_its_steps_until_gauss_legendre_is_exact(power, steps):
+    """Oracle: along the path from 0 to 1, f(x) = Σ x^p has the integrand p·α^(p−1), which n Gauss–Legendre
+    nodes integrate exactly when p ≤ 2n; from 2 steps, doubling stops at the first such n."""
+    from captum.attr import IntegratedGradients
+
+    from visedit.attribution.gradients import converge
+
+    ig = IntegratedGradients(lambda x: (x ** power).sum(-1))
+    x = torch.ones(1, 3, dtype=torch.float64)
+    attr, used, delta, relative, converged = converge(ig, x, torch.zeros_like(x), 3.0, n_steps=2, tolerance=1e-5,
+                                                      max_steps=64)
+    assert (used, converged) == (steps, True)
+    assert relative <= 1e-5 and float(attr.sum()) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_ig_warns_once_when_the_bound_is_hit(tiny_random, img):
+    import warnings
+
+    from visedit.attribution import IGConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = integrated_gradients(tiny_random, img, image_question("name"), n_steps=2, tolerance=1e-9, max_steps=8)
+    ours = [w for w in caught if issubclass(w.category, IGConvergenceWarning)]
+    assert len(ours) == 1 and "\n" not in str(ours[0].message) and "max_steps=8" in str(ours[0].message)
+    assert (res.n_steps, res.converged) == (8, False) and res.relative_delta > 1e-9
+
+
+def test_ig_reports_the_steps_it_needed(tiny_random, img):
+    fixed = integrated_gradients(tiny_random, img, image_question("name"), n_steps=2, tolerance=None)
+    assert (fixed.n_steps, fixed.converged, fixed.tolerance) == (2, True, None)
+    res = integrated_gradients(tiny_random, img, image_question("name"), n_steps=2, tolerance=0.01, max_steps=256)
+    assert fixed.relative_delta > 0.01  # two steps are not enough here, so the steps doubled
+    assert res.converged and res.relative_delta <= 0.01 and res.n_steps in (4, 8, 16, 32, 64, 128, 256)
+
+
+@pytest.mark.parametrize("kw, message", [({"tolerance": 0}, "tolerance must be > 0"),
+                                         ({"tolerance": -0.1}, "tolerance must be > 0"),
+                                         ({"n_steps": 64, "max_steps": 32}, r"max_steps must be an int ≥ n_steps"),
+                                         ({"n_steps": 1}, "n_steps must be an int ≥ 2")])
+def test_ig_refuses_bad_settings_in_one_line(tiny_random, img, kw, message):
+    with pytest.raises(ValueError, match=message) as err:
+        integrated_gradients(tiny_random, img, image_question("name"), **kw)
+    assert "\n" not in str(err.value)

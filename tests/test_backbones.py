@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from visedit.attribution import (attention_map, integrated_gradients, module_contributions, noise_perturbation,
-                                 region_scores, restoration_tracing, token_allocation)
+                                 region_scores, restoration_tracing, sanity_checks, token_allocation)
 from visedit.editing import (EditRequest, IKEConfig, InContextEditor, MENDConfig, MENDEditor, VEADConfig,
                              VEADEditor, get_editor)
 from visedit.evaluation import evaluate
@@ -137,6 +137,17 @@ def _editor(name, vllm, records):
         torch.nn.init.normal_(editor.adapter.w_end.weight, std=0.5)
         return editor
     return get_editor(name, vllm, **({"layer": -1, "max_steps": 3} if name == "ft_l" else {"max_steps": 3}))
+
+
+def test_cascade_goes_top_down_and_randomises_a_copy(vllm, records):
+    names = [name for name, _, _ in vllm.adapter.cascade()]
+    L = vllm.n_layers
+    assert names[:L] == [f"llm.layers.{l}" for l in reversed(range(L))]
+    assert "projector" in names and any(n.startswith("vision.layers.") for n in names)
+    state = {k: v.clone() for k, v in vllm.model.state_dict().items()}
+    res = sanity_checks(vllm, records[:1], methods=["allocation", "ig_layer"], layer=1, progress=False)
+    assert all(torch.equal(state[k], t) for k, t in vllm.model.state_dict().items())
+    assert list(res.steps) == names and res.completeness["allocation"] <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["ft_l", "ft_v", "ike", "mend", "vead"])

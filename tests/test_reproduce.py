@@ -34,7 +34,8 @@ def test_the_script_declares_every_committed_result_and_finds_it_in_place():
     assert steps and all(line.startswith("done ") for line in steps), [s for s in steps if not s.startswith("done")]
     declared = {os.path.normpath(p) for line in steps for p in _expand(line.split(None, 1)[1])}
     results = ROOT / "notebooks" / "results"
-    committed = {str(p.relative_to(ROOT)) for pattern in ("tune/*.json", "evaluate/*", "ablations/*", "sweep/*.json")
+    committed = {str(p.relative_to(ROOT)) for pattern in ("tune/*.json", "evaluate/*", "ablations/*", "sweep/*.json",
+                                                          "sanity/*.json")
                  for p in results.glob(pattern)}
     committed |= {"visedit/editing/trained/mend", "visedit/editing/trained/vead"}
     assert declared == committed
@@ -43,7 +44,7 @@ def test_the_script_declares_every_committed_result_and_finds_it_in_place():
 def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path):
     lines = _dry(MODEL="/models/retrained", STAGE=str(tmp_path))
     runs = [line for line in lines if line.startswith("run ")]
-    assert len(runs) == 3 + 2 + 6 + 5 * 2 + 4 and len(runs) == len(lines) - 1
+    assert len(runs) == 3 + 2 + 6 + 1 + 5 * 2 + 4 and len(runs) == len(lines) - 1
     parser = build_parser()
     verbs = []
     for line in runs:
@@ -56,6 +57,7 @@ def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path
             assert args.layer == 0  # the preset's l_e, not one chosen from the new model's profile
         verbs.append(args.command)
     assert verbs.count("tune") == 3 and verbs.count("evaluate") == 11 and verbs.count("sweep-vead") == 4
+    assert verbs.count("sanity") == 1
 
 
 def test_every_committed_evaluation_was_run_on_the_shipped_model():

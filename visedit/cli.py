@@ -105,26 +105,48 @@ def _contributions(args) -> int:
     from .world import load_world_split
 
     _check_limit(args.limit)
+    if args.ig_steps < 2:
+        raise ValueError(f"--ig-steps must be ≥ 2, got {args.ig_steps}")
+    if args.ig_tolerance is not None and not args.ig_tolerance > 0:
+        raise ValueError(f"--ig-tolerance must be > 0 (e.g. 0.05), or none for exactly --ig-steps; got "
+                         f"{args.ig_tolerance}")
+    if args.ig_tolerance is not None and args.ig_max_steps < args.ig_steps:
+        raise ValueError(f"--ig-max-steps ({args.ig_max_steps}) must be ≥ --ig-steps ({args.ig_steps})")
     vllm = load_vllm(args.model)
     records = load_world_split("eval", vllm.dataset_spec, progress=True)
     if args.limit is not None:
         records = _spread(records, args.limit) if args.spread else records[: args.limit]
     profile = contribution_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
-    alloc_err, ig_delta = 0.0, 0.0
+    alloc_err, ig_delta, ig_steps, ig_unconverged = 0.0, 0.0, {"pixels": [], "layer": []}, 0
     for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG")):
         alloc_err = max(alloc_err, token_allocation(vllm, rec.image, rec.src, layer=layer).max_error)
         for where in (None, layer):
-            ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps)
+            ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps,
+                                      tolerance=args.ig_tolerance, max_steps=args.ig_max_steps)
             ig_delta = max(ig_delta, ig.relative_delta)
+            ig_steps["pixels" if where is None else "layer"].append(ig.n_steps)
+            ig_unconverged += not ig.converged
     out = {**{k: [round(x, 6) for x in v] for k, v in profile.mean.items()}, "low": profile.low, "high": profile.high,
            "n": profile.n, "n_total": profile.n_total, "layer": layer, "peak_attn": profile.peak("attn"),
            "peak_mlp": profile.peak("mlp"), "attention_peak_relative_depth": round(profile.relative_peak_depth("attn"), 4),
            "early_share": round(profile.early_share("attn"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
            "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records)),
+           "ig_steps": {where: _steps_summary(steps) for where, steps in ig_steps.items()},
+           "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance,
            "choose_edit_layer": choose_edit_layer(vllm, load_world_split("train", vllm.dataset_spec, progress=False))}
     print(json.dumps(out, indent=1) if args.json else json.dumps(out))
     return 0
+
+
+def _steps_summary(steps: list[int]) -> dict:
+    """Integration steps IG needed over records: min, median, max and how many records took each count."""
+    import numpy as np
+
+    if not steps:
+        return {}
+    counts = {str(s): steps.count(s) for s in sorted(set(steps))}
+    return {"min": min(steps), "median": float(np.median(steps)), "max": max(steps), "counts": counts}
 
 
 def _check_limit(limit: int | None, least: int = 1) -> None:
@@ -132,11 +154,16 @@ def _check_limit(limit: int | None, least: int = 1) -> None:
         raise ValueError(f"--limit must be ≥ {least}, got {limit}")
 
 
-def _correct_eval_records(vllm, limit: int | None, progress: bool):
+def _correct_eval_records(vllm, limit: int | None, progress: bool, *, spread: bool = False):
+    """The first ``limit`` eval records the model answers correctly; with ``spread``, looked for at an even
+    stride first (every entity and fact), then at the records between."""
     from .world import load_world_split
 
     _check_limit(limit)
     records = load_world_split("eval", vllm.dataset_spec, progress=progress)
+    if spread and limit is not None:
+        stride = max(1, len(records) // limit)
+        records = [records[i] for i in sorted(range(len(records)), key=lambda i: i % stride)]
     out = []
     for rec in records:
         if vllm.score(rec.image, rec.src, rec.pred).exact:
@@ -176,6 +203,41 @@ def _regions(args) -> int:
     elif args.methods == "selectivity":
         raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
     print(json.dumps(result, indent=1) if args.json else json.dumps(result))
+    return 0
+
+
+def _sanity(args) -> int:
+    from .attribution.sanity import METHODS, sanity_checks
+    from .models import load_vllm
+
+    _check_limit(args.limit)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.vead is not None and "gate" not in args.methods:
+        raise ValueError("--vead gives the gate's VEAD: add gate to --methods, or leave --vead out")
+    vllm = load_vllm(args.model)
+    editor = None
+    if args.vead is not None:
+        from .editing import get_editor
+
+        editor = get_editor("vead", vllm, **({} if args.vead == "shipped" else {"weights": str(args.vead)}))
+    records = _correct_eval_records(vllm, args.limit, progress=True, spread=True)
+    if not records:
+        raise ValueError("the model answers none of the eval records correctly: nothing to check the maps on")
+    result = sanity_checks(vllm, records, methods=args.methods, layer=args.layer, editor=editor, seed=args.seed,
+                           vision=not args.decoder_only, progress=True)
+    out = {**result.to_dict(), "model_fingerprint": vllm.fingerprint,
+           "command": "python -m visedit " + " ".join(args.argv)}
+    if args.out:
+        from .io import write_json
+
+        write_json(args.out, out)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(result.table().to_string())
+        print(f"data randomisation: {result.data_randomisation}")
     return 0
 
 
@@ -455,6 +517,16 @@ def _sweep_vead(args) -> int:
     return 0
 
 
+def _tolerance(text: str) -> float | None:
+    """``--ig-tolerance``: a positive number, or ``none`` for a fixed step count."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.05, or none; got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -506,7 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-records", action="store_true",
                    help="profile every record, not only those the model answers correctly")
     p.add_argument("--ig-limit", type=int, default=8, help="records that also get allocation and IG")
-    p.add_argument("--ig-steps", type=int, default=64)
+    p.add_argument("--ig-steps", type=int, default=64, help="IG's first step count (doubled until it converges)")
+    p.add_argument("--ig-tolerance", type=_tolerance, default=0.05,
+                   help="IG's relative completeness delta to reach ('none': exactly --ig-steps)")
+    p.add_argument("--ig-max-steps", type=int, default=1024, help="the most steps IG may double to")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_contributions)
 
@@ -529,6 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval records (spread over the split) for the selectivity scores")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
+
+    p = sub.add_parser("sanity", help="sanity checks of every heatmap method: model randomisation, completeness")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--limit", type=int, default=8,
+                   help="correctly answered eval records to use, spread over the split")
+    p.add_argument("--methods", nargs="+", default=["allocation", "attention", "noise", "restoration", "ig_pixels",
+                                                    "ig_layer", "gate"],
+                   help="allocation attention noise restoration ig_pixels ig_layer gate (default: all)")
+    p.add_argument("--layer", type=int, default=None, help="LLM layer of the layer methods (default: L // 2)")
+    p.add_argument("--vead", nargs="?", const="shipped", default=None, metavar="DIR",
+                   help="check the gate of a trained VEAD: the shipped one, or one from train-vead --out DIR "
+                   "(without --vead the gate is skipped)")
+    p.add_argument("--decoder-only", action="store_true", help="randomise the decoder only, not the vision side")
+    p.add_argument("--seed", type=int, default=0, help="seed of the re-initialisation and the noise")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON) here, atomically")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_sanity)
 
     p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor (or the sequential "
                        "one: --sequential T)")

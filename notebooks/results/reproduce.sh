@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Recompute every committed result of the book that depends on the tiny model, in dependency order:
 # the tuned baseline settings, the shipped MEND and VEAD weights, the six 504-edit evaluations, the
-# five VEAD ablations and the layer sweep. About 5 hours on 2 CPU threads (times per step below).
+# sanity checks of the maps, the five VEAD ablations and the layer sweep. About 5 hours on 2 CPU threads
+# (times per step below).
 #
 #   bash notebooks/results/reproduce.sh                 # on the embedded model, into the repository
 #   MODEL=DIR STAGE=DIR bash notebooks/results/reproduce.sh
@@ -90,6 +91,9 @@ for e in mend vead; do
   step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --weights "$T/$e" --json --fresh \
     --out "$R/evaluate/$e"
 done
+
+# ---- sanity checks of every heatmap method and the shipped VEAD's gate (12 records, 7 min), chapter 4 -------
+step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --limit 12 --out "$R/sanity/first.json"
 
 # ---- the layer sweep (5–9 min per row), chapters 5–7; files are named without the --set suffix ----------
 sweep() {  # sweep ROW-TAG... -- SWEEP-OPTIONS...

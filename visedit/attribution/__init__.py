@@ -1,17 +1,19 @@
 """Attribution: module contributions (logit lens, DLA), exact per-token allocation, Captum gradients,
-noise-perturbation and restoration tracing, region selection and its scores."""
+noise-perturbation and restoration tracing, region selection and its scores, and sanity checks of every map."""
 
 from .allocation import TokenAllocation, attention_map, token_allocation, visual_span
 from .contributions import (ContributionProfile, ModuleContributions, bootstrap_ci, contribution_profile,
                             layer_bars, module_contributions)
-from .gradients import IGResult, integrated_gradients, token_baseline
+from .gradients import IGConvergenceWarning, IGResult, integrated_gradients, token_baseline
 from .regions import (RegionScore, deletion_insertion, patch_coverage, region_scores, score_heatmap,
                       select_region)
+from .sanity import SanityChecks, sanity_checks
 from .tracing import (InfluenceMap, RestorationMap, layout_windows, noise_perturbation, restoration_tracing,
                       windows)
 
 __all__ = ["TokenAllocation", "attention_map", "token_allocation", "visual_span", "ContributionProfile",
            "ModuleContributions", "bootstrap_ci", "contribution_profile", "layer_bars", "module_contributions",
-           "IGResult", "integrated_gradients", "token_baseline", "RegionScore", "deletion_insertion",
-           "patch_coverage", "region_scores", "score_heatmap", "select_region", "InfluenceMap", "RestorationMap",
-           "noise_perturbation", "restoration_tracing", "windows", "layout_windows"]
+           "IGConvergenceWarning", "IGResult", "integrated_gradients", "token_baseline", "RegionScore",
+           "deletion_insertion", "patch_coverage", "region_scores", "score_heatmap", "select_region", "InfluenceMap",
+           "RestorationMap", "noise_perturbation", "restoration_tracing", "windows", "layout_windows", "SanityChecks",
+           "sanity_checks"]

@@ -5,6 +5,10 @@ straight path from a baseline to the clean visual-token states at the *output* o
 the sequence stays clean); the pixel variant integrates over ``pixel_values`` and sums attributions
 inside each patch. Both report Captum's convergence delta, relative to f(input) − f(baseline).
 
+Convergence by construction: with a ``tolerance`` the path integral starts at ``n_steps`` Gauss–Legendre
+nodes and doubles them until the relative delta is within the tolerance, up to ``max_steps``; the result
+says how many steps it took and whether it converged, and a bound that is hit warns in one line.
+
 Baselines in token space must keep the image-placeholder ids, or the image disappears from the input:
 :func:`token_baseline` is the one place that rule lives.
 """
@@ -12,6 +16,7 @@ Baselines in token space must keep the image-placeholder ids, or the image disap
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -36,8 +41,10 @@ class IGResult(VisualTokenMap):
     """Integrated-gradients attribution over visual tokens.
 
     ``visual``: (N_v,) attribution per visual token (summed over hidden units, or over the patch's
-    pixels and channels); ``delta``: Captum's convergence delta; ``relative_delta``:
-    |delta| / |f(input) − f(baseline)|.
+    pixels and channels); ``delta``: Captum's convergence delta, |Σ attributions − (f(input) −
+    f(baseline))|; ``relative_delta``: delta / |f(input) − f(baseline)|; ``n_steps``: the integration
+    steps of the returned attribution; ``converged``: relative_delta ≤ ``tolerance`` (True when no
+    tolerance was asked for).
     """
 
     where: str
@@ -49,6 +56,8 @@ class IGResult(VisualTokenMap):
     output_difference: float
     n_steps: int
     cells: tuple[int, ...] | None = None
+    converged: bool = True
+    tolerance: float | None = None
 
     def plot(self, image=None, mask=None, *, title: str | None = None):
         from ..viz import heatmap_overlay
@@ -57,8 +66,31 @@ class IGResult(VisualTokenMap):
                                title=title or f"Integrated gradients ({self.where}) → '{self.target}'")
 
 
+def converge(ig, x: torch.Tensor, base: torch.Tensor, diff: float, *, n_steps: int, tolerance: float | None,
+             max_steps: int, internal_batch_size: int | None = None):
+    """Captum's ``ig.attribute`` from ``base`` to ``x`` (one input, Gauss–Legendre) with ``n_steps``, doubled
+    while the relative completeness delta exceeds ``tolerance`` (at most ``max_steps``; None: once).
+    ``diff`` = f(x) − f(base). Returns (attributions, steps, delta, relative delta, converged)."""
+    steps = n_steps
+    while True:
+        with torch.enable_grad():
+            attr = ig.attribute(x, baselines=base, n_steps=steps, method="gausslegendre",
+                                internal_batch_size=internal_batch_size)
+        delta = abs(float(attr.sum()) - diff)  # Captum's convergence delta for one input
+        relative = delta / max(abs(diff), 1e-12)
+        converged = tolerance is None or relative <= tolerance
+        if converged or steps >= max_steps:
+            return attr, steps, delta, relative, converged
+        steps = min(2 * steps, max_steps)
+
+
+class IGConvergenceWarning(UserWarning):
+    """Integrated gradients hit ``max_steps`` before the relative delta fell within the tolerance."""
+
+
 def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None = None, target: str | None = None,
-                         n_steps: int = 64, internal_batch_size: int = 16, baseline: str = "mean") -> IGResult:
+                         n_steps: int = 64, tolerance: float | None = 0.05, max_steps: int = 1024,
+                         internal_batch_size: int = 16, baseline: str = "mean") -> IGResult:
     """Integrated gradients of y*'s logit at T w.r.t. the visual tokens.
 
     ``layer=None`` → on the input pixels (baseline: the all-zero normalised image, i.e. the processor's
@@ -66,11 +98,21 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
     of LLM layer l. Layer baselines: ``"mean"`` (default) replaces every visual token by the mean visual
     token — an image with no spatial information; ``"zeros"`` is the textbook choice but sits where
     the next RMSNorm divides by ≈ 0, so the path integral converges badly (large deltas).
+
+    Steps: start with ``n_steps`` and, while the relative delta exceeds ``tolerance``, double them (at
+    most ``max_steps``); if the bound is reached first, the last attribution is returned with
+    ``converged=False`` and an :class:`IGConvergenceWarning`. ``tolerance=None``: exactly ``n_steps``.
     """
     from captum.attr import IntegratedGradients
 
-    if n_steps < 2:
-        raise ValueError(f"n_steps must be ≥ 2, got {n_steps}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 2:
+        raise ValueError(f"n_steps must be an int ≥ 2, got {n_steps!r}")
+    if tolerance is not None and not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0 (a relative delta, e.g. 0.05) or None for a fixed n_steps, "
+                         f"got {tolerance!r}")
+    if tolerance is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < n_steps):
+        raise ValueError(f"max_steps must be an int ≥ n_steps ({n_steps}), got {max_steps!r}")
     if baseline not in ("zeros", "mean"):
         raise ValueError(f"baseline must be 'zeros' or 'mean', got {baseline!r}")
     inputs, start, stop, T = prepare(vllm, image, question)
@@ -113,12 +155,17 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
 
         where = f"layer {layer}"
 
-    ig = IntegratedGradients(forward)
-    with torch.enable_grad():
-        attr, delta = ig.attribute(x, baselines=base, n_steps=n_steps, method="gausslegendre",
-                                   internal_batch_size=internal_batch_size, return_convergence_delta=True)
-        with torch.no_grad():
-            diff = float(forward(x) - forward(base))
+    with torch.no_grad():
+        diff = float(forward(x) - forward(base))
+    attr, steps, d, relative, converged = converge(IntegratedGradients(forward), x, base, diff, n_steps=n_steps,
+                                                   tolerance=tolerance, max_steps=max_steps,
+                                                   internal_batch_size=internal_batch_size)
+    if not converged:
+        hint = (", or attribute a layer's visual tokens (layer=…)" if layer is None
+                else ", or use baseline='mean'" if baseline == "zeros" else "")
+        warnings.warn(f"integrated gradients on {where} stopped at max_steps={max_steps} with relative delta "
+                      f"{relative:.3f} > tolerance {tolerance}: raise max_steps or the tolerance{hint}",
+                      IGConvergenceWarning, stacklevel=2)
     if layer is None:
         per_pixel = attr[0].sum(0)  # (H, W)
         rows, cols = grid
@@ -126,7 +173,6 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
         visual = per_pixel[: rows * ph, : cols * pw].reshape(rows, ph, cols, pw).sum((1, 3)).flatten()
     else:
         visual = attr[0].sum(-1)
-    d = float(delta.abs().max())
     return IGResult(where=where, target=vllm.tokenizer.decode([y]).strip(), visual=tuple(visual.float().tolist()),
-                    grid=grid, cells=cells, delta=d, relative_delta=d / max(abs(diff), 1e-12), output_difference=diff,
-                    n_steps=n_steps)
+                    grid=grid, cells=cells, delta=d, relative_delta=relative, output_difference=diff,
+                    n_steps=steps, converged=converged, tolerance=tolerance)

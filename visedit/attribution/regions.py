@@ -149,9 +149,13 @@ def region_scores(vllm, records, *, steps: int = 8, progress: bool = True) -> di
         heatmaps["allocation"].append({l: token_allocation(vllm, rec.image, rec.src, layer=l).heatmap()
                                        for l in range(L)})
         heatmaps["attention"].append({l: attention_map(vllm, rec.image, rec.src, layer=l) for l in range(L)})
-        heatmaps["ig_layer"].append({l: integrated_gradients(vllm, rec.image, rec.src, layer=l, n_steps=24).heatmap()
+        # a fixed 24 steps (tolerance=None): converging every map would multiply this loop's cost, and the
+        # ranking of tokens settles before the sum does (on the first model, the 24-step pixel maps of six
+        # records rank tokens as the converged ones do, Spearman 0.94–1.0, at relative deltas up to 0.47)
+        ig = dict(n_steps=24, tolerance=None)
+        heatmaps["ig_layer"].append({l: integrated_gradients(vllm, rec.image, rec.src, layer=l, **ig).heatmap()
                                      for l in range(0, L, max(1, L // 4))})
-        heatmaps["ig_pixels"].append({-1: integrated_gradients(vllm, rec.image, rec.src, n_steps=24).heatmap()})
+        heatmaps["ig_pixels"].append({-1: integrated_gradients(vllm, rec.image, rec.src, **ig).heatmap()})
     result: dict = {}
     for method, per_record in heatmaps.items():
         layers = list(per_record[0])

@@ -280,6 +280,26 @@ class BackboneAdapter:
         """The vision-encoder blocks whose output reaches the LLM, in order (fine-tuning the vision side)."""
         raise self.unsupported("fine-tuning the vision encoder (FT-V)")
 
+    def cascade(self) -> list[tuple[str, nn.Module, float]]:
+        """The model's blocks from the top down, for cascading randomisation (Adebayo et al., 2018): decoder
+        layers L−1…0, the bridge to the LLM (``projector``; BLIP-2's ``qformer`` after it), then the
+        vision blocks whose output reaches the LLM, last first (none where :meth:`vision_layers` is
+        refused). Each as (name, module, the std of its part's initialiser). The head, the final norm
+        and the embeddings are not in it."""
+        text_std = float(getattr(self.text_config, "initializer_range", 0.02))
+        vision_config = getattr(self.model.config, "vision_config", None)
+        vision_std = float(getattr(vision_config, "initializer_range", text_std))
+        bridge_std = float(getattr(self.model.config, "initializer_range", text_std))
+        out = [(f"llm.layers.{l}", block, text_std) for l, block in reversed(list(enumerate(self.layers())))]
+        fixed = self._fixed_sites()
+        out += [(name, fixed[name], bridge_std) for name in ("projector", "qformer") if name in fixed]
+        try:
+            vision = self.vision_layers()
+        except ValueError:
+            vision = []
+        out += [(f"vision.layers.{k}", block, vision_std) for k, block in reversed(list(enumerate(vision)))]
+        return out
+
     def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run decoder layers ``layer``…L−1 on ``hidden`` (B, S, d), the residual stream at the *input* of
         ``layer``, with that layer's recorded keyword arguments; returns the final residual (B, S, d)."""

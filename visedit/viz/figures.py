@@ -245,3 +245,55 @@ def layer_bars(series: dict[str, Sequence[float]], *, low=None, high=None, metho
                       yaxis_title="contribution" if method == "paper" else "direct logit attribution",
                       margin=dict(l=50, r=10, t=40, b=40))
     return fig
+
+
+def cascade_maps(maps: Sequence[Sequence[Sequence[float]]], rows: Sequence[str], titles: Sequence[str], *,
+                 grid: tuple[int, int] | None, size: int = 64):
+    """Maps as a model is randomised step by step: ``maps[i][j]`` is method ``rows[i]``'s map (N_v values)
+    at step ``titles[j]``. Each panel shows |map| scaled to its own maximum, on the patch grid (a 1×N_v
+    strip without one): what survives randomisation is the ranking of tokens, not the scale."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    n_rows, n_cols = len(maps), len(titles)
+    fig = make_subplots(rows=n_rows, cols=n_cols, column_titles=list(titles), row_titles=list(rows),
+                        horizontal_spacing=0.005, vertical_spacing=0.012)
+    for i, per_step in enumerate(maps):
+        for j, values in enumerate(per_step):
+            h = np.abs(np.asarray(values, dtype=float))
+            h = h / (h.max() or 1.0)
+            h = h.reshape(grid) if grid is not None else h[None]
+            fig.add_trace(go.Heatmap(z=h, zmin=0, zmax=1, colorscale="Viridis", showscale=i == 0 and j == 0,
+                                     colorbar=dict(title="|map| ÷ max", len=0.5)), row=i + 1, col=j + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(height=n_rows * size + 70, width=n_cols * size + 160, margin=dict(l=5, r=90, t=40, b=5))
+    return fig
+
+
+#: Colours of the verdicts in :func:`verdict_table` (0 fails, 1 passes, 0.5 not run or no claim).
+_VERDICT_LEVEL = {"fails": 0.0, "passes": 1.0}
+
+
+def verdict_table(rows: Sequence[str], columns: Sequence[str], verdicts: Sequence[Sequence[str]],
+                  values: Sequence[Sequence[float | None]] | None = None, *, title: str = ""):
+    """A methods × tests table as a heatmap: green where a test passes, red where it fails, grey where it
+    was not run or does not apply; each cell says the verdict and, when given, its number."""
+    import plotly.graph_objects as go
+
+    z = [[_VERDICT_LEVEL.get(v, 0.5) for v in row] for row in verdicts]
+    text = []
+    for i, row in enumerate(verdicts):
+        cells = []
+        for j, v in enumerate(row):
+            x = None if values is None else values[i][j]
+            number = "" if x is None or x != x else f"<br>{x:.2f}" if abs(x) >= 0.01 else f"<br>{x:.0e}"
+            cells.append(f"{v}{number}")
+        text.append(cells)
+    fig = go.Figure(go.Heatmap(z=z, x=list(columns), y=list(rows), zmin=0, zmax=1, showscale=False, text=text,
+                               texttemplate="%{text}", hoverinfo="skip", xgap=2, ygap=2,
+                               colorscale=[[0, "#e4937b"], [0.5, "#d9d9d9"], [1, "#8cc68c"]]))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, height=60 + 42 * len(rows), margin=dict(l=10, r=10, t=50, b=10))
+    return fig

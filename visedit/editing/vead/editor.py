@@ -293,6 +293,12 @@ class VEADEditor(Editor):
         return hidden
 
     # --- reading the influence mapper -------------------------------------------------------------------
+    def record_gate(self, record) -> np.ndarray:
+        """The gate on ``record``'s own edit input with its edit applied (then restored): the gate map the
+        sanity checks compare (:mod:`visedit.attribution.sanity`)."""
+        with self.edit(EditRequest.from_record(record)):
+            return self.gate(record.image, record.src)
+
     def gate(self, image, question: str) -> np.ndarray:
         """The IM's gate σ(s) over the visual-token grid (rows, cols) for (image, question) under the
         applied edit (1 everywhere when the IM is ablated); LLaVA-NeXT: on its base image's grid."""

@@ -172,6 +172,10 @@ class VEAD(nn.Module):
         nn.init.zeros_(self.w_end.bias)
         self.r1, self.r2 = _Residual(d, im_width), _Residual(d, im_width)
 
+    def influence_mapper(self) -> nn.ModuleList:
+        """The IM's own modules (its two norms and two residual MLPs): what the gate is computed with."""
+        return nn.ModuleList([self.ln3, self.ln4, self.r1, self.r2])
+
     def gate_logits(self, V: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """IM scores s (B, N) of visual tokens V (B, N, d) against the edit's IM keys: prompt states p
         (B or 1, d), or K states (B or 1, K, d), of which each token takes its best match."""
