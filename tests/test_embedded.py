@@ -61,10 +61,13 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     assert err.startswith("error: no checkpoint folder at") and "\n" not in err
 
 
-def test_contributions_cli_on_the_embedded_model(capsys):
+def test_contributions_cli_on_the_embedded_model(capsys, tmp_path):
     # IG starts at 64 steps and doubles them until its relative delta is within 0.05
-    assert main(["contributions", "--json", "--limit", "24", "--ig-limit", "3"]) == 0
+    argv = ["contributions", "--json", "--limit", "24", "--ig-limit", "3", "--out", str(tmp_path / "c.json")]
+    assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written.pop("command") == "python -m visedit " + " ".join(argv) and written == out
     L = 8
     for key in ("attn", "mlp", "dla_attn", "dla_mlp"):
         assert len(out[key]) == L

@@ -54,19 +54,26 @@ def _train_recipe(args) -> int:
     return 0
 
 
+def _emit(args, out: dict, brief: tuple[str, ...] | None = None) -> None:
+    """Print a command's JSON result (``brief``: the keys shown without --json) and, with --out, write it
+    atomically with the command that made it."""
+    import shlex
+
+    if getattr(args, "out", None):
+        from .io import write_json
+
+        write_json(args.out, {**out, "command": "python -m visedit " + shlex.join(getattr(args, "argv", sys.argv[1:]))})
+    shown = out if args.json or brief is None else {k: out[k] for k in brief if k in out}
+    print(json.dumps(shown, indent=1) if args.json else json.dumps(shown))
+
+
 def _reading(args) -> int:
     from .models import load_vllm
     from .study import reading_report
 
     report = reading_report(load_vllm(args.model), n_profile=args.n_profile, n_selectivity=args.n_selectivity,
                             card_entities=args.card_entities, progress=True)
-    out = {**report.to_dict(), "command": "python -m visedit " + " ".join(sys.argv[1:])}
-    if args.out:
-        from .io import write_json
-
-        write_json(args.out, out)
-    print(json.dumps(out, indent=1) if args.json else json.dumps({k: out[k] for k in (
-        "model", "attention_peak", "attention_peak_relative_depth", "early_share")}))
+    _emit(args, report.to_dict(), ("model", "attention_peak", "attention_peak_relative_depth", "early_share"))
     return 0
 
 
@@ -135,7 +142,7 @@ def _contributions(args) -> int:
            "ig_steps": {where: _steps_summary(steps) for where, steps in ig_steps.items()},
            "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance,
            "choose_edit_layer": choose_edit_layer(vllm, load_world_split("train", vllm.dataset_spec, progress=False))}
-    print(json.dumps(out, indent=1) if args.json else json.dumps(out))
+    _emit(args, out)
     return 0
 
 
@@ -202,7 +209,7 @@ def _regions(args) -> int:
         result["selectivity"] = layer_selectivity(vllm, records, progress=True).to_dict()
     elif args.methods == "selectivity":
         raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
-    print(json.dumps(result, indent=1) if args.json else json.dumps(result))
+    _emit(args, result)
     return 0
 
 
@@ -582,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-tolerance", type=_tolerance, default=0.05,
                    help="IG's relative completeness delta to reach ('none': exactly --ig-steps)")
     p.add_argument("--ig-max-steps", type=int, default=1024, help="the most steps IG may double to")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_contributions)
 
@@ -602,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "maps per layer on the asked-about creature, and pairs of questions about one image")
     p.add_argument("--selectivity-limit", type=int, default=48,
                    help="eval records (spread over the split) for the selectivity scores")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_regions)
 

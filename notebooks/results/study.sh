@@ -27,4 +27,9 @@ for recipe in llava joint-encoder one-creature shallow; do
 done
 # the second teaching model as shipped (the recipe at its full budget)
 step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
+# its section-3 figures by the two commands that report them on their own
+step "$R/llava-contributions.json" $PY -m visedit contributions --model visedit-llava --json --limit 96 --spread \
+  --ig-limit 8 --out "$R/llava-contributions.json"
+step "$R/llava-regions.json" $PY -m visedit regions --model visedit-llava --methods selectivity --json \
+  --out "$R/llava-regions.json"
 echo "all results are in place"
