@@ -279,13 +279,16 @@ def _records(args, progress: bool):
     return records
 
 
-def _resume_command(args, out: Path) -> str:
-    """The command line that resumes an interrupted ``evaluate`` into ``out``."""
+def _resume_command(args, out: Path, shard: tuple[int, int] | None = None) -> str:
+    """The command line that resumes an interrupted ``evaluate`` into ``out`` (a shard from the environment
+    is written out as ``--shard i/k``)."""
     import shlex
 
     argv = [a for a in args.argv if a != "--fresh"]
     if args.out is None:
         argv += ["--out", str(out)]
+    if shard is not None and args.shard is None:
+        argv += ["--shard", "{}/{}".format(*shard)]
     return "python -m visedit " + shlex.join(argv)
 
 
@@ -293,32 +296,73 @@ def _evaluate(args) -> int:
     from .editing import editor_settings, get_editor
     from .evaluation import evaluate
     from .evaluation.protocol import _read_done
+    from .evaluation.shards import parse_shard, shard_folder, shard_from_env, shard_indices
     from .models import load_vllm
 
     _check_sequential(args)
+    shard = parse_shard(args.shard) if args.shard is not None else shard_from_env()
+    if shard is not None and args.sequential is not None:
+        raise ValueError("--sequential is one chain of edits and cannot be sharded over processes: run it in one "
+                         "process (without --shard, RANK or WORLD_SIZE)")
     records = _records(args, progress=True)
+    if shard is not None:
+        shard_indices(len(records), shard)  # a shard with no edit fails before the model loads
     overrides = {"weights": str(args.weights)} if args.weights is not None else {}
     editor_settings(args.editor, preset=args.preset, **overrides)  # a bad preset fails before the model loads
-    vllm = load_vllm(args.model, device=args.device)
+    vllm = load_vllm(args.model, **_placement(args, shard))
     editor = get_editor(args.editor, vllm, preset=args.preset, allow_other_model=args.allow_other_model,
                         **overrides)
     source = Path(args.data).stem if args.data is not None else args.split
     if args.sequential is not None:
         return _evaluate_sequential(args, editor, records, source)
     out = args.out or Path("results") / "evaluate" / f"{args.editor}-{source}-n{len(records)}"
+    written = shard_folder(out, shard) if shard is not None else Path(out)
     try:
-        summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=True)
+        summary = evaluate(editor, records, out=out, resume=not args.fresh, progress=True, shard=shard)
     except KeyboardInterrupt:
-        saved = len(_read_done(Path(out) / "edits.jsonl"))
-        print(f"interrupted: {saved} of {len(records)} edits are saved in {out}; resume with: "
-              f"{_resume_command(args, Path(out))}", file=sys.stderr)
+        saved = len(_read_done(written / "edits.jsonl"))
+        total = len(shard_indices(len(records), shard)) if shard is not None else len(records)
+        print(f"interrupted: {saved} of {total} edits are saved in {written}; resume with: "
+              f"{_resume_command(args, Path(out), shard)}", file=sys.stderr)
         return 130
-    result = {**summary.to_dict(), "out": str(out)}
+    result = {**summary.to_dict(), "out": str(written)}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(summary.table().to_string())
-        print(f"n = {summary.n}, mean edit time {summary.edit_seconds_mean:.3f} s; written to {out}")
+        print(f"n = {summary.n}, mean edit time {summary.edit_seconds_mean:.3f} s; written to {written}")
+    if shard is not None:
+        print("shard {}/{} done; when every shard is, merge them: python -m visedit merge-shards {}".format(
+            *shard, out), file=sys.stderr)
+    return 0
+
+
+def _placement(args, shard) -> dict:
+    """``load_vllm``'s placement options from ``--device`` / ``--device-map`` / ``--offload-folder``. A sharded
+    process under torchrun or accelerate launch given ``--device cuda`` takes the GPU of its ``LOCAL_RANK``."""
+    import os
+
+    if args.device_map is not None:
+        if args.device != "cpu":
+            raise ValueError("pass --device (one device) or --device-map (spread over devices), not both")
+        return {"device_map": args.device_map, "offload_folder": args.offload_folder}
+    if args.offload_folder is not None:
+        raise ValueError("--offload-folder only applies with --device-map: add --device-map auto")
+    device = args.device
+    if shard is not None and device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return {"device": device}
+
+
+def _merge_shards(args) -> int:
+    from .evaluation import merge_shards
+
+    summary = merge_shards(args.folder)
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "out": str(args.folder)}, indent=1))
+    else:
+        print(summary.table().to_string())
+        print(f"n = {summary.n} edits merged from their shards; written to {args.folder}")
     return 0
 
 
@@ -654,8 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sequential: apply B edits per step (jointly where the editor can; default 1)")
     p.add_argument("--seed", type=int, default=None, help="with --sequential: seed of the edit order (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model over the GPUs (then the CPU, then --offload-folder) with accelerate")
+    p.add_argument("--offload-folder", default=None, type=Path, help="with --device-map: where weights that fit "
+                   "nowhere else go")
+    p.add_argument("--shard", default=None, metavar="I/K",
+                   help="evaluate every K-th edit from edit I into OUT/shard-I-of-K (torchrun and accelerate launch "
+                        "set it from RANK/WORLD_SIZE); then `merge-shards OUT`")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("merge-shards", help="merge the shards of a sharded evaluate run into its summary.json")
+    p.add_argument("folder", type=Path, help="the --out folder the shards were written into")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_merge_shards)
 
     p = sub.add_parser("tune", help="grid-search an editor's settings on the train split")
     p.add_argument("--editor", required=True, choices=_all_editors())

@@ -7,6 +7,12 @@ hooks of its own).
 - :func:`stop_after` — end a forward pass early once a module has run (raises :class:`StopForward`,
   caught by the context manager).
 - :func:`hook_count` — how many hooks a model carries (for tests).
+
+On a model spread over devices by accelerate (``load_vllm(…, device_map=…)``), accelerate wraps each
+module's ``forward``; the hooks here are PyTorch's own forward (pre-)hooks, which run outside that wrapper:
+a pre-hook sees the input *before* accelerate moves it to the module's device, a forward hook the output
+after the module ran. What :func:`edit_output` / :func:`edit_input` put in place of a tensor is moved to
+that tensor's device (and dtype), and :class:`Trace` can keep what it records on another device (the CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from torch import nn
 def _main(x: Any) -> torch.Tensor:
     """The main tensor of a module's output (first element of a tuple output)."""
     return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` on ``old``'s device and in its dtype (a no-op when they already agree)."""
+    return new.to(device=old.device, dtype=old.dtype) if isinstance(new, torch.Tensor) else new
 
 
 def _replace_main(x: Any, new: torch.Tensor) -> Any:
@@ -51,20 +62,26 @@ class Trace(contextlib.AbstractContextManager):
 
     ``trace.outputs[name]`` / ``trace.inputs[name]`` hold the main tensor of the last call
     (detached unless ``detach=False``); ``trace.kwargs[name]`` the keyword arguments of that call
-    (recorded with ``inputs=True``; e.g. an attention module's ``position_embeddings``).
+    (recorded with ``inputs=True``; e.g. an attention module's ``position_embeddings``). With ``device``
+    the recorded tensors are kept there (e.g. ``"cpu"``: a cache in CPU memory for a model on GPUs);
+    the keyword arguments stay where the module got them.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], *, inputs: bool = False, outputs: bool = True,
-                 detach: bool = True):
+                 detach: bool = True, device: str | torch.device | None = None):
         self.modules = dict(modules)
         self.want_inputs, self.want_outputs, self.detach = inputs, outputs, detach
+        self.device = torch.device(device) if device is not None else None
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.kwargs: dict[str, dict] = {}
         self._stack = contextlib.ExitStack()
 
     def _keep(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return t.detach() if self.detach and t is not None else t
+        if t is None:
+            return t
+        t = t.detach() if self.detach else t
+        return t.to(self.device) if self.device is not None else t
 
     def __enter__(self) -> "Trace":
         handles = self._stack.enter_context(_handles())
@@ -93,7 +110,8 @@ class Trace(contextlib.AbstractContextManager):
 def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Inside the block, ``module``'s (main) output is replaced by ``fn(output)``."""
     with _handles() as handles:
-        handles.append(module.register_forward_hook(lambda mod, args, out: _replace_main(out, fn(_main(out)))))
+        handles.append(module.register_forward_hook(
+            lambda mod, args, out: _replace_main(out, _like(fn(_main(out)), _main(out)))))
         yield
 
 
@@ -103,8 +121,9 @@ def edit_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) ->
 
     def pre(mod, args, kwargs):
         if args:
-            return (fn(args[0]),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+            return (_like(fn(args[0]), args[0]),) + tuple(args[1:]), kwargs
+        x = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": _like(fn(x), x)}
 
     with _handles() as handles:
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))

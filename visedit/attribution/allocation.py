@@ -97,9 +97,10 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
     attn = f"llm.layers.{layer}.attn"
     terms = vllm.adapter.attention_terms(layer, run.inputs[attn], run.kwargs[attn], T)  # (H, T+1, d)
     direction, _ = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
+    direction = direction.to(terms.device)  # on a split model the head may sit on another device
     per_source = (terms.float() @ direction).sum(0)  # (T+1,)
     bias = vllm.adapter.attention_output_bias(layer)
-    bias_proj = float(bias.float() @ direction) if bias is not None else 0.0
+    bias_proj = float(bias.float().to(direction.device) @ direction) if bias is not None else 0.0
     module_proj = float(run.outputs[attn][0, T].float() @ direction)
     error = abs(float(per_source.sum()) + bias_proj - module_proj)
     visual = per_source[start:stop]
@@ -122,4 +123,4 @@ def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray
     site = f"llm.layers.{layer}.attn"
     run = vllm.run(inputs, trace=[site], trace_inputs=True)
     weights = vllm.adapter.attention_weights(layer, run.inputs[site], run.kwargs[site], T).mean(0)
-    return layout.on_map(weights[start:stop].float().numpy())
+    return layout.on_map(weights[start:stop].float().cpu().numpy())

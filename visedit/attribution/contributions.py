@@ -74,15 +74,17 @@ def module_contributions(vllm: VLLM, image, question: str, *, target: str | None
     run = vllm.run(inputs, trace=sites + ["llm.norm", "llm.layers.0"], trace_inputs=True)
     logits = run.logits[0, T]
     y = _target_id(vllm, logits, target)
-    outs = torch.stack([run.outputs[s][0, T] for s in sites]).float()
+    head = vllm.device_of("lm_head")  # a split model's layers sit on several devices: read them on the head's
+    outs = torch.stack([run.outputs[s][0, T].to(head) for s in sites]).float()
     z = unembed(vllm.adapter, outs.to(vllm.model.dtype)).float()
     v = z[:, y]
     p = z.softmax(-1)[:, y]
     M = v.abs().max().clamp_min(1e-12)
     c = torch.sign(v) * (v.abs() / M).pow(1 - alpha) * p.pow(alpha)
     direction, bias = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
+    direction = direction.to(head)
     dla = outs @ direction
-    embed = float(run.inputs["llm.layers.0"][0, T].float() @ direction)
+    embed = float(run.inputs["llm.layers.0"][0, T].float().to(head) @ direction)
     return ModuleContributions(
         target=vllm.tokenizer.decode([y]).strip(), target_id=y, attn=tuple(c[:L].tolist()), mlp=tuple(c[L:].tolist()),
         dla_attn=tuple(dla[:L].tolist()), dla_mlp=tuple(dla[L:].tolist()), dla_embed=embed,

@@ -110,10 +110,14 @@ def layout_windows(layout: VisualLayout, radius: int) -> torch.Tensor:
     return member
 
 
-def noise_field(seed: int, layer: int, n: int, n_tokens: int, d: int, sigma: float) -> torch.Tensor:
-    """The seeded noise field of one layer: (n, N_v, d), i.i.d. N(0, σ²)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(layer))
-    return torch.randn((n, n_tokens, d), generator=g) * sigma
+def noise_field(seed: int, layer: int, n: int, n_tokens: int, d: int, sigma: float, *,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """The seeded noise field of one layer: (n, N_v, d), i.i.d. N(0, σ²), drawn on ``device`` (the device
+    of the layer it perturbs) by a generator there. The same seed gives the same field on every device of
+    a type (every CUDA GPU draws the same numbers), and another field on the CPU than on a GPU."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(layer))
+    return torch.randn((n, n_tokens, d), generator=g, device=device) * sigma
 
 
 def _check(sigma: float, n: int, layers: Sequence[int], chunk_size: int) -> None:
@@ -140,8 +144,13 @@ def _available_bytes() -> int:
 @torch.no_grad()
 def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int] | None = None, radius: int = 3,
                        sigma: float = 0.7, n: int = 10, seed: int = 0, engine: str = "batched",
-                       chunk_size: int = 64, progress: bool = False) -> InfluenceMap:
-    """Influence map (layers × visual-token windows) of noise on attention inputs. See the module doc."""
+                       chunk_size: int = 64, cache_device: str | torch.device | None = None,
+                       progress: bool = False) -> InfluenceMap:
+    """Influence map (layers × visual-token windows) of noise on attention inputs. See the module doc.
+
+    Each layer's noise is drawn on the device that layer runs on (:func:`noise_field`). ``cache_device``
+    (e.g. ``"cpu"``): keep the clean pass's record of every traced layer there; each layer's is moved
+    back to its device when it is scored."""
     from tqdm.auto import tqdm
 
     layers = list(range(vllm.n_layers)) if layers is None else [vllm.adapter.check_layer(l) for l in layers]
@@ -153,12 +162,13 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
     layout = inputs.layout(0)  # windows on the grid(s), or 1-D windows in token order without one
     member = layout_windows(layout, radius)
     sites = {l: f"llm.layers.{l}.attn" for l in layers}
-    tr = vllm.run(inputs, trace=list(sites.values()), trace_inputs=True)
+    tr = vllm.run(inputs, trace=list(sites.values()), trace_inputs=True, cache_device=cache_device)
     out = []
     for l in tqdm(layers, desc="noise perturbation", disable=not progress):
-        x, kwargs = tr.inputs[sites[l]][:, : T + 1], tr.kwargs[sites[l]]
-        clean = tr.outputs[sites[l]][0, T]
-        z = noise_field(seed, l, n, n_vis, x.shape[-1], sigma).to(x)
+        at = vllm.device_of(sites[l])
+        x, kwargs = tr.inputs[sites[l]][:, : T + 1].to(at), tr.kwargs[sites[l]]
+        clean = tr.outputs[sites[l]][0, T].to(at)
+        z = noise_field(seed, l, n, n_vis, x.shape[-1], sigma, device=at).to(x)
         if engine == "loop":
             vals = _loop(vllm.site(sites[l]), x, kwargs, clean, z, member, start, T)
         else:
@@ -254,14 +264,16 @@ class RestorationMap:
 def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[int] | None = None, radius: int = 1,
                         sigma: float | None = None, n: int = 5, seed: int = 0, chunk_size: int = 16,
                         target: str | None = None, regions: torch.Tensor | None = None,
-                        progress: bool = False) -> RestorationMap:
+                        cache_device: str | torch.device | None = None, progress: bool = False) -> RestorationMap:
     """Corrupt all visual tokens at the LLM input (noise σ, default 3× the std of the clean visual
     embeddings, as in ROME), then restore one window's clean hidden state at the input of one layer and
     run the rest of the model. The clean run and the corrupted run are each computed once; every
     (layer, window) cell re-runs only the layers from the restored one on.
 
     ``regions``: optional (W, N_v) bool tensor of custom regions to restore instead of the windows
-    (e.g. the object's patches, or everything).
+    (e.g. the object's patches, or everything). ``cache_device`` (e.g. ``"cpu"``): keep the clean and
+    corrupted residual streams of every layer there (n + 1 streams per layer) instead of beside their
+    layers; each layer's are moved back when it runs.
     """
     from tqdm.auto import tqdm
 
@@ -274,30 +286,33 @@ def restoration_tracing(vllm: VLLM, image, question: str, *, layers: Sequence[in
     if member.ndim != 2 or member.shape[1] != n_vis:
         raise ValueError(f"regions must be a (W, {n_vis}) bool tensor, got shape {tuple(member.shape)}")
     blocks = [f"llm.layers.{l}" for l in range(vllm.n_layers)]
-    clean_tr = vllm.run(inputs, trace=blocks, trace_inputs=True)
+    clean_tr = vllm.run(inputs, trace=blocks, trace_inputs=True, cache_device=cache_device)
+    keep_at = (lambda t: t.to(cache_device)) if cache_device is not None else (lambda t: t)  # noqa: E731
     logits = clean_tr.logits[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
-    x0 = clean_tr.inputs[blocks[0]][:, : T + 1]
+    x0 = clean_tr.inputs[blocks[0]][:, : T + 1].to(vllm.device_of(blocks[0]))
     sigma = float(3 * x0[0, start:stop].std()) if sigma is None else sigma
-    z = noise_field(seed, -1, n, n_vis, x0.shape[-1], sigma).to(x0)
+    z = noise_field(seed, -1, n, n_vis, x0.shape[-1], sigma, device=vllm.device_of(blocks[0])).to(x0)
     corrupted_in = x0.repeat(n, 1, 1)
     corrupted_in[:, start:stop] += z
     head = lambda h: vllm.site("lm_head")(vllm.site("llm.norm")(h[:, T])).float().softmax(-1)[:, y]  # noqa: E731
     # the corrupted run, once, recording the residual stream at the input of every layer
-    corrupted = [corrupted_in]
+    corrupted = [keep_at(corrupted_in)]
     h = corrupted_in
     for l in range(vllm.n_layers):
-        h = _one_layer(vllm, l, h, clean_tr.kwargs[blocks[l]])
-        corrupted.append(h)
-    p_clean = float(head(clean_tr.outputs[blocks[-1]][:, : T + 1])[0])
-    p_corrupted = float(head(corrupted[-1]).mean())
+        h = _one_layer(vllm, l, h.to(vllm.device_of(blocks[l])), clean_tr.kwargs[blocks[l]])
+        corrupted.append(keep_at(h))
+    p_clean = float(head(clean_tr.outputs[blocks[-1]][:, : T + 1].to(vllm.device_of("llm.norm")))[0])
+    p_corrupted = float(head(corrupted[-1].to(vllm.device_of("llm.norm"))).mean())
     out = []
     for l in tqdm(layers, desc="restoration", disable=not progress):
-        clean_l = (clean_tr.inputs[blocks[l]][:, : T + 1])
+        at = vllm.device_of(blocks[l])  # the restored streams run from layer l on: build them on its device
+        clean_l = clean_tr.inputs[blocks[l]][:, : T + 1].to(at)
+        corrupted_l = corrupted[l].to(at)
         vals = []
         for c0 in range(0, member.shape[0], chunk_size):
-            m = member[c0: c0 + chunk_size]  # (W, N_v)
-            h = corrupted[l][None].expand(m.shape[0], -1, -1, -1).clone()  # (W, n, S, d)
+            m = member[c0: c0 + chunk_size].to(at)  # (W, N_v)
+            h = corrupted_l[None].expand(m.shape[0], -1, -1, -1).clone()  # (W, n, S, d)
             vis = h[:, :, start:stop]
             keep = m[:, None, :, None]
             h[:, :, start:stop] = torch.where(keep, clean_l[0, start:stop][None, None], vis)

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import torch
 
 from ..config import StrictConfig
+from ..models.devices import require_resident
 from ..models.vllm import VLLM, Inputs
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -137,6 +138,7 @@ class Editor(abc.ABC):
     def _transaction(self, requests: list[EditRequest], make) -> None:
         n_before = len(self.requests)
         params = dict(self.edited_parameters())
+        require_resident(params, self.name)
         if n_before == 0:  # the pre-edit weights, kept until restore()
             self._saved = {name: p.detach().clone() for name, p in params.items()}
             self._grad_flags = {name: p.requires_grad for name, p in params.items()}

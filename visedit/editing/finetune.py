@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from ..config import StrictConfig
+from ..models.devices import require_resident
 from .base import EditRequest, Editor, register_editor, target_loss
 
 
@@ -60,7 +61,8 @@ class _FineTune(Editor):
     def __init__(self, vllm, config=None):
         super().__init__(vllm, config)
         self.steps_taken = 0
-        self.edited_parameters()  # validate the settings against the model now, not at the first edit
+        # validate the settings against the model now, not at the first edit (and refuse offloaded weights)
+        require_resident(self.edited_parameters(), self.name)
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         raise NotImplementedError

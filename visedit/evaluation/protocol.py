@@ -237,7 +237,7 @@ def paired_difference(a: str | os.PathLike, b: str | os.PathLike, *, names: tupl
 
 
 def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None = None, resume: bool = True,
-             progress: bool = True) -> EvalSummary:
+             progress: bool = True, shard: tuple[int, int] | None = None) -> EvalSummary:
     """Run the single-edit protocol over ``records``.
 
     With ``out`` (a folder): ``run.json`` (what is evaluated: editor, settings, records and the model's name
@@ -246,15 +246,25 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
     settings is resumed; one holding a different run is an error (pass another ``out`` or
     ``resume=False`` to start over). Records are checked first (:func:`check_records`); a run that fails or
     is interrupted before its first edit leaves no ``run.json`` behind.
+
+    ``shard=(i, k)``: this process takes every k-th edit (i, i + k, …; rows keep their index among all the
+    records) and writes its run to ``out/shard-i-of-k/``; :func:`~visedit.evaluation.merge_shards` makes
+    one run of the k shards (see :mod:`visedit.evaluation.shards`). The summary returned is the shard's.
     """
     from tqdm.auto import tqdm
 
+    from .shards import shard_folder, shard_indices
+
     if len(records) == 0:
         raise ValueError("no records to evaluate: pass at least one MMEdit record")
+    indices = list(range(len(records))) if shard is None else shard_indices(len(records), shard)
     check_records(records, editor.vllm)
     settings = {"editor": editor.name, "config": json.loads(json.dumps(dataclasses.asdict(editor.config))),
                 "model": editor.vllm.name, "model_fingerprint": editor.vllm.fingerprint, "n": len(records),
                 "records": _fingerprint(records)}
+    if shard is not None:
+        settings["shard"] = "{}/{}".format(*shard)
+        out = shard_folder(out, shard) if out is not None else None
     done: list[EditResult] = []
     jsonl = None
     new_folder = new_run = False
@@ -267,8 +277,8 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
     results = list(done)
     handle = open(jsonl, "a") if jsonl is not None else None
     try:
-        for i in tqdm(range(len(done), len(records)), desc=f"evaluate {editor.name}", disable=not progress,
-                      initial=len(done), total=len(records)):
+        for i in tqdm(indices[len(done):], desc=f"evaluate {editor.name}" + (" (shard {}/{})".format(*shard)
+                      if shard is not None else ""), disable=not progress, initial=len(done), total=len(indices)):
             result = score_edit(editor, records[i], index=i)
             results.append(result)
             if handle is not None:
@@ -282,7 +292,7 @@ def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None
         if handle is not None:
             handle.close()
     summary = EvalSummary.from_results(editor.name, results, settings)
-    summary = dataclasses.replace(summary, forward_seconds=forward_seconds(editor.vllm, records[0]))
+    summary = dataclasses.replace(summary, forward_seconds=forward_seconds(editor.vllm, records[indices[0]]))
     if out is not None:
         write_json(out / "summary.json", summary.to_dict())
     return summary

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import onloaded
+
 _REGISTRY: dict[type, type["BackboneAdapter"]] = {}
 
 
@@ -262,9 +264,10 @@ class BackboneAdapter:
         plus :meth:`attention_output_bias`, is the module's output at ``query``.
         """
         st = self.attention_state(layer, hidden, kwargs, query)
-        w = self.output_projection(layer).weight
-        w_o = w.view(w.shape[0], -1, st["v"].shape[-1])  # (d, H, hd)
-        per_head = torch.einsum("hjk,dhk->hjd", st["v"], w_o)  # value_j of head h through W_O^h
+        with onloaded(self.output_projection(layer)):
+            w = self.output_projection(layer).weight
+            w_o = w.view(w.shape[0], -1, st["v"].shape[-1])  # (d, H, hd)
+            per_head = torch.einsum("hjk,dhk->hjd", st["v"], w_o.to(st["v"].device))  # value_j of head h via W_O^h
         return st["scores"].softmax(-1)[:, :, None] * per_head
 
     def output_projection(self, layer: int) -> nn.Linear:
@@ -347,8 +350,9 @@ def _kv_delta(attn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Change of the keys and values (n, H_kv, N, hd) when ``z`` (n, N, d) is added to the input of the
     attention module ``attn``: the projections are linear, so their biases cancel."""
     n, N, hd = z.shape[0], z.shape[1], attn.head_dim
-    dk = (z @ attn.k_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
-    dv = (z @ attn.v_proj.weight.T).view(n, N, -1, hd).transpose(1, 2)
+    with onloaded(attn.k_proj, attn.v_proj):  # weights accelerate offloads are read here, not called
+        dk = (z @ attn.k_proj.weight.to(z.device).T).view(n, N, -1, hd).transpose(1, 2)
+        dv = (z @ attn.v_proj.weight.to(z.device).T).view(n, N, -1, hd).transpose(1, 2)
     return dk, dv
 
 
@@ -370,7 +374,11 @@ class _AttentionOutput:
 
     def attention_output_bias(self, layer: int) -> torch.Tensor | None:
         """The bias added after the attention heads are summed (None when there is none)."""
-        return self.output_projection(layer).bias
+        proj = self.output_projection(layer)
+        if proj.bias is None:
+            return None
+        with onloaded(proj):
+            return proj.bias.detach().clone()
 
 
 class LlamaFamilyMath(_AttentionOutput):
@@ -418,13 +426,16 @@ class LlamaFamilyMath(_AttentionOutput):
         norm = self._final_norm()
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
         rms = resid.float().pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
-        return norm.weight * rms
+        with onloaded(norm):
+            return norm.weight.to(rms.device) * rms
 
     def logit_direction(self, resid: torch.Tensor, token: int) -> tuple[torch.Tensor, float]:
-        """RMSNorm is linear at a fixed residual: u = scale ⊙ W_U[token], c = the head's bias (if any)."""
+        """RMSNorm is linear at a fixed residual: u = scale ⊙ W_U[token], c = the head's bias (if any).
+        The direction is on ``resid``'s device."""
         head = self.site("lm_head")
-        direction = self.final_norm_scale(resid).float() * head.weight[token].float()
-        return direction, float(head.bias[token]) if getattr(head, "bias", None) is not None else 0.0
+        with onloaded(head):
+            direction = self.final_norm_scale(resid).float() * head.weight[token].float().to(resid.device)
+            return direction, float(head.bias[token]) if getattr(head, "bias", None) is not None else 0.0
 
 
 class OPTMath(_AttentionOutput):
@@ -454,11 +465,12 @@ class OPTMath(_AttentionOutput):
         norm, head = self._final_norm(), self.site("lm_head")
         x = resid.float()
         sigma = (x.var(-1, unbiased=False) + norm.eps).sqrt()
-        w_u = head.weight[token].float()
-        u = norm.weight.float() * w_u / sigma
-        c = float(norm.bias.float() @ w_u) if norm.bias is not None else 0.0
-        if getattr(head, "bias", None) is not None:
-            c += float(head.bias[token])
+        with onloaded(norm, head):
+            w_u = head.weight[token].float().to(x.device)
+            u = norm.weight.float().to(x.device) * w_u / sigma
+            c = float(norm.bias.float().to(x.device) @ w_u) if norm.bias is not None else 0.0
+            if getattr(head, "bias", None) is not None:
+                c += float(head.bias[token])
         return u - u.mean(), c
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from ..hooks import Trace, stop_after as _stop_after
 from ..io import load_image
 from .backbones import BackboneAdapter, PromptFrame, VisualLayout, adapter_for
+from .devices import execution_device, is_dispatched, parameter_values
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 #: The embedded teaching models by name: the first (one creature per image, word-level vocabulary) and the
@@ -124,7 +125,18 @@ class VLLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the embedding layer (the first device of a split model)."""
+        return execution_device(self.site("llm.embed"), next(self.model.parameters()).device)
+
+    def device_of(self, site: str) -> torch.device:
+        """The device the module at ``site`` runs on (accelerate's execution device on a split model)."""
+        return execution_device(self.site(site), self.device)
+
+    @property
+    def device_map(self) -> dict | None:
+        """accelerate's placement of the model's modules (``hf_device_map``), or None on one device."""
+        return dict(self.model.hf_device_map) if is_dispatched(self.model) and hasattr(self.model, "hf_device_map") \
+            else None
 
     @property
     def image_token(self) -> str:
@@ -153,8 +165,8 @@ class VLLM:
         import hashlib
 
         h = hashlib.sha256()
-        for name, p in self.model.named_parameters():
-            flat = p.detach().reshape(-1)
+        for name, p in parameter_values(self.model):  # offloaded weights too
+            flat = p.reshape(-1)
             h.update(name.encode())
             h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
@@ -272,19 +284,23 @@ class VLLM:
 
     # --- reading the model ----------------------------------------------------------------------------
     def run(self, inputs: "Inputs | dict[str, torch.Tensor]", *, trace: Sequence[str] = (), trace_inputs: bool = False,
-            trace_outputs: bool = True, stop_after: str | None = None, grad: bool = False) -> Run:
+            trace_outputs: bool = True, stop_after: str | None = None, grad: bool = False,
+            cache_device: str | torch.device | None = None) -> Run:
         """One forward pass that records the named sites (TransformerLens' ``run_with_cache`` with a
         names filter) and, with ``stop_after``, ends once that site has run (``stop_at_layer``).
 
         ``inputs``: an :class:`Inputs` or its model tensors (e.g. from :meth:`repeat`). ``trace``:
         canonical site names (``"llm.layers.3.attn"``, ``"llm.norm"``, …). With ``grad`` the pass keeps
         the autograd graph (where gradients are enabled) and the recorded tensors are not detached.
+        ``cache_device`` (e.g. ``"cpu"``): keep the recorded tensors there instead of on the devices of
+        their sites (a model on GPUs, its cache in CPU memory).
         """
         tensors = inputs.tensors if isinstance(inputs, Inputs) else inputs
         sites = {name: self.site(name) for name in trace}
         logits = None
         with contextlib.ExitStack() as stack:
-            tr = stack.enter_context(Trace(sites, inputs=trace_inputs, outputs=trace_outputs, detach=not grad))
+            tr = stack.enter_context(Trace(sites, inputs=trace_inputs, outputs=trace_outputs, detach=not grad,
+                                           device=cache_device))
             if stop_after is not None:
                 stack.enter_context(_stop_after(self.site(stop_after)))
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
@@ -367,16 +383,40 @@ class VLLM:
 
 
 def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", local_files_only: bool = True) -> VLLM:
+              device: str | torch.device | None = None, device_map: str | dict | None = None,
+              offload_folder: str | os.PathLike | None = None, max_memory: dict | None = None,
+              local_files_only: bool = True) -> VLLM:
     """Load a vision-language LLM.
 
     With no argument: the embedded tiny LLaVA shipped inside the package. Otherwise a local folder
     or a hub id already in the local cache (``local_files_only=False`` lets transformers download).
     The backbone adapter is chosen by the model's architecture class.
+
+    Where it runs: ``device`` (default the CPU) moves the whole model to one device. ``device_map``
+    spreads it over several through accelerate (``pip install 'visedit[multi-gpu]'``): ``"auto"`` (fill
+    the GPUs in order, then the CPU, then ``offload_folder`` on disk; ``max_memory`` caps each, e.g.
+    ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``), ``"balanced"``, ``"sequential"``, or a dict from
+    module names to devices (``{"model.vision_tower": 0, "model.language_model.layers.0": 0, …,
+    "lm_head": 1}``; ``"cpu"`` / ``"disk"`` offload). Every site, technique and editor works on a split
+    model; inputs go to the device of the embedding layer (:attr:`VLLM.device`).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from .devices import check_device, check_device_map
+
+    if device is not None and device_map is not None:
+        raise ValueError("pass device (one device for the whole model) or device_map (spread over devices), "
+                         "not both")
+    if device_map is None and (offload_folder is not None or max_memory is not None):
+        raise ValueError("offload_folder and max_memory only apply with device_map=…: add device_map='auto'")
+    placement = {"device_map": check_device_map(device_map, offload_folder=offload_folder)} if device_map is not None \
+        else {}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    if max_memory is not None:
+        placement["max_memory"] = max_memory
+    device = check_device("cpu" if device is None else device)
     hf_logging.disable_progress_bar()
     if path_or_id is None or (isinstance(path_or_id, str) and path_or_id in EMBEDDED_MODELS):
         name = path_or_id or "visedit-tiny"
@@ -402,22 +442,45 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
             processor = _processor_without_video(source, local_files_only)
             if processor is None:
                 raise
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        if isinstance(placement.get("device_map"), dict):  # checked on an empty skeleton before any weight loads
+            _check_map(source, placement["device_map"], local_files_only)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_files_only,
+                                                            **placement)
     except ImportError as err:
         package = _missing_package(err)
         raise ValueError(f"{source!r} needs the optional package {package}, which is not installed (or does not "
                          f"import): `pip install {package}` (its build must match torch {torch.__version__}), or "
                          "load a checkpoint whose processor does not need it") from None
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {str(err).splitlines()[0]} — pass a "
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if placement and not isinstance(err, OSError) and (Path(source) / "config.json").exists():
+            if str(err).startswith("device_map "):  # ours, from the skeleton check
+                raise ValueError(str(err)) from None
+            raise ValueError(f"cannot place {source!r} with device_map={device_map!r}: {first}") from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
+        raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {first} — pass a "
                                 "local folder with config.json, weights and processor files (or a hub id that "
                                 "is already downloaded; this machine cannot download)") from err
     info_file = path / "visedit.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     if path == EMBEDDED_DIR:
         info = {"edition": 1, "recipe": "first", **info}
-    vllm = VLLM(model.to(device), processor, name=name, info=info)
+    vllm = VLLM(model if placement else model.to(device), processor, name=name, info=info)
     return vllm
+
+
+def _check_map(source: str, device_map: dict, local_files_only: bool) -> None:
+    """Refuse a device-map dict that does not fit the checkpoint's modules (see ``devices.check_map_modules``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .devices import check_map_modules
+
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    with init_empty_weights():
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    check_map_modules(skeleton, device_map)
 
 
 #: Architectures whose processor is rebuilt from tokenizer + image processor when its video part cannot load.

@@ -48,6 +48,8 @@ class Support:
     supported: str
     refused: str
     classes: tuple[str, ...] = ()
+    #: Spread over devices by ``load_vllm(…, device_map=…)`` (accelerate), as ``tests/test_devices.py`` checks it.
+    multi_gpu: str = "yes (tested split with disk offload, on a CPU)"
 
     def class_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(KINDS[k][0] for k in self.kinds)) or self.classes
@@ -76,16 +78,17 @@ SUPPORT = (
             "restoration windows on each grid", "IG on pixels (its pixel values are the base image and its tiles), "
             "region scores (they need one grid holding every visual token)"),
     Support("LLaVA-OneVision", (), "Qwen2", "—", "not yet: `load_vllm` says no adapter is registered", "everything",
-            classes=("LlavaOnevisionForConditionalGeneration",)),
+            classes=("LlavaOnevisionForConditionalGeneration",), multi_gpu="—"),
 )
 SUPPORT_COLUMNS = ("Backbone", "class", "decoder", "visual tokens", "supported",
-                   "refused (one line naming feature and backbone)")
+                   "refused (one line naming feature and backbone)", "multi-GPU (`device_map`)")
 
 
 def support_table() -> list[dict[str, str]]:
     """The support table's rows, one per architecture, as {column: text} (columns: :data:`SUPPORT_COLUMNS`)."""
     return [dict(zip(SUPPORT_COLUMNS, (row.backbone, ", ".join(f"`{c}`" for c in row.class_names()), row.decoder,
-                                       row.visual_tokens, row.supported, row.refused))) for row in SUPPORT]
+                                       row.visual_tokens, row.supported, row.refused, row.multi_gpu)))
+            for row in SUPPORT]
 
 
 def support_markdown() -> str:

@@ -74,7 +74,7 @@ class VEADEditor(Editor):
         self.layer = vllm.adapter.check_layer(self.config.layer)
         d = vllm.d_model
         self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
-        self.adapter.to(vllm.device).eval()
+        self.adapter.to(self.device).eval()  # VEAD and its influence mapper sit beside the layer they wrap
         self.memory: EditMemory | None = None
         self.bank: list[EditMemory] = []  # the held edits (the last one only, unless config.memory)
         self._keys_cache: dict[str, torch.Tensor] = {}
@@ -115,6 +115,11 @@ class VEADEditor(Editor):
 
     # --- the edit --------------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """The device of layer l_e (on a model split over devices, VEAD runs there)."""
+        return self.vllm.device_of(f"llm.layers.{self.layer}")
+
+    @property
     def at_input(self) -> bool:
         """True when VEAD rewrites the input of layer l_e (``at: input``) rather than its output."""
         return self.config.at == "input"
@@ -133,7 +138,7 @@ class VEADEditor(Editor):
         with self._off():
             run = self.vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input,
                                 stop_after=block)
-        return (run.inputs if self.at_input else run.outputs)[block], inputs
+        return (run.inputs if self.at_input else run.outputs)[block].to(self.device), inputs
 
     @contextlib.contextmanager
     def _off(self):
@@ -258,21 +263,22 @@ class VEADEditor(Editor):
         where = None if self._bypass else self._visual_rows(hidden.shape[1])
         if where is None:
             return hidden
-        rows, cols = where
-        V = hidden[rows[:, None], cols]
+        rows, cols = (t.to(hidden.device) for t in where)
+        V = hidden[rows[:, None], cols].to(self.device)  # read beside VEAD, written back where hidden is
         if len(self.bank) > 1:
             return self._rewrite_routed(hidden, rows, cols, V)
         m = self.memory
-        states, mask, prompt = m.states, m.mask, m.prompt_state
+        states, mask, prompt = m.states, m.mask.to(self.device), m.prompt_state
         if states.shape[0] > 1:  # one edit per input row
             if states.shape[0] != hidden.shape[0] or len(rows) != hidden.shape[0]:
                 raise ValueError(f"{states.shape[0]} edits are applied, one per row, but the batch has "
                                  f"{hidden.shape[0]} rows ({len(rows)} with an image)")
-            states, mask, prompt = states[rows], mask[rows], prompt[rows]
+            r = rows.to(self.device)
+            states, mask, prompt = states[r], mask[r], prompt[r]
         new, self.last_gate_logits = self.adapter(V.float(), states.float(), mask, prompt.float())
         self.last_visual = (V, new)  # the visual slice before and after VEAD (read by analysis.written_words)
         hidden = hidden.clone()
-        hidden[rows[:, None], cols] = new.to(hidden.dtype)
+        hidden[rows[:, None], cols] = new.to(hidden.device, hidden.dtype)
         return hidden
 
     def _rewrite_routed(self, hidden, rows, cols, V) -> torch.Tensor:
@@ -285,11 +291,11 @@ class VEADEditor(Editor):
         for k in chosen.unique().tolist():
             at = (chosen == k).nonzero()[:, 0]
             m = self.bank[k]
-            new[at], s[at] = self.adapter(V[at].float(), m.states.float(), m.mask, m.prompt_state.float())
+            new[at], s[at] = self.adapter(V[at].float(), m.states.float(), m.mask.to(V.device), m.prompt_state.float())
         self.last_gate_logits, self.last_route = s, chosen
         self.last_visual = (V, new)
         hidden = hidden.clone()
-        hidden[rows[:, None], cols] = new.to(hidden.dtype)
+        hidden[rows[:, None], cols] = new.to(hidden.device, hidden.dtype)
         return hidden
 
     # --- reading the influence mapper -------------------------------------------------------------------
@@ -312,4 +318,4 @@ class VEADEditor(Editor):
         self.vllm.run(inputs, stop_after=f"llm.layers.{self.layer}")
         s = self.last_gate_logits[0]
         gate = torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)
-        return layout.on_map(gate.numpy())
+        return layout.on_map(gate.cpu().numpy())
