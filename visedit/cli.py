@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-MODEL_HELP = ("a checkpoint folder, or an embedded model's name: visedit-tiny (the default) or visedit-llava "
-              "(the second teaching model)")
+MODEL_HELP = ("a checkpoint folder, or an embedded model's name: visedit-tiny (the default), visedit-llava "
+              "(the second teaching model) or visedit-blip2 (a BLIP-2 on the second's frozen encoder)")
 
 
 def _train_tiny(args) -> int:
@@ -16,8 +16,9 @@ def _train_tiny(args) -> int:
 
     if args.recipe is not None:
         return _train_recipe(args)
-    if args.budget != "full" or args.set or args.device != "cpu":
-        raise ValueError("--budget, --set and --device apply to a recipe: add --recipe llava (or another recipe)")
+    if args.budget != "full" or args.set or args.device != "cpu" or args.encoder_from is not None:
+        raise ValueError("--budget, --set, --device and --encoder-from apply to a recipe: add --recipe llava (or "
+                         "another recipe)")
 
     from .models.tiny import TinyConfig
     from .models.train import TrainConfig, train_tiny
@@ -47,7 +48,7 @@ def _train_recipe(args) -> int:
         overrides["seed"] = args.seed
     cfg = recipe_config(args.recipe, budget=args.budget, **overrides)
     record = train_recipe(args.out, cfg, progress=not args.no_progress, device=args.device,
-                          stop_after=args.stop_after)
+                          stop_after=args.stop_after, encoder_from=args.encoder_from)
     print(json.dumps({"out": str(args.out), "recipe": cfg.name, "stopped": bool(record.get("stopped")),
                       "wall_seconds": record.get("wall_seconds"), "seconds": record["seconds"],
                       "instruct_loss": record.get("instruct_loss")}, indent=1))
@@ -590,14 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-from", type=Path, default=None,
                    help="a train-tiny folder with the same settings but context_steps 0: run stage 3 only")
     p.add_argument("--recipe", default=None,
-                   help="train a model made LLaVA's way instead: llava (the second teaching model), or a study "
-                   "recipe (joint-encoder, one-creature, shallow); resumes from OUT.ckpt")
+                   help="train a model made LLaVA's way instead: llava (the second teaching model), a study "
+                   "recipe (joint-encoder, one-creature, shallow), or blip2 (a Q-Former on the llava recipe's "
+                   "frozen encoder); resumes from OUT.ckpt")
     p.add_argument("--budget", choices=("full", "study"), default="full", help="with --recipe: the step budget")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="with --recipe: change any recipe setting, e.g. --set steps=2000 (repeatable)")
     p.add_argument("--device", default="cpu", help="with --recipe: cpu, cuda, cuda:1 … (a GPU is never required)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="with --recipe: stop after this many steps (a checkpoint is kept; run again to go on)")
+    p.add_argument("--encoder-from", type=Path, default=None, metavar="PATH",
+                   help="with --recipe blip2: the llava recipe's model folder, or its OUT.ckpt past the encoder "
+                   "stage, whose frozen encoder the BLIP-2 reads (else the encoder stage trains it)")
     p.set_defaults(func=_train_tiny)
 
     p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")

@@ -283,6 +283,11 @@ class BackboneAdapter:
         """The vision-encoder blocks whose output reaches the LLM, in order (fine-tuning the vision side)."""
         raise self.unsupported("fine-tuning the vision encoder (FT-V)")
 
+    def query_patch_weights(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Where each visual token read the image, for visual tokens that are learned queries (a
+        Q-Former's): weights (B_img, n_tokens, rows·cols), each row summing to 1, and the patch grid."""
+        raise self.unsupported("mapping query tokens onto patches", "its visual tokens are not Q-Former queries")
+
     def cascade(self) -> list[tuple[str, nn.Module, float]]:
         """The model's blocks from the top down, for cascading randomisation (Adebayo et al., 2018): decoder
         layers L−1…0, the bridge to the LLM (``projector``; BLIP-2's ``qformer`` after it), then the
@@ -693,6 +698,47 @@ class Blip2Adapter(BackboneAdapter):
     def vision_layers(self) -> list[nn.Module]:
         """Every ViT block (the Q-Former reads the ViT's last layer)."""
         return list(self.model.vision_model.encoder.layers)
+
+    @torch.no_grad()
+    def query_patch_weights(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The Q-Former's cross-attention from each query token to the encoder's patches, averaged over
+        heads and over the layers that cross-attend: W (B_img, Q, rows·cols) and (rows, cols).
+
+        Each cross-attention is recomputed from its recorded inputs as the module computes it,
+        softmax_j(q·k_j/√d) over the encoder's class token and patches (any attention implementation;
+        ``sdpa`` returns no weights). The class token's column is then dropped and each row renormalised
+        over the patches, so its share goes to the patches in proportion to their own and every row sums
+        to 1. The forward pass stops after the Q-Former."""
+        from ..hooks import Trace, stop_after
+
+        layers = [layer for layer in self.model.qformer.encoder.layer if layer.has_cross_attention]
+        sites = {f"cross.{i}": layer.crossattention.attention for i, layer in enumerate(layers)}
+        tensors = inputs.tensors if hasattr(inputs, "tensors") else inputs
+        if "pixel_values" not in tensors or (hasattr(inputs, "visual_spans") and all(
+                span is None for span in inputs.visual_spans)):
+            raise ValueError(f"mapping query tokens onto patches needs an image; these {self.label} inputs have none")
+        with Trace(sites, inputs=True, outputs=False) as trace, stop_after(self.model.qformer):
+            self.model(**tensors, use_cache=False)
+        per_layer = []
+        for name, attn in sites.items():
+            h, kw = trace.inputs[name], trace.kwargs[name]
+            image = kw["encoder_hidden_states"]
+            hd = attn.attention_head_size
+            q = attn.query(h).view(*h.shape[:2], -1, hd).transpose(1, 2)
+            k = attn.key(image.to(h.dtype)).view(*image.shape[:2], -1, hd).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, Q, 1 + patches)
+            mask = kw.get("encoder_attention_mask")
+            if isinstance(mask, torch.Tensor):
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            per_layer.append(scores.softmax(-1).mean(1))
+        weights = torch.stack(per_layer).mean(0)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if weights.shape[-1] != 1 + side * side:
+            raise self.unsupported("mapping query tokens onto patches", f"the encoder gives {weights.shape[-1]} tokens, "
+                                   f"not a class token and a {side}×{side} grid")
+        patches = weights[..., 1:]
+        return patches / patches.sum(-1, keepdim=True), (side, side)
 
     def collate_images(self, per_item: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """BLIP-2's forward needs pixels even for a text-only batch: a blank image, which no token reads."""

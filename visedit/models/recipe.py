@@ -20,6 +20,16 @@ The study's recipes change one ingredient each: ``joint-encoder`` (no contrastiv
 with the decoder in stages 3–4), ``one-creature`` (every scene holds one creature), ``shallow`` (8
 decoder layers). ``study`` budgets are the same recipes at a reduced number of steps.
 
+``blip2`` changes the bridge: a BLIP-2 made the same way (MiniGPT-4's design: frozen ViT → Q-Former with
+32 learned queries → a linear projection → a Llama decoder). Its vision encoder is the second teaching
+model's frozen CLIP tower, up to its penultimate layer, converted exactly into BLIP-2's layout
+(:mod:`visedit.models.blip2`): taken from a finished LLaVA-recipe folder or checkpoint
+(``encoder_from=``), or trained by the same contrastive stage (same seeds, same weights as the ``llava``
+recipe's). Its decoder starts from the ``llava`` recipe's initial weights and learns the same text in the
+same frame, so after stage 2 it *is* that recipe's decoder. Stage 3 trains the Q-Former, its queries,
+BLIP-2's LayerNorm on the encoder's output (``ln_vision``) and the projection on captions; stage 4 those
+and the decoder on the same questions. Only the bridge differs between the two models.
+
 A checkpoint (``<out>.ckpt``) is written every ``checkpoint_every`` steps and at every stage's end; a run
 started again with the same settings resumes from it and ends with the same weights as one never
 stopped.
@@ -46,6 +56,7 @@ from ..world import FACTS, World, make_world
 from ..world.entities import COLOURS, PATTERNS, SHAPES
 from ..world.questions import TEXT_TEMPLATES
 from ..world.scene import SCENE_TEMPLATES, askable, caption, position_words, render_scene, selectors
+from .backbones import PromptFrame
 from .tiny import TinyConfig, build_model, build_processor
 from .train import collate
 
@@ -62,6 +73,8 @@ EXTRA_TEXT_TEMPLATES = {
     "name": ("what is the name of the {looks} ?", "which creature is the {looks} ?"),
 }
 STAGES = ("encoder", "language", "align", "instruct")
+#: How the image reaches the decoder: LLaVA's projector over every patch, or BLIP-2's Q-Former queries.
+ARCHITECTURES = ("llava", "blip2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,7 @@ class RecipeConfig(StrictConfig):
     """Everything a recipe run needs: world, model size, stage budgets. No paths or devices."""
 
     name: str = "llava"
+    architecture: str = "llava"
     seed: int = 0
     world_seed: int = 0
     n_entities: int = 70
@@ -87,6 +101,12 @@ class RecipeConfig(StrictConfig):
     heads: int = 4
     intermediate: int = 512
     max_positions: int = 512
+    # the Q-Former (architecture blip2): 32 queries, as BLIP-2's; every layer cross-attends to the encoder
+    num_query_tokens: int = 32
+    qformer_hidden: int = 128
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    qformer_intermediate: int = 512
     # stage 1: contrastive encoder (0 steps: no contrastive stage, the tower trains jointly instead)
     frozen_encoder: bool = True
     encoder_steps: int = 3000
@@ -123,6 +143,15 @@ class RecipeConfig(StrictConfig):
         if self.image_size % self.patch_size or self.image_size // self.patch_size < 10:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}) "
                              "with at least 10 patches a side")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "blip2" and not self.frozen_encoder:
+            raise ValueError("the blip2 architecture reads a frozen encoder: set frozen_encoder: true")
+        if self.architecture == "blip2" and self.vision_layers < 2:
+            raise ValueError("the blip2 architecture reads the encoder's penultimate layer: vision_layers must be ≥ 2")
+        if self.qformer_hidden % self.qformer_heads:
+            raise ValueError(f"qformer_hidden ({self.qformer_hidden}) must be divisible by qformer_heads "
+                             f"({self.qformer_heads})")
         if not 1 <= self.max_creatures <= 4:
             raise ValueError(f"max_creatures must be 1…4, got {self.max_creatures}")
         if self.frozen_encoder and self.encoder_steps == 0:
@@ -136,6 +165,9 @@ class RecipeConfig(StrictConfig):
 
     @property
     def n_visual(self) -> int:
+        """Visual tokens per image: a patch grid (LLaVA) or the Q-Former's queries (BLIP-2)."""
+        if self.architecture == "blip2":
+            return self.num_query_tokens
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -145,6 +177,8 @@ RECIPES: dict[str, dict] = {
     "joint-encoder": {"frozen_encoder": False, "encoder_steps": 0},
     "one-creature": {"max_creatures": 1},
     "shallow": {"layers": 8},
+    # a fresh Q-Former needs more alignment than a projector (a guess, not tuned; lr halved for a transformer)
+    "blip2": {"architecture": "blip2", "align_steps": 1500, "align_lr": 1e-3},
 }
 #: The study's reduced budget (≤ 1 h on 2 cores), applied on top of a recipe with ``--budget study``.
 STUDY_BUDGET = {"encoder_steps": 1500, "language_steps": 800, "align_steps": 300, "steps": 1200}
@@ -262,6 +296,178 @@ def build_recipe_model(tokenizer, cfg: RecipeConfig):
     return build_model(tokenizer, tiny_config(cfg), seed=cfg.seed, vision_feature_layer=-2)
 
 
+def build_blip2_recipe_processor(world: World, cfg: RecipeConfig, *, tokenizer_json: str | None = None):
+    """``Blip2Processor`` = :func:`build_recipe_processor`'s BPE tokenizer and image processor; it puts
+    ``cfg.num_query_tokens`` image tokens before the text."""
+    return _blip2_processor(build_recipe_processor(world, cfg, tokenizer_json=tokenizer_json), cfg)
+
+
+def _blip2_processor(base, cfg: RecipeConfig):
+    from transformers import Blip2Processor, PreTrainedTokenizerFast
+
+    # the processor adds its own image token (an AddedToken) to a tokenizer that names none: the BPE's
+    # "<image>" is already in the vocabulary, so every id stays as it is
+    plain = PreTrainedTokenizerFast(tokenizer_object=base.tokenizer.backend_tokenizer, bos_token="<s>",
+                                    eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="right")
+    return Blip2Processor(image_processor=base.image_processor, tokenizer=plain, num_query_tokens=cfg.num_query_tokens)
+
+
+def build_blip2_recipe_model(tokenizer, cfg: RecipeConfig):
+    """A freshly initialised BLIP-2 of ``cfg``'s size (seeded): a vision tower of ``cfg.vision_layers − 1``
+    blocks (it holds a CLIP tower up to its penultimate layer, which BLIP-2 and LLaVA-1.5 read), a
+    Q-Former of ``cfg.num_query_tokens`` queries cross-attending to it in every layer, a linear projection
+    and :func:`build_recipe_model`'s Llama decoder. A
+    :class:`~visedit.models.blip2.Blip2PreNormForConditionalGeneration` (BLIP-2 with CLIP's pre-LayerNorm)."""
+    from transformers import Blip2QFormerConfig, CLIPVisionConfig
+
+    from .blip2 import Blip2PreNormConfig, Blip2PreNormForConditionalGeneration, vision_config_of
+    from .tiny import text_config
+
+    clip = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                            image_size=cfg.image_size, patch_size=cfg.patch_size)
+    qformer = Blip2QFormerConfig(hidden_size=cfg.qformer_hidden, num_hidden_layers=cfg.qformer_layers,
+                                 num_attention_heads=cfg.qformer_heads, intermediate_size=cfg.qformer_intermediate,
+                                 encoder_hidden_size=cfg.vision_hidden, cross_attention_frequency=1,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = Blip2PreNormConfig(vision_config=vision_config_of(clip, layers=cfg.vision_layers - 1),
+                                qformer_config=qformer.to_dict(), text_config=text_config(tokenizer, tiny_config(cfg)).to_dict(),
+                                num_query_tokens=cfg.num_query_tokens,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(cfg.seed)
+    model = Blip2PreNormForConditionalGeneration(config)
+    with torch.no_grad():  # BLIP-2's initialisation (transformers' is zeros: every query would be the same)
+        model.query_tokens.normal_(std=0.02)
+    return model
+
+
+class _LlavaParts:
+    """What the stages train, LLaVA's way: one ``LlavaForConditionalGeneration`` whose CLIP tower is
+    trained by the contrastive stage, a projector as the bridge."""
+
+    def __init__(self, processor, cfg: RecipeConfig, device):
+        self.processor = processor
+        self.model = build_recipe_model(processor.tokenizer, cfg).to(device)
+        self.tower = self.model.model.vision_tower
+        self.decoder, self.head = self.model.model.language_model, self.model.lm_head
+        self.modules = {"model": self.model}
+
+    def bridge_params(self) -> list:
+        return list(self.model.model.multi_modal_projector.parameters())
+
+    def text_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+    def image_logits(self, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+
+    def encoder_ready(self) -> None:
+        """Called once the tower is final (after the contrastive stage)."""
+
+    def train(self) -> None:
+        self.model.train()
+
+
+class _Blip2Parts(_LlavaParts):
+    """What the stages train, BLIP-2's way. The LLaVA recipe's model is built first (same seed) for its
+    initial CLIP tower — which the contrastive stage trains, or ``tower`` (a trained tower's weights)
+    replaces — and its initial decoder, copied into the BLIP-2. Once the tower is final it is converted
+    into the BLIP-2's vision model, which stays frozen but for ``ln_vision`` (its ``post_layernorm``)."""
+
+    def __init__(self, processor, cfg: RecipeConfig, device, tower: dict | None = None):
+        self.processor = processor
+        shell = build_recipe_model(processor.tokenizer, cfg)
+        self.model = build_blip2_recipe_model(processor.tokenizer, cfg)
+        lm = self.model.language_model
+        lm.model.load_state_dict(shell.model.language_model.state_dict())
+        lm.lm_head.load_state_dict(shell.lm_head.state_dict())
+        self.tower = shell.model.vision_tower
+        if tower is not None:
+            self.tower.load_state_dict(tower)
+        self.model.to(device)
+        self.tower.to(device)
+        self.model.vision_model.requires_grad_(False)
+        self.model.vision_model.post_layernorm.requires_grad_(True)
+        self.decoder, self.head = lm.model, lm.lm_head
+        self.modules = {"model": self.model, "tower": self.tower}
+
+    def bridge_params(self) -> list:
+        m = self.model
+        return [m.query_tokens] + [p for mod in (m.qformer, m.vision_model.post_layernorm, m.language_projection)
+                                   for p in mod.parameters()]
+
+    def text_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model(input_ids=ids, attention_mask=mask).logits  # BLIP-2's forward needs pixels
+
+    def encoder_ready(self) -> None:
+        from .blip2 import convert_clip_tower
+
+        convert_clip_tower(self.tower, self.model.vision_model)
+
+    def train(self) -> None:
+        self.model.train()
+        self.tower.train()
+
+
+def tower_digest(weights: dict) -> str:
+    """A short sha256 of a tower's weights (names and float32 values), naming the encoder a run read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+#: The recipe settings an encoder's weights depend on: a source must match the run in all of them.
+_ENCODER_SETTINGS = ("world_seed", "n_entities", "image_size", "patch_size", "vision_hidden", "vision_layers",
+                     "vision_heads", "vision_intermediate")
+
+
+def load_encoder(path: str | os.PathLike, cfg: RecipeConfig) -> dict:
+    """The frozen CLIP tower's weights (a ``CLIPVisionModel`` state dict) of a LLaVA-recipe model: a
+    finished folder (``visedit.json``, ``model.safetensors``), or a checkpoint ``OUT.ckpt`` of a run with a
+    frozen encoder that is past its encoder stage (the tower never changes after it). Refused in one line
+    when it is neither, or when its world or tower size differ from ``cfg``'s."""
+    path = Path(path)
+    prefix = "model.vision_tower."
+    if path.is_dir() and (path / "model.safetensors").exists():
+        info = json.loads((path / "visedit.json").read_text()) if (path / "visedit.json").exists() else {}
+        config = json.loads((path / "config.json").read_text())
+        vision = config.get("vision_config", {})
+        have = {"world_seed": info.get("world_seed"), "n_entities": info.get("n_entities"),
+                "image_size": vision.get("image_size"), "patch_size": vision.get("patch_size"),
+                "vision_hidden": vision.get("hidden_size"), "vision_layers": vision.get("num_hidden_layers"),
+                "vision_heads": vision.get("num_attention_heads"),
+                "vision_intermediate": vision.get("intermediate_size")}
+        if config.get("model_type") != "llava" or info.get("edition") != 2:
+            raise ValueError(f"encoder_from={path}: not a LLaVA-recipe model folder (train one with "
+                             "`python -m visedit train-tiny --recipe llava`)")
+        weights = None  # read once the settings are checked
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "modules" not in state or "config" not in state:
+            raise ValueError(f"encoder_from={path}: not a recipe checkpoint (OUT.ckpt) nor a model folder")
+        have = {k: state["config"].get(k) for k in _ENCODER_SETTINGS}
+        if state["config"].get("architecture", "llava") != "llava" or not state["config"].get("frozen_encoder"):
+            raise ValueError(f"encoder_from={path}: the checkpoint of a run without a frozen CLIP encoder")
+        if state["stage"] == "encoder":
+            raise ValueError(f"encoder_from={path}: that run is still in its encoder stage (step {state['step']}); "
+                             "its tower is final once the stage ends")
+        weights = {k[len(prefix):]: v for k, v in state["modules"]["model"].items() if k.startswith(prefix)}
+    else:
+        raise ValueError(f"encoder_from={path}: no such model folder or checkpoint")
+    wrong = [f"{k} {have[k]} (this run: {getattr(cfg, k)})" for k in _ENCODER_SETTINGS if have[k] != getattr(cfg, k)]
+    if wrong:
+        raise ValueError(f"encoder_from={path} has other settings: {', '.join(wrong)}")
+    if weights is None:  # transformers reads the folder, whatever its file's key names
+        from transformers import LlavaForConditionalGeneration
+
+        weights = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).model.vision_tower.state_dict()
+    return {k: v.float() for k, v in weights.items()}
+
+
 class _TextEncoder(torch.nn.Module):
     """The contrastive stage's caption encoder: embeddings, 2 transformer layers, mean pooling."""
 
@@ -298,8 +504,12 @@ class _Batcher:
 
     def sequence(self, turns: list[tuple[str, str]], with_image: bool) -> tuple[list[int], list[int]]:
         """``<s>USER: <image>×N\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>…`` and its labels
-        (answer tokens and their end token)."""
+        (answer tokens and their end token). BLIP-2's processor puts its N query tokens before everything:
+        ``<image>×N<s>USER: q1 ASSISTANT: a1</s>…``."""
         ids, labels = [self.tok.bos_token_id], [-100]
+        if with_image and self.cfg.architecture == "blip2":
+            ids, labels = [self.img] * self.cfg.n_visual + ids, [-100] * (self.cfg.n_visual + 1)
+            with_image = False  # the question is framed as a text-only one
         head, tail = FRAME.split("{image}")
         for k, (q, a) in enumerate(turns):
             if with_image and k == 0:  # the processor tokenizes around the image token: same ids
@@ -387,7 +597,9 @@ class _Checkpoint:
         self.state: dict | None = None
         if self.path.exists():
             state = torch.load(self.path, map_location="cpu", weights_only=False)
-            if state.get("config") != dataclasses.asdict(cfg):
+            # a setting added since the checkpoint was written has its default there
+            saved = {f.name: f.default for f in dataclasses.fields(RecipeConfig)} | state.get("config", {})
+            if saved != dataclasses.asdict(cfg):
                 raise ValueError(f"{self.path} was written by a run with other settings; delete it to start over, "
                                  "or pass the settings it was written with")
             self.state = state
@@ -411,23 +623,39 @@ class _Checkpoint:
 
 def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progress: bool = True,
                  device: str = "cpu", checkpoint_every: int = 100, log_every: int = 100,
-                 stop_after: int | None = None) -> dict:
+                 stop_after: int | None = None, encoder_from: str | os.PathLike | None = None) -> dict:
     """Train a recipe model and write it (weights in half precision, config, processor, ``training.json``,
     ``visedit.json``) to ``out``; resumes from ``<out>.ckpt`` when one is there. Returns the record.
 
     ``stop_after``: stop (with a checkpoint) after this many steps in this call, for tests and for
     splitting a run over sessions; the folder is written only when every stage is done.
+    ``encoder_from`` (the ``blip2`` architecture): a LLaVA-recipe folder or checkpoint whose frozen CLIP
+    tower this model reads (see :func:`load_encoder`); the encoder stage is then skipped. A resumed run
+    must be given the same encoder.
     """
     out = Path(out)
     torch.set_num_threads(cfg.threads)
+    if encoder_from is not None and cfg.architecture != "blip2":
+        raise ValueError(f"encoder_from applies to the blip2 architecture; recipe {cfg.name!r} trains its own encoder")
     world = make_world(cfg.world_seed, cfg.n_entities)
     ckpt = _Checkpoint(out, cfg)
+    source = load_encoder(encoder_from, cfg) if encoder_from is not None else None
+    source_id = {"path": str(encoder_from), "digest": tower_digest(source)} if source is not None else None
+    if ckpt.state is not None and (ckpt.state["record"].get("encoder_from") or {}).get("digest") != (
+            source_id or {}).get("digest"):
+        was = ckpt.state["record"].get("encoder_from")
+        raise ValueError(f"{ckpt.path} was written by a run that read "
+                         f"{'the encoder of ' + was['path'] if was else 'the encoder it trained'}; pass "
+                         f"{'encoder_from=' + repr(was['path']) if was else 'no encoder_from'} to resume it, "
+                         "or delete it to start over")
     # a resumed run reads with the tokenizer it started with, whatever the corpus code has become since
     processor = build_recipe_processor(world, cfg, tokenizer_json=(ckpt.state or {}).get("tokenizer"))
     ckpt.tokenizer = processor.tokenizer.backend_tokenizer.to_str()
-    model = build_recipe_model(processor.tokenizer, cfg).to(device)
-    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    decoder, head = model.model.language_model, model.lm_head
+    if cfg.architecture == "blip2":
+        parts = _Blip2Parts(_blip2_processor(processor, cfg), cfg, device, tower=source)
+    else:
+        parts = _LlavaParts(processor, cfg, device)
+    processor, model, tower, decoder, head = parts.processor, parts.model, parts.tower, parts.decoder, parts.head
     batcher = _Batcher(processor, world, cfg)
     torch.manual_seed(cfg.seed + 1)
     text_enc = _TextEncoder(len(processor.tokenizer), cfg.vision_hidden, cfg.vision_hidden).to(device)
@@ -436,8 +664,11 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     aux = torch.nn.ModuleDict({"text": text_enc, "img": img_proj})
     start_stage, start_step = ckpt.position()
     record = ckpt.state["record"] if ckpt.state else {"config": dataclasses.asdict(cfg), "log": [], "seconds": {}}
+    if source_id is not None:
+        record["encoder_from"] = source_id
     if ckpt.state:
-        model.load_state_dict(ckpt.state["modules"]["model"])
+        for key, module in parts.modules.items():
+            module.load_state_dict(ckpt.state["modules"][key])
         aux.load_state_dict(ckpt.state["modules"]["aux"])
         log_temp.data.fill_(ckpt.state["modules"]["temp"]["t"].item())
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
@@ -470,7 +701,7 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             nxt = (STAGES[index + 1], 0) if state.finished and index + 1 < len(STAGES) else (name, state.step)
             if state.finished and index + 1 == len(STAGES):
                 nxt = ("instruct", steps)
-            ckpt.save(nxt[0], nxt[1], {"model": model, "aux": aux, "temp": _Temp(log_temp)},
+            ckpt.save(nxt[0], nxt[1], {**parts.modules, "aux": aux, "temp": _Temp(log_temp)},
                       None if state.finished else opt, record)
 
         resumed = first and ckpt.state and ckpt.state["opt"] is not None
@@ -497,11 +728,13 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         target = torch.arange(len(scenes), device=device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(scenes)].T, target)) / 2
 
-    model.train()
-    stages_done = run_stage(0, "encoder", cfg.encoder_steps, params(tower, aux) + [log_temp], cfg.encoder_lr,
-                            cfg.warmup, encoder_step)
+    parts.train()
+    stages_done = run_stage(0, "encoder", 0 if source is not None else cfg.encoder_steps,
+                            params(tower, aux) + [log_temp], cfg.encoder_lr, cfg.warmup, encoder_step)
     if cfg.frozen_encoder:
         tower.requires_grad_(False)
+    if stages_done:
+        parts.encoder_ready()
 
     # ---- stage 2: language pre-training -------------------------------------------------------------
     def text_sequences(py: random.Random, n: int) -> list:
@@ -515,7 +748,7 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         seqs += [batcher.sequence([(DESCRIBE, caption(s, rng=py))], False) for s in scenes]
         ids, labels, mask = batcher.collate(seqs)
         with autocast:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = parts.text_logits(ids.to(device), mask.to(device))
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(device))
 
     if stages_done:
@@ -530,18 +763,18 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             seqs = [batcher.sequence(turns_fn(s, py), True) for s in scenes] + text_sequences(py, n_text)
             ids, labels, mask = batcher.collate(seqs)
             with autocast:
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               pixel_values=batcher.pixels([s.image for s in scenes]).to(device)).logits
+                logits = parts.image_logits(ids.to(device), mask.to(device),
+                                            batcher.pixels([s.image for s in scenes]).to(device))
             return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(device))
         return fn
 
-    align_params = params(projector) + ([] if cfg.frozen_encoder else params(tower))
+    align_params = parts.bridge_params() + ([] if cfg.frozen_encoder else params(tower))
     if stages_done:
         stages_done = run_stage(2, "align", cfg.align_steps, align_params, cfg.align_lr, cfg.warmup // 2,
                                 image_step(3, cfg.align_batch, lambda s, py: [(DESCRIBE, caption(s, rng=py))], 0))
 
     # ---- stage 4: visual instruction tuning ------------------------------------------------------------
-    instruct_params = params(projector, decoder, head) + ([] if cfg.frozen_encoder else params(tower))
+    instruct_params = parts.bridge_params() + params(decoder, head) + ([] if cfg.frozen_encoder else params(tower))
     if stages_done:
         stages_done = run_stage(3, "instruct", cfg.steps, instruct_params, cfg.lr, cfg.warmup,
                                 image_step(4, cfg.batch_images, lambda s, py: scene_turns(s, py, cfg.qa_per_image),
@@ -560,9 +793,12 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         model.to("cpu", torch.float16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-        (tmp / "visedit.json").write_text(json.dumps({"edition": 2, "recipe": cfg.name, "world_seed": cfg.world_seed,
-                                                       "n_entities": cfg.n_entities,
-                                                       "image_size": cfg.image_size}, indent=1) + "\n")
+        info = {"edition": 2, "recipe": cfg.name, "world_seed": cfg.world_seed, "n_entities": cfg.n_entities,
+                "image_size": cfg.image_size}
+        if cfg.architecture == "blip2":  # read in the LLaVA model's frame; the query tokens go before it
+            info["frame"] = dataclasses.asdict(PromptFrame(FRAME, image_in_text=False))
+            info["encoder"] = tower_digest(tower.state_dict())
+        (tmp / "visedit.json").write_text(json.dumps(info, indent=1) + "\n")
     return record
 
 

@@ -23,9 +23,16 @@ from .backbones import BackboneAdapter, PromptFrame, VisualLayout, adapter_for
 from .devices import execution_device, is_dispatched, parameter_values
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
-#: The embedded teaching models by name: the first (one creature per image, word-level vocabulary) and the
-#: second, made LLaVA's way (scenes, frozen contrastive encoder, byte-level BPE, 12 layers).
-EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__).parent / "embedded_llava"}
+#: The embedded teaching models by name: the first (one creature per image, word-level vocabulary), the
+#: second, made LLaVA's way (scenes, frozen contrastive encoder, byte-level BPE, 12 layers), and a BLIP-2
+#: made the same way on the second's frozen encoder (a Q-Former of 32 queries, a Llama decoder).
+EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__).parent / "embedded_llava",
+                   "visedit-blip2": Path(__file__).parent / "embedded_blip2"}
+#: How each embedded model is rebuilt when its folder is missing.
+_REBUILD = {"visedit-tiny": "python -m visedit train-tiny --out {path}",
+            "visedit-llava": "python -m visedit train-tiny --recipe llava --out {path}",
+            "visedit-blip2": "python -m visedit train-tiny --recipe blip2 --encoder-from <the visedit-llava folder> "
+                             "--out {path}"}
 #: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
 DEFAULT_TEMPLATE = PromptFrame().template
 
@@ -102,7 +109,7 @@ class VLLM:
     Use :func:`load_vllm` to get one. ``model``, ``processor``, ``tokenizer`` and ``adapter`` are public.
     """
 
-    def __init__(self, model, processor, *, template: str | None = None, name: str = "",
+    def __init__(self, model, processor, *, template: "str | PromptFrame | None" = None, name: str = "",
                  info: dict | None = None):
         self.model = model.eval()
         #: What visedit knows of the model beyond its config (``visedit.json`` of a checkpoint folder):
@@ -111,8 +118,10 @@ class VLLM:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.adapter: BackboneAdapter = adapter_for(model)
-        #: The conversation frame (the adapter's, unless ``template`` overrides it).
-        self.frame: PromptFrame = self.adapter.frame if template is None else PromptFrame(template)
+        #: The conversation frame (the adapter's, unless ``template`` — a template string or a whole
+        #: :class:`PromptFrame` — overrides it).
+        self.frame: PromptFrame = self.adapter.frame if template is None else (
+            template if isinstance(template, PromptFrame) else PromptFrame(template))
         self.template = self.frame.template
         self.name = name or type(model).__name__
         for p in self.model.parameters():
@@ -403,7 +412,10 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from .blip2 import register
     from .devices import check_device, check_device_map
+
+    register()  # BLIP-2 with CLIP's pre-LayerNorm (the recipe's BLIP-2) loads like any architecture
 
     if device is not None and device_map is not None:
         raise ValueError("pass device (one device for the whole model) or device_map (spread over devices), "
@@ -422,9 +434,8 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         name = path_or_id or "visedit-tiny"
         path = EMBEDDED_MODELS[name]
         if not (path / "model.safetensors").exists():
-            recipe = "" if name == "visedit-tiny" else " --recipe llava"
             raise FileNotFoundError(f"the embedded model {name} is missing from {path}; reinstall visedit or "
-                                    f"rebuild it with `python -m visedit train-tiny{recipe} --out {path}`")
+                                    f"rebuild it with `{_REBUILD[name].format(path=path)}`")
     else:
         path = Path(path_or_id)
         name = str(path_or_id)
@@ -466,7 +477,8 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     if path == EMBEDDED_DIR:
         info = {"edition": 1, "recipe": "first", **info}
-    vllm = VLLM(model if placement else model.to(device), processor, name=name, info=info)
+    frame = PromptFrame(**info["frame"]) if "frame" in info else None  # the frame the model was trained in
+    vllm = VLLM(model if placement else model.to(device), processor, name=name, info=info, template=frame)
     return vllm
 
 
