@@ -174,6 +174,30 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         train_recipe(tmp_path / "x", recipe_config("llava", **{**MICRO, "steps": 4}), progress=False)
 
 
+def test_one_hard_negative_of_each_kind_per_scene(micro_world, tmp_path):
+    """negatives='each': every scene gets a colour, a pattern, a shape and a position negative, each differing
+    from its caption in that kind of word only; the encoder stage trains with them."""
+    import numpy as np
+
+    from visedit.models.recipe import NEGATIVE_KINDS, _hard_negative
+    from visedit.world.entities import COLOURS, PATTERNS, SHAPES
+
+    scene = render_scene(micro_world.entities[:3], seed=np.random.default_rng(1))
+    from collections import Counter
+
+    words = {"colour": set(COLOURS), "pattern": set(PATTERNS), "shape": set(SHAPES)}
+    truth = {kind: Counter(e.fact(kind) for e in scene.entities) for kind in words}
+    for what in NEGATIVE_KINDS:
+        neg = _hard_negative(scene, random.Random(0), what).replace(" .", "").split()
+        for kind in words:
+            assert (Counter(w for w in neg if w in words[kind]) != truth[kind]) == (kind == what), (what, kind, neg)
+    with pytest.raises(ValueError, match="negatives"):
+        recipe_config("llava", negatives="all")
+    record = train_recipe(tmp_path / "e", recipe_config("llava", **{**MICRO, "negatives": "each"}), progress=False,
+                          log_every=0, stop_after=2)
+    assert record.get("stopped")
+
+
 def test_cli_trains_a_recipe_and_refuses_mixed_options(tmp_path):
     base = [sys.executable, "-m", "visedit", "train-tiny", "--out", str(tmp_path / "c"), "--no-progress"]
     bad = subprocess.run(base + ["--recipe", "nope"], capture_output=True, text=True)

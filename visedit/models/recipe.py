@@ -112,6 +112,8 @@ class RecipeConfig(StrictConfig):
     encoder_steps: int = 3000
     encoder_batch: int = 64
     encoder_lr: float = 1e-3
+    #: hard-negative captions per scene: "any" (one, its change drawn) or "each" (one per kind of change)
+    negatives: str = "any"
     # stage 2: language pre-training
     language_steps: int = 1500
     language_batch: int = 32
@@ -143,6 +145,8 @@ class RecipeConfig(StrictConfig):
         if self.image_size % self.patch_size or self.image_size // self.patch_size < 10:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}) "
                              "with at least 10 patches a side")
+        if self.negatives not in ("any", "each"):
+            raise ValueError(f"RecipeConfig.negatives must be 'any' or 'each', got {self.negatives!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.architecture == "blip2" and not self.frozen_encoder:
@@ -556,10 +560,15 @@ def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
     return turns
 
 
-def _hard_negative(scene, rng: random.Random) -> str:
-    """The scene's caption with one creature's colour, pattern, shape or position changed."""
+NEGATIVE_KINDS = ("colour", "pattern", "shape", "position")
+
+
+def _hard_negative(scene, rng: random.Random, what: str | None = None) -> str:
+    """The scene's caption with one creature's colour, pattern, shape or position changed (``what``: that
+    one; None: drawn)."""
     k = rng.randrange(len(scene))
-    what = rng.choice(("colour", "pattern", "shape", "position"))
+    if what is None:
+        what = rng.choice(NEGATIVE_KINDS)
     parts = []
     for j, e in enumerate(scene.entities):
         c, p, s, where = e.colour, e.pattern, e.shape, position_words(scene, j)
@@ -718,7 +727,11 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     def encoder_step(step: int) -> torch.Tensor:
         rng, py = _step_rngs(cfg, 1, step)
         scenes = batcher.scenes(rng, cfg.encoder_batch)
-        texts = [caption(s, rng=py) for s in scenes] + [_hard_negative(s, py) for s in scenes]
+        texts = [caption(s, rng=py) for s in scenes]
+        if cfg.negatives == "any":
+            texts += [_hard_negative(s, py) for s in scenes]
+        else:  # "each": one hard negative per kind of change, so every batch asks for every attribute
+            texts += [_hard_negative(s, py, what) for what in NEGATIVE_KINDS for s in scenes]
         enc = processor.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         with autocast:
             img = tower(batcher.pixels([s.image for s in scenes]).to(device)).pooler_output
