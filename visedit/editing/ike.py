@@ -89,6 +89,17 @@ class InContextEditor(Editor):
         if limit is None:
             return self.context()
         plain = [(it[0], it[1]) + tuple(it[2:3]) for it in items]
+
+        def fits(k: int) -> bool:  # the processor has the last word on lengths
+            try:
+                inputs = self.vllm.inputs(plain, add_eos=add_eos, context=self.context(k))
+            except ValueError:
+                return False
+            return int(inputs.tensors["attention_mask"].sum(1).max()) + new_tokens <= limit
+
+        if fits(len(self.requests)):  # the common case: one extra pass, no estimate
+            return self.context()
+        # estimate from the tokenizer's counts, then settle on the processor's
         longest = int(self.vllm.inputs(plain, add_eos=add_eos).tensors["attention_mask"].sum(1).max())
         budget = limit - longest - new_tokens
 
@@ -101,14 +112,7 @@ class InContextEditor(Editor):
             if used > budget:
                 break
             n += 1
-
-        def fits(k: int) -> bool:  # the count above is the tokenizer's estimate; the processor has the last word
-            try:
-                inputs = self.vllm.inputs(plain, add_eos=add_eos, context=self.context(k))
-            except ValueError:
-                return False
-            return int(inputs.tensors["attention_mask"].sum(1).max()) + new_tokens <= limit
-
+        n = min(n, len(self.requests) - 1)
         if fits(n):
             while n < len(self.requests) and fits(n + 1):
                 n += 1
