@@ -58,6 +58,12 @@ def _target_id(vllm: VLLM, logits_t: torch.Tensor, target: str | None) -> int:
     return vllm.encode_target(target)[0]
 
 
+def paper_score(v: torch.Tensor, p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The paper's contribution score c = sign(v)·(|v|/M)^(1−α)·p^α, M = max |v| over every entry."""
+    M = v.abs().max().clamp_min(1e-12)
+    return torch.sign(v) * (v.abs() / M).pow(1 - alpha) * p.pow(alpha)
+
+
 @torch.no_grad()
 def module_contributions(vllm: VLLM, image, question: str, *, target: str | None = None,
                          alpha: float = 0.5) -> ModuleContributions:
@@ -79,8 +85,7 @@ def module_contributions(vllm: VLLM, image, question: str, *, target: str | None
     z = unembed(vllm.adapter, outs.to(vllm.model.dtype)).float()
     v = z[:, y]
     p = z.softmax(-1)[:, y]
-    M = v.abs().max().clamp_min(1e-12)
-    c = torch.sign(v) * (v.abs() / M).pow(1 - alpha) * p.pow(alpha)
+    c = paper_score(v, p, alpha)
     direction, bias = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
     direction = direction.to(head)
     dla = outs @ direction
