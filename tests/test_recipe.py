@@ -286,3 +286,44 @@ def test_study_figures_put_each_model_at_its_relative_depth():
     assert list(fig.data[1].x)[6] == pytest.approx(6 / 11)
     bars = read_depth_figure([{"recipe": "a", "attention_peak_relative_depth": 0.5, "early_share": 0.1}])
     assert list(bars.data[0].y) == [0.5] and list(bars.data[1].y) == [0.1]
+
+
+def test_region_pool_is_the_coverage_weighted_mean_of_each_creatures_patches(micro_world):
+    """Oracle: patch states equal to their own patch index give each creature the coverage-weighted mean
+    index; targets name each creature's looks."""
+    from visedit.attribution import patch_coverage
+    from visedit.models.recipe import LOOKS, looks_phrase, region_pool
+
+    scenes = [render_scene(micro_world.entities[:3], seed=np.random.default_rng(4)),
+              render_scene(micro_world.entities[3:4], seed=np.random.default_rng(5))]
+    grid = 80 // 8
+    patches = torch.arange(grid * grid, dtype=torch.float64)[None, :, None].repeat(2, 1, 2)
+    patches[1] *= -1  # the second scene's states differ from the first's
+    pooled, target = region_pool(scenes, patches, 8)
+    assert pooled.shape == (4, 2) and target.tolist() == [
+        LOOKS.index(looks_phrase(e.colour, e.pattern, e.shape)) for s in scenes for e in s.entities]
+    k = 0
+    for i, s in enumerate(scenes):
+        for mask in s.masks:
+            cover = patch_coverage(mask, (grid, grid)).ravel()
+            want = (cover * np.arange(grid * grid)).sum() / cover.sum() * (1 if i == 0 else -1)
+            assert pooled[k, 0].item() == pytest.approx(want) and pooled[k, 1].item() == pytest.approx(want)
+            k += 1
+    assert len(set(LOOKS)) == len(LOOKS) == 8 * 4 * 8 and LOOKS[0] == "a red solid circle ."
+
+
+def test_the_region_term_trains_the_encoder_and_is_off_by_default(tmp_path):
+    """region_weight > 0 changes what the contrastive stage learns; 0 (the default) adds no module, so
+    runs and checkpoints without it are unchanged; out-of-range weights are refused."""
+    with pytest.raises(ValueError, match="region_weight"):
+        recipe_config("llava", region_weight=-1.0)
+    cfg = recipe_config("llava", **MICRO)
+    assert cfg.region_weight == 0
+    a = train_recipe(tmp_path / "a", cfg, progress=False, log_every=0, stop_after=cfg.encoder_steps)
+    b = train_recipe(tmp_path / "b", recipe_config("llava", **{**MICRO, "region_weight": 1.0}), progress=False,
+                     log_every=0, stop_after=cfg.encoder_steps)
+    sa, sb = (torch.load(tmp_path / f"{x}.ckpt", weights_only=False)["modules"] for x in "ab")
+    assert "region.weight" not in sa["aux"] and "region.weight" in sb["aux"]
+    tower = [k for k in sa["model"] if "vision_tower" in k]
+    assert tower and any(not torch.equal(sa["model"][k], sb["model"][k]) for k in tower)
+    assert b["encoder_loss"] > a["encoder_loss"]  # the region term adds a positive cross-entropy

@@ -114,6 +114,9 @@ class RecipeConfig(StrictConfig):
     encoder_lr: float = 1e-3
     #: hard-negative captions per scene: "any" (one, its change drawn) or "each" (one per kind of change)
     negatives: str = "any"
+    #: weight of the region term: each creature's patches (at the layer the decoder reads, pooled over its
+    #: mask) matched against every appearance phrase the world's words make (0: the scene term only)
+    region_weight: float = 0.0
     # stage 2: language pre-training
     language_steps: int = 1500
     language_batch: int = 32
@@ -163,6 +166,8 @@ class RecipeConfig(StrictConfig):
                              "jointly with the decoder)")
         if not 1 <= self.qa_per_image <= 6:
             raise ValueError(f"qa_per_image must be 1…6, got {self.qa_per_image}")
+        if not 0 <= self.region_weight <= 10:
+            raise ValueError(f"RecipeConfig.region_weight must be in [0, 10], got {self.region_weight}")
         for name in ("encoder_lr", "language_lr", "align_lr", "lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"RecipeConfig.{name} must be in (0, 1), got {getattr(self, name)}")
@@ -563,6 +568,33 @@ def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
 NEGATIVE_KINDS = ("colour", "pattern", "shape", "position")
 
 
+def looks_phrase(colour: str, pattern: str, shape: str) -> str:
+    """A creature's appearance in the captions' words, without its position: "a red striped star ."."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {pattern} {shape} ."
+
+
+#: Every appearance the world's words can describe (colour × pattern × shape), in a fixed order.
+LOOKS = tuple(looks_phrase(c, p, s) for c in COLOURS for p in PATTERNS for s in SHAPES)
+
+
+def region_pool(scenes, patches: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each creature's patch states pooled over its mask, and its index in :data:`LOOKS`.
+
+    ``patches`` (B, N, d): the B scenes' patch states (no class token). A creature's vector is the mean
+    of the patch states weighted by the share of each patch its mask covers. Returns (C, d) and (C,)
+    for the C creatures of all scenes, scene by scene."""
+    weights, rows, target = [], [], []
+    for i, scene in enumerate(scenes):
+        for e, mask in zip(scene.entities, scene.masks):
+            H, W = mask.shape
+            weights.append(mask.reshape(H // patch_size, patch_size, W // patch_size, patch_size).mean((1, 3)).ravel())
+            rows.append(i)
+            target.append(LOOKS.index(looks_phrase(e.colour, e.pattern, e.shape)))
+    w = torch.tensor(np.stack(weights), dtype=patches.dtype, device=patches.device)
+    pooled = (w[:, :, None] * patches[torch.tensor(rows, device=patches.device)]).sum(1) / w.sum(1, keepdim=True)
+    return pooled, torch.tensor(target)
+
+
 def _hard_negative(scene, rng: random.Random, what: str | None = None) -> str:
     """The scene's caption with one creature's colour, pattern, shape or position changed (``what``: that
     one; None: drawn)."""
@@ -671,6 +703,8 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     img_proj = torch.nn.Linear(cfg.vision_hidden, cfg.vision_hidden).to(device)
     log_temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     aux = torch.nn.ModuleDict({"text": text_enc, "img": img_proj})
+    if cfg.region_weight:  # only then, so that checkpoints of runs without it keep loading
+        aux["region"] = torch.nn.Linear(cfg.vision_hidden, cfg.vision_hidden).to(device)
     start_stage, start_step = ckpt.position()
     record = ckpt.state["record"] if ckpt.state else {"config": dataclasses.asdict(cfg), "log": [], "seconds": {}}
     if source_id is not None:
@@ -734,12 +768,27 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             texts += [_hard_negative(s, py, what) for what in NEGATIVE_KINDS for s in scenes]
         enc = processor.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         with autocast:
-            img = tower(batcher.pixels([s.image for s in scenes]).to(device)).pooler_output
-            img = F.normalize(img_proj(img).float(), dim=-1)
+            out = tower(batcher.pixels([s.image for s in scenes]).to(device), output_hidden_states=cfg.region_weight > 0)
+            img = F.normalize(img_proj(out.pooler_output).float(), dim=-1)
             txt = text_enc(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float()
-        logits = log_temp.clamp(max=math.log(100)).exp() * img @ txt.T
+        scale = log_temp.clamp(max=math.log(100)).exp()
+        logits = scale * img @ txt.T
         target = torch.arange(len(scenes), device=device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(scenes)].T, target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(scenes)].T, target)) / 2
+        if cfg.region_weight:
+            loss = loss + cfg.region_weight * region_loss(scenes, out.hidden_states[-2][:, 1:], scale)
+        return loss
+
+    looks_enc = processor.tokenizer(list(LOOKS), add_special_tokens=False, padding=True, return_tensors="pt")
+
+    def region_loss(scenes, patches: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Each creature's pooled patch states against every appearance phrase (CLIP's zero-shot
+        classifier, trained): the region term of the contrastive stage."""
+        with autocast:
+            pooled, target = region_pool(scenes, patches.float(), cfg.patch_size)
+            reg = F.normalize(aux["region"](pooled).float(), dim=-1)
+            phr = text_enc(looks_enc["input_ids"].to(device), looks_enc["attention_mask"].to(device)).float()
+        return F.cross_entropy(scale * reg @ phr.T, target.to(device))
 
     parts.train()
     stages_done = run_stage(0, "encoder", 0 if source is not None else cfg.encoder_steps,
