@@ -312,13 +312,13 @@ def test_region_pool_is_the_coverage_weighted_mean_of_each_creatures_patches(mic
     assert len(set(LOOKS)) == len(LOOKS) == 8 * 4 * 8 and LOOKS[0] == "a red solid circle ."
 
 
-def test_the_region_term_trains_the_encoder_and_is_off_by_default(tmp_path):
-    """region_weight > 0 changes what the contrastive stage learns; 0 (the default) adds no module, so
-    runs and checkpoints without it are unchanged; out-of-range weights are refused."""
+def test_the_region_term_trains_the_encoder_and_zero_adds_nothing(tmp_path):
+    """region_weight > 0 changes what the contrastive stage learns; 0 adds no module, so runs and
+    checkpoints made before the term existed resume unchanged; out-of-range weights are refused."""
     with pytest.raises(ValueError, match="region_weight"):
         recipe_config("llava", region_weight=-1.0)
-    cfg = recipe_config("llava", **MICRO)
-    assert cfg.region_weight == 0
+    assert recipe_config("llava").region_weight == 1.0  # the recipe's default
+    cfg = recipe_config("llava", **{**MICRO, "region_weight": 0.0})
     a = train_recipe(tmp_path / "a", cfg, progress=False, log_every=0, stop_after=cfg.encoder_steps)
     b = train_recipe(tmp_path / "b", recipe_config("llava", **{**MICRO, "region_weight": 1.0}), progress=False,
                      log_every=0, stop_after=cfg.encoder_steps)

@@ -5,7 +5,11 @@
 0. *Tokenizer*: a byte-level BPE trained on the world's text, so that any text encodes.
 1. *Contrastive vision pre-training* (CLIP-style): a CLIP vision tower and a small text encoder learn to
    match scenes of 1–4 creatures with captions that describe appearance and position (never names or
-   non-visual facts), with one hard-negative caption per scene (one attribute or position changed).
+   non-visual facts), with one hard-negative caption per scene (one attribute or position changed), and
+   — the region term — each creature's patch states (pooled over its mask, at the layer the decoder
+   reads) with the phrase of its looks among all 256 ("a red striped star"), as region-level CLIP
+   variants do. Without it the tower's patch states carry a creature's colour and pattern but not its
+   shape (a linear probe reads shape for 53 % of creatures after 1500 steps; with it, 76 %).
    The tower is then **frozen**; the text encoder is thrown away.
 2. *Language pre-training*: the decoder alone learns the world's text — questions about named creatures
    (their looks, habitat and diet, and which creature has which looks) and captions — as a language
@@ -93,7 +97,7 @@ class RecipeConfig(StrictConfig):
     # model
     vocab_size: int = 800
     vision_hidden: int = 128
-    vision_layers: int = 4
+    vision_layers: int = 6
     vision_heads: int = 4
     vision_intermediate: int = 512
     hidden: int = 192
@@ -109,14 +113,14 @@ class RecipeConfig(StrictConfig):
     qformer_intermediate: int = 512
     # stage 1: contrastive encoder (0 steps: no contrastive stage, the tower trains jointly instead)
     frozen_encoder: bool = True
-    encoder_steps: int = 3000
+    encoder_steps: int = 5000
     encoder_batch: int = 64
     encoder_lr: float = 1e-3
     #: hard-negative captions per scene: "any" (one, its change drawn) or "each" (one per kind of change)
     negatives: str = "any"
     #: weight of the region term: each creature's patches (at the layer the decoder reads, pooled over its
     #: mask) matched against every appearance phrase the world's words make (0: the scene term only)
-    region_weight: float = 0.0
+    region_weight: float = 1.0
     # stage 2: language pre-training
     language_steps: int = 1500
     language_batch: int = 32
