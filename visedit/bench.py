@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,150 @@ def bench_tracing(vllm, record, *, repeats: int = 3, radius: int = 1, sigma: flo
     out.update(windows=len(maps["batched"].values[0]), layers=len(maps["batched"].layers), n=n, radius=radius,
                sigma=sigma, repeats=repeats)
     return out
+
+
+# ------------------------------------------------------------------------------------------- bench scale
+#: LLaVA-1.5's visual grid is 24×24 = 576 tokens and its decoder has 32 layers; these are the points of
+#: the scaling curves (64, 144, 576 tokens; 8, 16, 32 layers).
+SCALE_TOKENS = (64, 144, 576)
+SCALE_LAYERS = (8, 16, 32)
+SCALE_EDITORS = ("ft_l", "ft_v", "ike", "mend", "vead")
+
+
+def scale_model(tokens: int, layers: int, *, hidden: int = 128, seed: int = 0, device: str = "cpu"):
+    """A random-weight LLaVA with LLaVA-1.5's shape scaled to this machine: a √tokens × √tokens visual
+    grid (patch 2 px, a one-layer 32-wide tower), ``layers`` decoder layers of width ``hidden``, the
+    first world's tokenizer. Nothing is downloaded or trained."""
+    from .models import load_vllm
+    from .models.tiny import TinyConfig, build_model, build_processor
+    from .world import make_world
+
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"tokens must be a square number (a grid), got {tokens}")
+    cfg = TinyConfig(image_size=2 * side, patch_size=2, vision_hidden=32, vision_layers=1, vision_heads=2,
+                     vision_intermediate=64, hidden=hidden, layers=layers, heads=4, intermediate=2 * hidden,
+                     max_positions=tokens + 1024)
+    processor = build_processor(make_world(0), cfg)
+    model = build_model(processor.tokenizer, cfg, seed=seed)
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # saving a temporary model is not progress worth a bar
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            return load_vllm(tmp, device=device)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _timed(fn) -> tuple[float, float, object]:
+    """(seconds, peak resident memory above the start in MB, result) of one call."""
+    _reset_peak()
+    base = _peak_mb()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, max(_peak_mb() - base, 0.0), out
+
+
+def _editor(name: str, vllm):
+    from .editing import MENDConfig, MENDEditor, VEADConfig, VEADEditor, get_editor
+
+    if name == "mend":  # untrained editor networks: the cost of an edit, not its quality
+        return MENDEditor(vllm, MENDConfig(layers=(-1,), rank=8))
+    if name == "vead":
+        return VEADEditor(vllm, VEADConfig(layer=vllm.n_layers // 2))
+    return get_editor(name, vllm, **({"layer": vllm.n_layers // 2} if name == "ft_l" else {}))
+
+
+def _measure(vllm, record, *, loop: bool, chunk_size: int, n: int, editors: Sequence[str]) -> dict:
+    from .attribution import integrated_gradients, module_contributions, noise_perturbation, restoration_tracing
+    from .editing.scoring import score_edit
+
+    image, question = record.image, record.src
+    row: dict = {"tokens": None, "layers": vllm.n_layers}
+    vllm.answer(image, question, max_new_tokens=1)  # warm-up
+    inputs = vllm.inputs([(image, question)])
+    row["tokens"] = inputs.layouts[0].n_tokens
+    s, m, _ = _timed(lambda: vllm.logits(inputs))
+    row["forward"] = {"seconds": s, "peak_mb": m}
+    s, m, _ = _timed(lambda: module_contributions(vllm, image, question))
+    row["contributions"] = {"seconds": s, "peak_mb": m}
+    kw = dict(radius=1, sigma=0.7, n=n, seed=0, chunk_size=chunk_size)
+    s, m, batched = _timed(lambda: noise_perturbation(vllm, image, question, engine="batched", **kw))
+    row["noise_sweep"] = {"seconds": s, "peak_mb": m, "windows": len(batched.values[0])}
+    if loop:
+        s, m, ref = _timed(lambda: noise_perturbation(vllm, image, question, engine="loop", **kw))
+        row["noise_sweep_loop"] = {"seconds": s, "peak_mb": m}
+        row["noise_speedup"] = row["noise_sweep_loop"]["seconds"] / row["noise_sweep"]["seconds"]
+        row["noise_max_abs_diff"] = float(np.abs(ref.array() - batched.array()).max())
+    s, m, _ = _timed(lambda: restoration_tracing(vllm, image, question, layers=[0]))
+    row["restoration"] = {"seconds": s, "peak_mb": m}
+    s, m, ig = _timed(lambda: integrated_gradients(vllm, image, question, layer=0, n_steps=32, tolerance=None))
+    row["ig"] = {"seconds": s, "peak_mb": m, "steps": 32}
+    for name in editors:
+        editor = _editor(name, vllm)
+        s, m, _ = _timed(lambda: score_edit(editor, record, exact=False))
+        editor.restore()
+        row[f"edit_{name}"] = {"seconds": s, "peak_mb": m}
+    return row
+
+
+def _exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Slope of log y against log x (least squares): y ∝ x^slope."""
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def bench_scale(*, tokens: Sequence[int] = SCALE_TOKENS, layers: Sequence[int] = SCALE_LAYERS, hidden: int = 128,
+                n: int = 10, chunk_size: int = 64, chunk_sizes: Sequence[int] = (16, 64, 256),
+                editors: Sequence[str] = SCALE_EDITORS, loop: bool = True, device: str = "cpu",
+                progress: bool = True) -> dict:
+    """Seconds and peak memory of every analysis and editor on random-weight models of LLaVA-1.5's shape,
+    scaled: along the visual tokens (at the fewest layers), along the layers (at the most tokens), the
+    batched noise sweep against the paper's loop at the largest model, the sweep's memory at several chunk
+    sizes, and each measure's growth exponent (time ∝ tokens^a, ∝ layers^b)."""
+    from tqdm.auto import tqdm
+
+    from .world import load_world_split
+
+    tokens, layers = sorted(set(tokens)), sorted(set(layers))
+    if len(tokens) < 2 or len(layers) < 2:
+        raise ValueError("bench scale needs at least two token counts and two layer counts to fit a growth exponent")
+    odd = [t for t in tokens if math.isqrt(t) ** 2 != t]
+    if odd:
+        raise ValueError(f"tokens must be square numbers (a grid), got {', '.join(map(str, odd))}")
+    bad = sorted(set(editors) - set(SCALE_EDITORS))
+    if bad:
+        raise ValueError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(SCALE_EDITORS)}")
+    record = load_world_split("eval")[0]
+    points = [(t, layers[0]) for t in tokens] + [(tokens[-1], l) for l in layers[1:]]
+    rows = []
+    for t, l in tqdm(points, desc="bench scale", disable=not progress):
+        vllm = scale_model(t, l, hidden=hidden, device=device)
+        largest = (t, l) == (tokens[-1], layers[-1])
+        rows.append(_measure(vllm, record, loop=loop and largest, chunk_size=chunk_size, n=n, editors=editors))
+    big = scale_model(tokens[-1], layers[-1], hidden=hidden, device=device)
+    from .attribution import noise_perturbation
+
+    memory = {}
+    for c in chunk_sizes:
+        s, m, _ = _timed(lambda: noise_perturbation(big, record.image, record.src, layers=[0], radius=1, n=n, chunk_size=c))
+        memory[c] = {"seconds": s, "peak_mb": m}
+    measures = [k for k, v in rows[0].items() if isinstance(v, dict)]
+    by_tokens = [r for r in rows if r["layers"] == layers[0]]
+    by_layers = [r for r in rows if r["tokens"] == by_tokens[-1]["tokens"]]
+    growth = {k: {"tokens": _exponent([r["tokens"] for r in by_tokens], [r[k]["seconds"] for r in by_tokens]),
+                  "layers": _exponent([r["layers"] for r in by_layers], [r[k]["seconds"] for r in by_layers])}
+              for k in measures}
+    head = next(r for r in rows if "noise_speedup" in r) if loop else None
+    return {"device": device, "hidden": hidden, "n": n, "chunk_size": chunk_size, "rows": rows,
+            "sweep_memory_by_chunk": memory, "growth_exponents": growth,
+            "noise_speedup": head["noise_speedup"] if head else None,
+            "noise_max_abs_diff": head["noise_max_abs_diff"] if head else None,
+            "targets": {"noise_speedup ≥ 20": bool(head and head["noise_speedup"] >= 20),
+                        "noise_max_abs_diff ≤ 1e-5": bool(head and head["noise_max_abs_diff"] <= 1e-5)}}

@@ -181,10 +181,28 @@ def _correct_eval_records(vllm, limit: int | None, progress: bool, *, spread: bo
     return out
 
 
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated whole numbers, e.g. {option} 64,144,576; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} takes positive whole numbers, got {text!r}")
+    return values
+
+
 def _bench(args) -> int:
-    from .bench import bench_tracing
+    from .bench import bench_scale, bench_tracing
     from .models import load_vllm
 
+    if args.what == "scale":
+        if args.model:
+            raise ValueError("bench scale builds its own random-weight models of LLaVA-1.5's shape; drop --model")
+        out = bench_scale(tokens=_ints(args.tokens, "--tokens"), layers=_ints(args.layers, "--layers"),
+                          hidden=args.hidden, n=args.n, chunk_size=args.chunk_size, loop=not args.no_loop,
+                          device=args.device, progress=not args.json)
+        _emit(args, out, brief=("noise_speedup", "noise_max_abs_diff", "growth_exponents", "targets"))
+        return 0
     vllm = load_vllm(args.model)
     record = _correct_eval_records(vllm, 1, progress=False)[0]
     result = bench_tracing(vllm, record, repeats=args.repeats, radius=args.radius, n=args.n)
@@ -643,11 +661,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_contributions)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios (speed goals live here, not in tests)")
-    p.add_argument("what", choices=["tracing"], help="tracing: batched noise perturbation vs the reference loop")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("what", choices=["tracing", "scale"],
+                   help="tracing: batched noise perturbation vs the reference loop; scale: every analysis and editor "
+                        "on random models of LLaVA-1.5's shape (576 visual tokens, 32 layers) scaled in width, "
+                        "with growth exponents")
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (tracing only)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--radius", type=int, default=1)
-    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--n", type=int, default=10, help="noisy copies per window")
+    p.add_argument("--tokens", default="64,144,576", help="scale: visual-token counts (square numbers)")
+    p.add_argument("--layers", default="8,16,32", help="scale: decoder depths")
+    p.add_argument("--hidden", type=int, default=128, help="scale: decoder width")
+    p.add_argument("--chunk-size", type=int, default=64, help="scale: windows per batched step of the noise sweep")
+    p.add_argument("--no-loop", action="store_true", help="scale: skip the reference loop (slow at 576 tokens)")
+    p.add_argument("--device", default="cpu", help="scale: torch device, e.g. cuda")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
