@@ -8,9 +8,9 @@ import numpy as np
 from plotly.io._base_renderers import MimetypeRenderer
 
 from .explorers import answer_explorer, edit_playground, interactive, static_mode
-from .figures import gallery, heatmap_grid, heatmap_overlay, outline, training_curve
+from .figures import gallery, heatmap_grid, heatmap_overlay, map_explorer, outline, table_explorer, training_curve
 
-__all__ = ["notebook_setup", "interactive", "static_mode", "answer_explorer", "edit_playground", "gallery", "heatmap_grid", "heatmap_overlay", "outline", "training_curve"]
+__all__ = ["notebook_setup", "interactive", "static_mode", "answer_explorer", "edit_playground", "gallery", "heatmap_grid", "heatmap_overlay", "map_explorer", "outline", "table_explorer", "training_curve"]
 
 
 def notebook_setup() -> str:

@@ -297,3 +297,81 @@ def verdict_table(rows: Sequence[str], columns: Sequence[str], verdicts: Sequenc
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title, height=60 + 42 * len(rows), margin=dict(l=10, r=10, t=50, b=10))
     return fig
+
+
+def map_explorer(maps: dict, *, images: dict | None = None, masks: dict | None = None, slider: str = "layer",
+                 dropdown: str = "example", title: str = "", diverging: bool = False, size: int = 360):
+    """A precomputed explorer that works in a static page: heatmaps over visual tokens, one per
+    (option, step) of ``maps`` (a dict keyed by (dropdown option, slider step), insertion-ordered), drawn
+    on the option's image from ``images`` with its mask from ``masks`` outlined. A dropdown picks the
+    option, a slider the step (e.g. example × layer); every map is in the page, nothing is recomputed.
+    One colour scale for the whole figure."""
+    import plotly.graph_objects as go
+
+    if not maps:
+        raise ValueError("map_explorer needs at least one map")
+    options = list(dict.fromkeys(o for o, _ in maps))
+    steps = {o: [s for (p, s) in maps if p == o] for o in options}
+    vmax = max(float(np.abs(np.asarray(m, dtype=float)).max()) for m in maps.values()) or 1.0
+    scale = dict(colorscale="RdBu_r", zmin=-vmax, zmax=vmax) if diverging else dict(colorscale="Viridis", zmin=0,
+                                                                                    zmax=vmax)
+    fig = go.Figure()
+    owner = []  # (option, step or None for the image) of each trace
+    for o in options:
+        base = None
+        if images is not None and images.get(o) is not None:
+            base = outline(images[o], masks[o]) if masks is not None and masks.get(o) is not None else \
+                np.asarray(images[o].convert("RGB"))
+            fig.add_trace(go.Image(z=base, hoverinfo="skip", visible=o == options[0]))
+            owner.append((o, None))
+        for s in steps[o]:
+            h = np.asarray(maps[(o, s)], dtype=float)
+            if base is not None and h.shape[0] > 1:
+                H, W = base.shape[:2]
+                h = np.kron(h, np.ones((H // h.shape[0], W // h.shape[1])))
+            fig.add_trace(go.Heatmap(z=h, opacity=0.6 if base is not None else 1.0, showscale=True,
+                                     visible=(o, s) == (options[0], steps[options[0]][0]),
+                                     hovertemplate=f"{slider} {s}: %{{z:.3f}}<extra></extra>", **scale))
+            owner.append((o, s))
+
+    def visible(o, s):
+        return [p == o and (q is None or q == s) for p, q in owner]
+
+    def slider_of(o):
+        return dict(active=0, currentvalue=dict(prefix=f"{slider}: "), pad=dict(t=30),
+                    steps=[dict(label=str(s), method="restyle", args=[{"visible": visible(o, s)}]) for s in steps[o]])
+
+    fig.update_layout(sliders=[slider_of(options[0])])
+    if len(options) > 1:
+        fig.update_layout(updatemenus=[dict(
+            type="dropdown", x=0, xanchor="left", y=1.0, yanchor="bottom", showactive=True,
+            buttons=[dict(label=f"{dropdown}: {o}", method="update",
+                          args=[{"visible": visible(o, steps[o][0])}, {"sliders": [slider_of(o)]}]) for o in options])])
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    fig.update_layout(title=dict(text=title, y=0.98), height=size + 150, margin=dict(l=5, r=5, t=80, b=10))
+    return fig
+
+
+def table_explorer(tables: dict, *, dropdown: str = "edit", title: str = ""):
+    """A precomputed explorer of tables: one ``pandas.DataFrame`` per option of ``tables``, a dropdown
+    to pick which is shown. Works in a static page."""
+    import plotly.graph_objects as go
+
+    if not tables:
+        raise ValueError("table_explorer needs at least one table")
+    options = list(tables)
+    fig = go.Figure()
+    for k, o in enumerate(options):
+        df = tables[o]
+        fig.add_trace(go.Table(header=dict(values=[f"<b>{c}</b>" for c in df.columns], align="left"),
+                               cells=dict(values=[df[c].astype(str).tolist() for c in df.columns], align="left"),
+                               visible=k == 0))
+    if len(options) > 1:
+        fig.update_layout(updatemenus=[dict(
+            type="dropdown", x=0, xanchor="left", y=1.0, yanchor="bottom", showactive=True,
+            buttons=[dict(label=f"{dropdown}: {o}", method="update", args=[{"visible": [j == k for j in range(len(options))]}])
+                     for k, o in enumerate(options)])])
+    n = max(len(t) for t in tables.values())
+    fig.update_layout(title=dict(text=title, y=0.98), height=140 + 32 * n, margin=dict(l=5, r=5, t=80, b=5))
+    return fig

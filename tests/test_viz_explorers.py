@@ -1,0 +1,60 @@
+"""Precomputed explorers (work in a static page): every slider step and dropdown option shows exactly
+its own map on its own image, and the maps drawn are the maps given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from visedit import viz
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    imgs = {o: Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for o in ("a", "b")}
+    masks = {o: np.zeros((64, 64), bool) for o in ("a", "b")}
+    masks["a"][8:24, 8:24] = True
+    return imgs, masks
+
+
+def test_map_explorer_shows_one_map_per_step_and_option():
+    rng = np.random.default_rng(1)
+    maps = {(o, l): rng.uniform(0, 1, (8, 8)) for o in ("a", "b") for l in (0, 1, 2)}
+    imgs, masks = _images()
+    fig = viz.map_explorer(maps, images=imgs, masks=masks, slider="layer", dropdown="example")
+    kinds = [t.type for t in fig.data]
+    assert kinds == ["image", "heatmap", "heatmap", "heatmap"] * 2
+    # the traces drawn are the maps given, upsampled onto the 64-pixel image
+    for k, key in enumerate(maps):
+        trace = fig.data[1 + k + k // 3]
+        np.testing.assert_allclose(np.asarray(trace.z), np.kron(maps[key], np.ones((8, 8))))
+    # initial view: option a's image and its first map
+    assert [bool(t.visible) for t in fig.data] == [True, True, False, False] + [False] * 4
+    steps = fig.layout.sliders[0].steps
+    assert [s.label for s in steps] == ["0", "1", "2"]
+    assert steps[2].args[0]["visible"] == [True, False, False, True] + [False] * 4
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["example: a", "example: b"]
+    visible_b, layout_b = buttons[1].args
+    assert visible_b["visible"] == [False] * 4 + [True, True, False, False]
+    assert layout_b["sliders"][0]["steps"][1]["args"][0]["visible"] == [False] * 4 + [True, False, True, False]
+    # one colour scale for every map
+    assert {(t.zmin, t.zmax) for t in fig.data if t.type == "heatmap"} == {(0, max(m.max() for m in maps.values()))}
+
+
+def test_map_explorer_without_images_or_dropdown():
+    fig = viz.map_explorer({("only", s): np.full((2, 3), s + 1.0) for s in range(2)}, diverging=True)
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"] and not fig.layout.updatemenus
+    assert fig.data[0].zmin == -2 and fig.data[0].zmax == 2
+    with pytest.raises(ValueError, match="at least one map"):
+        viz.map_explorer({})
+
+
+def test_table_explorer_switches_tables():
+    tables = {"x": pd.DataFrame({"q": ["a", "b"], "before": [1, 2]}), "y": pd.DataFrame({"q": ["c"], "before": [3]})}
+    fig = viz.table_explorer(tables)
+    assert [bool(t.visible) for t in fig.data] == [True, False]
+    assert list(fig.data[1].cells.values[0]) == ["c"]
+    assert fig.layout.updatemenus[0].buttons[1].args[0]["visible"] == [False, True]
