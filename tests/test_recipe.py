@@ -327,3 +327,24 @@ def test_the_region_term_trains_the_encoder_and_zero_adds_nothing(tmp_path):
     tower = [k for k in sa["model"] if "vision_tower" in k]
     assert tower and any(not torch.equal(sa["model"][k], sb["model"][k]) for k in tower)
     assert b["encoder_loss"] > a["encoder_loss"]  # the region term adds a positive cross-entropy
+
+
+def test_commands_read_the_dataset_of_the_models_world(micro_run, tmp_path):
+    """dataset_spec_of reads a model's dataset from its folder without loading it: scenes for a scene
+    model, one creature per image for the first model and for a folder without visedit.json; evaluate's
+    records follow --model."""
+    import argparse
+
+    from visedit.cli import _records
+    from visedit.models.vllm import dataset_spec_of
+    from visedit.world import DatasetSpec
+
+    out, _ = micro_run
+    assert dataset_spec_of(out) == load_vllm(out).dataset_spec and dataset_spec_of(out).edition == 2
+    assert dataset_spec_of() == dataset_spec_of("visedit-tiny") == DatasetSpec()
+    assert dataset_spec_of(tmp_path) == DatasetSpec()
+    args = argparse.Namespace(model=str(out), data=None, image_root=None, split="eval", limit=2)
+    records = _records(args, progress=False)
+    from PIL import Image
+
+    assert len(records) == 2 and Image.open(records[0].image).size == (80, 80)

@@ -291,7 +291,9 @@ def _records(args, progress: bool):
     else:
         if args.image_root is not None:
             raise ValueError("--image-root only applies to --data: pass both, or neither for the world's split")
-        records = load_world_split(args.split, progress=progress)
+        from .models.vllm import dataset_spec_of
+
+        records = load_world_split(args.split, dataset_spec_of(args.model), progress=progress)
     if args.limit is not None:
         records = records[: args.limit]
     check_records(records, image_root_hint="--image-root")
@@ -436,9 +438,9 @@ def _tune(args) -> int:
         raise ValueError("--grid must be a JSON object mapping settings to lists of values")
     if args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
-    records = load_world_split("train", progress=True)
-    records = _spread(records, args.limit)
-    result = tune(args.editor, load_vllm(args.model), records, grid, progress=True)
+    vllm = load_vllm(args.model)
+    records = _spread(load_world_split("train", vllm.dataset_spec, progress=True), args.limit)
+    result = tune(args.editor, vllm, records, grid, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -460,7 +462,7 @@ def _train_mend(args) -> int:
         settings["seed"] = args.seed
     config = MENDConfig.from_dict(settings)
     vllm = load_vllm(args.model)
-    _, info = train_mend(vllm, load_world_split("train", progress=True), config, out=args.out,
+    _, info = train_mend(vllm, load_world_split("train", vllm.dataset_spec, progress=True), config, out=args.out,
                          progress=True)
     print(json.dumps({"out": str(args.out), "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
@@ -525,7 +527,7 @@ def _train_vead(args) -> int:
     VEADConfig.from_dict(settings)  # bad settings fail before the model loads
     _check_limit(args.limit, 2)
     vllm = load_vllm(args.model, device=args.device)
-    records = load_world_split("train", progress=True)
+    records = load_world_split("train", vllm.dataset_spec, progress=True)
     if args.limit is not None:
         records = _spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
@@ -554,9 +556,9 @@ def _sweep_vead(args) -> int:
     if args.eval_limit < 1:
         raise ValueError(f"--eval-limit must be ≥ 1, got {args.eval_limit}")
     vllm = load_vllm(args.model, device=args.device)
-    train = load_world_split("train", progress=False)
+    train = load_world_split("train", vllm.dataset_spec, progress=False)
     train = _spread(train, args.limit)
-    evals = load_world_split("eval", progress=False)
+    evals = load_world_split("eval", vllm.dataset_spec, progress=False)
     evals = _spread(evals, args.eval_limit)
     # the tag names each setting that differs from the paper's: those below from the config, then any other --set
     named = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "hard_loc")

@@ -57,7 +57,7 @@ class InContextEditor(Editor):
         if demos is None and self.config.n_demos:
             from ..world import load_world_split
 
-            demos = load_world_split("train")
+            demos = load_world_split("train", vllm.dataset_spec)
         pool = list(demos or [])
         if len(pool) < self.config.n_demos:
             raise ValueError(f"IKE needs {self.config.n_demos} demonstration records, got {len(pool)}")

@@ -184,11 +184,7 @@ class VLLM:
     def dataset_spec(self):
         """The world's edit dataset this model is measured on: scenes (edition 2) for a model trained on
         scenes, else one creature per image."""
-        from ..world.dataset import SCENE_SPEC, DatasetSpec
-
-        if self.info.get("edition", 1) == 2:
-            return dataclasses.replace(SCENE_SPEC, image_size=self.info.get("image_size", SCENE_SPEC.image_size))
-        return DatasetSpec()
+        return _spec_from_info(self.info)
 
     def site(self, name: str) -> torch.nn.Module:
         """The module behind a canonical site name, e.g. ``"llm.layers.3.attn"`` (see ``backbones``)."""
@@ -480,6 +476,26 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
     frame = PromptFrame(**info["frame"]) if "frame" in info else None  # the frame the model was trained in
     vllm = VLLM(model if placement else model.to(device), processor, name=name, info=info, template=frame)
     return vllm
+
+
+def _spec_from_info(info: dict):
+    from ..world.dataset import SCENE_SPEC, DatasetSpec
+
+    if info.get("edition", 1) == 2:
+        return dataclasses.replace(SCENE_SPEC, image_size=info.get("image_size", SCENE_SPEC.image_size))
+    return DatasetSpec()
+
+
+def dataset_spec_of(path_or_id: str | os.PathLike | None = None):
+    """:attr:`VLLM.dataset_spec` of a model without loading it (from its folder's ``visedit.json``): the
+    world's edit dataset it is measured on. A folder without one (a real checkpoint) gets the first
+    edition's."""
+    if path_or_id is None or (isinstance(path_or_id, str) and path_or_id in EMBEDDED_MODELS):
+        path = EMBEDDED_MODELS[path_or_id or "visedit-tiny"]
+    else:
+        path = Path(path_or_id)
+    info_file = path / "visedit.json"
+    return _spec_from_info(json.loads(info_file.read_text()) if info_file.exists() else {})
 
 
 def _check_map(source: str, device_map: dict, local_files_only: bool) -> None:
