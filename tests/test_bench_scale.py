@@ -40,6 +40,8 @@ def test_bench_scale_measures_every_analysis_and_editor():
     assert "noise_sweep_loop" in r["rows"][-1] and all("noise_sweep_loop" not in row for row in r["rows"][:-1])
     assert r["noise_max_abs_diff"] <= 1e-5 and r["targets"]["noise_max_abs_diff ≤ 1e-5"]
     assert r["noise_speedup"] > 0 and set(r["sweep_memory_by_chunk"]) == {4, 16}
+    assert r["rows"][-1]["noise_sweep_loop"]["layers"] == 3  # at most the model's layers
+    assert all(v["estimate_mb"] > 0 for v in r["sweep_memory_by_chunk"].values())
     assert all(np.isfinite(v) for g in r["growth_exponents"].values() for v in g.values())
     json.dumps(r)  # serialisable as it is
 
@@ -49,8 +51,16 @@ def test_bench_scale_measures_every_analysis_and_editor():
     (["--tokens", "15,36"], "square number"),
     (["--tokens", "16"], "at least two token counts"),
     (["--model", "visedit-tiny"], "drop --model"),
+    (["--loop-layers", "-1"], "number of layers"),
 ])
 def test_bench_scale_bad_input_is_one_line(argv, message, capsys):
     assert main(["bench", "scale", *argv, "--layers", "2,3", "--hidden", "32"]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_sweep_memory_estimate_is_linear_in_the_chunk_and_blind_to_windows():
+    from visedit.attribution.tracing import sweep_bytes
+
+    assert sweep_bytes(8, 10, 600, 4096) == 8 * 10 * 600 * (4096 + 64) * 4 * 6
+    assert sweep_bytes(16, 10, 600, 4096) == 2 * sweep_bytes(8, 10, 600, 4096)

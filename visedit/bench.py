@@ -120,7 +120,7 @@ def _editor(name: str, vllm):
     return get_editor(name, vllm, **({"layer": vllm.n_layers // 2} if name == "ft_l" else {}))
 
 
-def _measure(vllm, record, *, loop: bool, chunk_size: int, n: int, editors: Sequence[str]) -> dict:
+def _measure(vllm, record, *, loop: int, chunk_size: int, n: int, editors: Sequence[str]) -> dict:
     from .attribution import integrated_gradients, module_contributions, noise_perturbation, restoration_tracing
     from .editing.scoring import score_edit
 
@@ -129,6 +129,7 @@ def _measure(vllm, record, *, loop: bool, chunk_size: int, n: int, editors: Sequ
     vllm.answer(image, question, max_new_tokens=1)  # warm-up
     inputs = vllm.inputs([(image, question)])
     row["tokens"] = inputs.layouts[0].n_tokens
+    row["prefix_tokens"] = int(inputs.last_prompt[0]) + 1  # what each noisy copy carries through the attention
     s, m, _ = _timed(lambda: vllm.logits(inputs))
     row["forward"] = {"seconds": s, "peak_mb": m}
     s, m, _ = _timed(lambda: module_contributions(vllm, image, question))
@@ -136,11 +137,13 @@ def _measure(vllm, record, *, loop: bool, chunk_size: int, n: int, editors: Sequ
     kw = dict(radius=1, sigma=0.7, n=n, seed=0, chunk_size=chunk_size)
     s, m, batched = _timed(lambda: noise_perturbation(vllm, image, question, engine="batched", **kw))
     row["noise_sweep"] = {"seconds": s, "peak_mb": m, "windows": len(batched.values[0])}
-    if loop:
-        s, m, ref = _timed(lambda: noise_perturbation(vllm, image, question, engine="loop", **kw))
-        row["noise_sweep_loop"] = {"seconds": s, "peak_mb": m}
-        row["noise_speedup"] = row["noise_sweep_loop"]["seconds"] / row["noise_sweep"]["seconds"]
-        row["noise_max_abs_diff"] = float(np.abs(ref.array() - batched.array()).max())
+    if loop:  # both engines on the same first `loop` layers (every window): the loop's cost is per layer
+        some = list(range(min(loop, vllm.n_layers)))
+        s_b, _, part = _timed(lambda: noise_perturbation(vllm, image, question, engine="batched", layers=some, **kw))
+        s, m, ref = _timed(lambda: noise_perturbation(vllm, image, question, engine="loop", layers=some, **kw))
+        row["noise_sweep_loop"] = {"seconds": s, "peak_mb": m, "layers": len(some), "batched_seconds": s_b}
+        row["noise_speedup"] = s / s_b
+        row["noise_max_abs_diff"] = float(np.abs(ref.array() - part.array()).max())
     s, m, _ = _timed(lambda: restoration_tracing(vllm, image, question, layers=[0]))
     row["restoration"] = {"seconds": s, "peak_mb": m}
     s, m, ig = _timed(lambda: integrated_gradients(vllm, image, question, layer=0, n_steps=32, tolerance=None))
@@ -160,17 +163,20 @@ def _exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def bench_scale(*, tokens: Sequence[int] = SCALE_TOKENS, layers: Sequence[int] = SCALE_LAYERS, hidden: int = 128,
                 n: int = 10, chunk_size: int = 64, chunk_sizes: Sequence[int] = (16, 64, 256),
-                editors: Sequence[str] = SCALE_EDITORS, loop: bool = True, device: str = "cpu",
+                editors: Sequence[str] = SCALE_EDITORS, loop: int = 4, device: str = "cpu",
                 progress: bool = True) -> dict:
     """Seconds and peak memory of every analysis and editor on random-weight models of LLaVA-1.5's shape,
     scaled: along the visual tokens (at the fewest layers), along the layers (at the most tokens), the
-    batched noise sweep against the paper's loop at the largest model, the sweep's memory at several chunk
-    sizes, and each measure's growth exponent (time ∝ tokens^a, ∝ layers^b)."""
+    batched noise sweep against the paper's loop at the largest model (both engines on its first ``loop``
+    layers, every window; 0: no loop), the sweep's memory at several chunk sizes, and each measure's growth
+    exponent (time ∝ tokens^a, ∝ layers^b)."""
     from tqdm.auto import tqdm
 
     from .world import load_world_split
 
     tokens, layers = sorted(set(tokens)), sorted(set(layers))
+    if not isinstance(loop, int) or isinstance(loop, bool) or loop < 0:
+        raise ValueError(f"loop is a number of layers (0: no loop), got {loop!r}")
     if len(tokens) < 2 or len(layers) < 2:
         raise ValueError("bench scale needs at least two token counts and two layer counts to fit a growth exponent")
     odd = [t for t in tokens if math.isqrt(t) ** 2 != t]
@@ -185,14 +191,16 @@ def bench_scale(*, tokens: Sequence[int] = SCALE_TOKENS, layers: Sequence[int] =
     for t, l in tqdm(points, desc="bench scale", disable=not progress):
         vllm = scale_model(t, l, hidden=hidden, device=device)
         largest = (t, l) == (tokens[-1], layers[-1])
-        rows.append(_measure(vllm, record, loop=loop and largest, chunk_size=chunk_size, n=n, editors=editors))
+        rows.append(_measure(vllm, record, loop=loop if largest else 0, chunk_size=chunk_size, n=n, editors=editors))
     big = scale_model(tokens[-1], layers[-1], hidden=hidden, device=device)
     from .attribution import noise_perturbation
+    from .attribution.tracing import sweep_bytes
 
     memory = {}
     for c in chunk_sizes:
         s, m, _ = _timed(lambda: noise_perturbation(big, record.image, record.src, layers=[0], radius=1, n=n, chunk_size=c))
-        memory[c] = {"seconds": s, "peak_mb": m}
+        memory[c] = {"seconds": s, "peak_mb": m,
+                     "estimate_mb": sweep_bytes(c, n, rows[-1]["prefix_tokens"], big.d_model) / 2**20}
     measures = [k for k, v in rows[0].items() if isinstance(v, dict)]
     by_tokens = [r for r in rows if r["layers"] == layers[0]]
     by_layers = [r for r in rows if r["tokens"] == by_tokens[-1]["tokens"]]

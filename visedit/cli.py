@@ -199,8 +199,8 @@ def _bench(args) -> int:
         if args.model:
             raise ValueError("bench scale builds its own random-weight models of LLaVA-1.5's shape; drop --model")
         out = bench_scale(tokens=_ints(args.tokens, "--tokens"), layers=_ints(args.layers, "--layers"),
-                          hidden=args.hidden, n=args.n, chunk_size=args.chunk_size, loop=not args.no_loop,
-                          device=args.device, progress=not args.json)
+                          hidden=args.hidden, n=args.n, chunk_size=args.chunk_size, loop=args.loop_layers,
+                          device=args.device, progress=True)  # progress on stderr, the result on stdout
         _emit(args, out, brief=("noise_speedup", "noise_max_abs_diff", "growth_exponents", "targets"))
         return 0
     vllm = load_vllm(args.model)
@@ -675,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="8,16,32", help="scale: decoder depths")
     p.add_argument("--hidden", type=int, default=128, help="scale: decoder width")
     p.add_argument("--chunk-size", type=int, default=64, help="scale: windows per batched step of the noise sweep")
-    p.add_argument("--no-loop", action="store_true", help="scale: skip the reference loop (slow at 576 tokens)")
+    p.add_argument("--loop-layers", type=int, default=4,
+                   help="scale: run the paper's loop against the batched sweep on this many layers of the largest "
+                        "model (every window; 0: skip it, it is slow at 576 tokens)")
     p.add_argument("--device", default="cpu", help="scale: torch device, e.g. cuda")
     p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
     p.add_argument("--json", action="store_true")

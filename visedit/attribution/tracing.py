@@ -141,6 +141,13 @@ def _available_bytes() -> int:
     return 1 << 62
 
 
+def sweep_bytes(chunk_size: int, n: int, seq: int, d: int) -> int:
+    """Working memory of one batched step of the noise sweep (an upper estimate, in bytes): ``chunk_size``
+    windows × ``n`` noisy copies of a ``seq``-token prefix of width ``d`` in float32, with room for the
+    attention's intermediates. It does not grow with the number of windows or layers."""
+    return chunk_size * n * seq * (d + 64) * 4 * 6
+
+
 @torch.no_grad()
 def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int] | None = None, radius: int = 3,
                        sigma: float = 0.7, n: int = 10, seed: int = 0, engine: str = "batched",
@@ -172,7 +179,7 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
         if engine == "loop":
             vals = _loop(vllm.site(sites[l]), x, kwargs, clean, z, member, start, T)
         else:
-            need = chunk_size * n * x.shape[1] * (x.shape[-1] + 64) * 4 * 6
+            need = sweep_bytes(chunk_size, n, x.shape[1], x.shape[-1])
             if need > _available_bytes():
                 raise MemoryError(f"chunk_size={chunk_size} needs about {need / 2**30:.1f} GiB, more than is "
                                   "available; pass a smaller chunk_size")
