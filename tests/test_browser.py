@@ -170,7 +170,9 @@ def test_page_in_the_browser(browser, site, path):
             assert fig["inside"], f"figure wider than the text column: {fig}"
             if fig["sliders"]:
                 before = page.evaluate(DRAWING, fig["id"])
-                rail = page.locator(f"[id='{fig['id']}'] .slider-rail-touch-rect").first.bounding_box()
+                slider = page.locator(f"[id='{fig['id']}'] .slider-rail-touch-rect").first
+                slider.scroll_into_view_if_needed()  # a click outside the viewport reaches nothing
+                rail = slider.bounding_box()
                 page.mouse.click(rail["x"] + rail["width"] - 2, rail["y"] + rail["height"] / 2)
                 page.wait_for_timeout(600)
                 assert page.evaluate(DRAWING, fig["id"]) != before, f"moving the slider changes nothing: {fig}"

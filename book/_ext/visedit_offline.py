@@ -49,6 +49,7 @@ def copy_assets(app, exc) -> None:
             shutil.copy2(src / part, target)
     shutil.copy2(plotly_source(), static / "plotly.min.js")
     shutil.copy2(Path(__file__).with_name("visedit-figures.js"), static / "visedit-figures.js")
+    shutil.copy2(Path(__file__).with_name("visedit.css"), static / "visedit.css")
     # What no reader's browser ever fetches: the themes' source maps (3.4 MB) and their translation
     # catalogues (read at build time, copied along with the theme's static files).
     # The download button's notebooks, without outputs: a reader downloads a chapter to run it, and its
@@ -82,6 +83,7 @@ def drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> Non
 
 
 def setup(app):
+    app.add_css_file("visedit.css")
     app.connect("html-page-context", add_plotly)
     app.connect("html-page-context", drop_duplicate_scripts, priority=900)
     app.connect("build-finished", copy_assets)
