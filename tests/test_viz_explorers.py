@@ -26,10 +26,11 @@ def test_map_explorer_shows_one_map_per_step_and_option():
     fig = viz.map_explorer(maps, images=imgs, masks=masks, slider="layer", dropdown="example")
     kinds = [t.type for t in fig.data]
     assert kinds == ["image", "heatmap", "heatmap", "heatmap"] * 2
-    # the traces drawn are the maps given, upsampled onto the 64-pixel image
+    # the traces drawn are the maps given (to 5 decimals), each token's cell spanning its 8-pixel patch
     for k, key in enumerate(maps):
         trace = fig.data[1 + k + k // 3]
-        np.testing.assert_allclose(np.asarray(trace.z), np.kron(maps[key], np.ones((8, 8))))
+        np.testing.assert_allclose(np.asarray(trace.z), maps[key], atol=5e-6)
+        assert (trace.x0, trace.dx, trace.y0, trace.dy) == (3.5, 8.0, 3.5, 8.0)
     # initial view: option a's image and its first map
     assert [bool(t.visible) for t in fig.data] == [True, True, False, False] + [False] * 4
     steps = fig.layout.sliders[0].steps

@@ -326,10 +326,12 @@ def map_explorer(maps: dict, *, images: dict | None = None, masks: dict | None =
             owner.append((o, None))
         for s in steps[o]:
             h = np.asarray(maps[(o, s)], dtype=float)
-            if base is not None and h.shape[0] > 1:
-                H, W = base.shape[:2]
-                h = np.kron(h, np.ones((H // h.shape[0], W // h.shape[1])))
-            fig.add_trace(go.Heatmap(z=h, opacity=0.6 if base is not None else 1.0, showscale=True,
+            place = {}
+            if base is not None and h.shape[0] > 1:  # each token's cell spans its patch of the image (no upsampling:
+                H, W = base.shape[:2]                # the page carries the map itself)
+                sy, sx = H / h.shape[0], W / h.shape[1]
+                place = dict(x0=sx / 2 - 0.5, dx=sx, y0=sy / 2 - 0.5, dy=sy)
+            fig.add_trace(go.Heatmap(z=np.round(h, 5), opacity=0.6 if base is not None else 1.0, showscale=True, **place,
                                      visible=(o, s) == (options[0], steps[options[0]][0]),
                                      hovertemplate=f"{slider} {s}: %{{z:.3f}}<extra></extra>", **scale))
             owner.append((o, s))
