@@ -579,6 +579,7 @@ def looks_phrase(colour: str, pattern: str, shape: str) -> str:
 
 #: Every appearance the world's words can describe (colour × pattern × shape), in a fixed order.
 LOOKS = tuple(looks_phrase(c, p, s) for c in COLOURS for p in PATTERNS for s in SHAPES)
+_LOOKS_INDEX = {phrase: k for k, phrase in enumerate(LOOKS)}
 
 
 def region_pool(scenes, patches: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,7 +594,7 @@ def region_pool(scenes, patches: torch.Tensor, patch_size: int) -> tuple[torch.T
             H, W = mask.shape
             weights.append(mask.reshape(H // patch_size, patch_size, W // patch_size, patch_size).mean((1, 3)).ravel())
             rows.append(i)
-            target.append(LOOKS.index(looks_phrase(e.colour, e.pattern, e.shape)))
+            target.append(_LOOKS_INDEX[looks_phrase(e.colour, e.pattern, e.shape)])
     w = torch.tensor(np.stack(weights), dtype=patches.dtype, device=patches.device)
     pooled = (w[:, :, None] * patches[torch.tensor(rows, device=patches.device)]).sum(1) / w.sum(1, keepdim=True)
     return pooled, torch.tensor(target)
