@@ -34,8 +34,8 @@ PAGES = sorted(str(p.relative_to(BOOK)) for p in BOOK.glob("*/*.html") if p.part
 ISSUE_NUMBER = re.compile(r"\bissues?\s*(?:#|no\.?\s*|number\s*)?\d+", re.I)
 
 
-def _missing() -> str | None:
-    if not (BOOK / "index.html").exists():
+def _missing(book: bool = True) -> str | None:
+    if book and not (BOOK / "index.html").exists():
         return f"no built book at {BOOK}: run `make book` first"
     if not CHROMIUM.exists():
         return f"no Chromium at {CHROMIUM}: apt-get install -y chromium"
@@ -46,8 +46,8 @@ def _missing() -> str | None:
     return None
 
 
-def _require() -> None:
-    if (why := _missing()) is not None:
+def _require(book: bool = True) -> None:
+    if (why := _missing(book)) is not None:
         (pytest.fail if REQUIRED else pytest.skip)(why)
 
 
@@ -68,7 +68,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def browser(site):
+def browser():
+    _require(book=False)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -238,3 +239,72 @@ def test_book_renderer_writes_the_figure_only(monkeypatch):
     assert 'class="plotly-graph-div"' in html and "height:300px; width:100%" in html
     spec = json.loads(re.search(r'<script type="application/json"[^>]*>(.*)</script>', html, re.S).group(1))
     assert "width" not in spec["layout"] and spec["layout"]["title"]["text"] == "a </script> b"
+
+
+GRID = """id => {
+  const g = document.getElementById(id), m = g.layout.meta.visedit_reflow, panels = [];
+  for (let k = 0; k < m.n; k++) {
+    const s = k ? String(k + 1) : '', a = g.layout.annotations[m.titles[k]];
+    panels.push({x: g.layout['xaxis' + s].domain, y: g.layout['yaxis' + s].domain, tx: a.x, ty: a.y});
+  }
+  return {cols: Number(g.dataset.reflow), width: g.clientWidth, height: g._fullLayout.height, margin: g._fullLayout.margin, panels};
+}"""
+
+
+def _grid_oracle(width: float, margin: dict, cols: int, cell: int, n: int) -> tuple[int, int]:
+    """Columns and height a reflowing grid of ``n`` panels should take at ``width`` px."""
+    plot_w = max(1.0, width - margin["l"] - margin["r"])
+    c = max(1, min(cols, int(plot_w // (0.8 * cell))))
+    rows = -(-n // c)
+    return c, round(rows * (min(cell, plot_w / c) + 20) + margin["t"] + margin["b"])
+
+
+def test_grids_reflow_to_the_width(browser, tmp_path, monkeypatch):
+    """A gallery gets as many columns as its width holds (fewer on a phone, more again when the window
+    widens), each panel in its own cell in row-major order with its title centred above it."""
+    import shutil
+
+    import plotly
+    import plotly.io as pio
+    from PIL import Image
+
+    from visedit import viz
+
+    ext = ROOT / "book" / "_ext"
+    shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js", tmp_path)
+    shutil.copy2(ext / "visedit-figures.js", tmp_path)
+    before = pio.renderers.default
+    monkeypatch.setenv("VISEDIT_BOOK", "1")
+    try:
+        viz.notebook_setup()
+        fig = viz.gallery([Image.new("RGB", (40, 40), (30 * k, 90, 160)) for k in range(8)], [f"p{k}" for k in range(8)])
+        html = pio.renderers["visedit_book"].to_mimebundle(fig.to_dict())["text/html"]
+    finally:
+        pio.renderers.default = before
+    fig_id = re.search(r'<div id="([^"]+)"', html).group(1)
+    (tmp_path / "grid.html").write_text(
+        '<!doctype html><html><body style="margin:0"><div style="max-width:700px; margin:0 auto">'
+        f'{html}</div><script src="plotly.min.js"></script><script src="visedit-figures.js"></script></body></html>')
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto((tmp_path / "grid.html").as_uri(), wait_until="load")
+        seen = []
+        for width in (1280, 390, 1280):
+            page.set_viewport_size({"width": width, "height": 900})
+            page.wait_for_timeout(600)
+            grid = page.evaluate(GRID, fig_id)
+            cols, height = _grid_oracle(grid["width"], grid["margin"], 6, 150, 8)
+            assert (grid["cols"], grid["height"]) == (cols, height), (width, grid["cols"], grid["height"])
+            m = grid["margin"]
+            plot_w, plot_h = grid["width"] - m["l"] - m["r"], height - m["t"] - m["b"]
+            row_h = min(150, plot_w / cols) + 20
+            for k, p in enumerate(grid["panels"]):
+                r, c = divmod(k, cols)
+                top, bottom = 1 - (r * row_h + 20) / plot_h, 1 - (r + 1) * row_h / plot_h
+                assert abs(p["x"][0] - (c + 0.01) / cols) < 1e-6 and abs(p["x"][1] - (c + 0.99) / cols) < 1e-6
+                assert bottom - 1e-6 <= p["y"][0] < p["y"][1] <= top + 1e-6, (k, p, bottom, top)
+                assert abs(p["tx"] - (c + 0.5) / cols) < 1e-6 and abs(p["ty"] - top) < 1e-6
+            seen.append(cols)
+        assert seen[0] > seen[1] and seen[2] == seen[0], seen
+    finally:
+        page.close()

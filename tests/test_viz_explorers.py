@@ -59,3 +59,15 @@ def test_table_explorer_switches_tables():
     assert [bool(t.visible) for t in fig.data] == [True, False]
     assert list(fig.data[1].cells.values[0]) == ["c"]
     assert fig.layout.updatemenus[0].buttons[1].args[0]["visible"] == [False, True]
+
+
+def test_grids_carry_what_reflowing_needs():
+    """Each panel of a gallery or heatmap grid is named with the annotation that titles it (none for an
+    empty title), in row-major order, so the book's script can move panel and title together."""
+    imgs = [Image.new("RGB", (16, 16)) for _ in range(7)]
+    meta = viz.gallery(imgs, [f"a<br>{k}" for k in range(7)], cols=3, size=100).layout.meta["visedit_reflow"]
+    assert meta == {"n": 7, "cols": 3, "cell": 100, "titles": list(range(7)), "lines": 2}
+    fig = viz.heatmap_grid([np.ones((2, 2))] * 5, ["a", "", "c", "d", "e"], cols=4)
+    meta = fig.layout.meta["visedit_reflow"]
+    assert meta["titles"] == [0, -1, 1, 2, 3] and meta["lines"] == 1
+    assert [fig.layout.annotations[i].text for i in meta["titles"] if i >= 0] == ["a", "c", "d", "e"]

@@ -38,6 +38,25 @@ def gallery(images: Sequence[Image.Image], titles: Sequence[str], masks: Sequenc
     fig.update_yaxes(visible=False)
     fig.update_annotations(font_size=10)
     fig.update_layout(height=rows * size + 40, width=cols * size, margin=dict(l=5, r=5, t=30, b=5))
+    return reflowing(fig, len(images), cols=cols, cell=size)
+
+
+def reflowing(fig, n: int, *, cols: int, cell: int):
+    """Mark a row-major grid of ``n`` panels (made by ``make_subplots`` with one title per panel) as one
+    that reflows: in the book, ``visedit-figures.js`` gives it as many columns as its width holds (at
+    most ``cols``, each at least 0.8 × ``cell`` px wide), moving each panel's axes and title and setting
+    the height to match, again whenever the width changes. A 6-wide gallery becomes 3 wide on a phone
+    instead of shrinking to thumbnails. Elsewhere (a live notebook) the figure draws as built."""
+    titles = []
+    for k in range(n):
+        x = fig.layout[f"xaxis{k + 1 if k else ''}"].domain
+        y = fig.layout[f"yaxis{k + 1 if k else ''}"].domain
+        at = [i for i, a in enumerate(fig.layout.annotations)
+              if abs(a.x - (x[0] + x[1]) / 2) < 1e-9 and abs(a.y - y[1]) < 1e-9]
+        titles.append(at[0] if at else -1)
+    lines = max([1] + [fig.layout.annotations[i].text.count("<br>") + 1 for i in titles if i >= 0])
+    fig.update_layout(meta={"visedit_reflow": {"n": int(n), "cols": int(cols), "cell": int(cell), "titles": titles,
+                                               "lines": lines}})
     return fig
 
 
@@ -109,7 +128,7 @@ def heatmap_grid(heatmaps: Sequence[np.ndarray], titles: Sequence[str], *, image
     fig.update_yaxes(visible=False, autorange="reversed")
     fig.update_annotations(font_size=11)
     fig.update_layout(height=rows * size + 50, width=cols * size + 60, margin=dict(l=5, r=5, t=40, b=5))
-    return fig
+    return reflowing(fig, len(heatmaps), cols=cols, cell=size)
 
 
 def selectivity_figure(sel, *, title: str | None = None):
