@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: book test setup clean measure
+.PHONY: book test setup clean measure repository
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 ## Execute every notebook on the embedded model and build the book to _build/html (warnings are errors).
 book: $(STAMP)
-	@grep -q 'url: https://github.com/your-org/visedit' _config.yml && echo "notice: _config.yml's repository.url is still the placeholder github.com/your-org/visedit; the Colab/Binder launch buttons and source links point nowhere until the publisher sets it." || true
+	@grep -q 'url: https://github.com/your-org/visedit' _config.yml && echo "notice: _config.yml's repository.url is still the placeholder github.com/your-org/visedit; the Colab/Binder launch buttons, source links and the notebooks' install cell point nowhere until the publisher sets it with \`make repository URL=https://github.com/ORG/REPO\`." || true
 	VISEDIT_BOOK=1 VISEDIT_STATIC=1 $(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 ## Size of the built site and each page's load time in headless Chromium (needs `make book` first).
 measure:
 	$(BIN)/python book/_ext/measure_site.py _build/html
+
+## Name the published repository: _config.yml's repository.url and every notebook's install cell.
+repository:
+	@test -n "$(URL)" || { echo "usage: make repository URL=https://github.com/ORG/REPO"; exit 2; }
+	$(PY) book/_ext/set_repository.py $(URL)
 
 clean:
 	rm -rf _build
