@@ -14,17 +14,53 @@ import numpy as np
 from .attribution.regions import region_scores  # noqa: F401 (re-exported)
 
 
-def _reset_peak() -> None:
+def _reset_peak(device: str = "cpu") -> None:
+    """Start a peak-memory measurement. On a GPU: torch's peak counter. On the CPU: the process's
+    high-water mark (Linux), after handing freed heap pages back to the system (glibc's ``malloc_trim``):
+    without that, memory the allocator keeps from earlier work is reused unseen and later peaks read 0."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def _peak_mb() -> float:
+def _peak_mb(device: str = "cpu") -> float:
+    """Peak memory so far (MB): allocated by torch on a GPU; the resident high-water mark on the CPU."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _current_mb(device: str = "cpu") -> float:
+    """Memory in use now (MB): torch's allocation on a GPU; the resident set on the CPU."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -46,7 +82,7 @@ def bench_tracing(vllm, record, *, repeats: int = 3, radius: int = 1, sigma: flo
         noise_perturbation(vllm, record.image, record.src, layers=[0], engine=engine, **kw)  # warm-up
         times = []
         _reset_peak()
-        base = _peak_mb()
+        base = _current_mb()
         for _ in range(repeats):
             t0 = time.perf_counter()
             maps[engine] = noise_perturbation(vllm, record.image, record.src, engine=engine, chunk_size=chunk_size, **kw)
@@ -101,13 +137,17 @@ def scale_model(tokens: int, layers: int, *, hidden: int = 128, seed: int = 0, d
             hf_logging.enable_progress_bar()
 
 
-def _timed(fn) -> tuple[float, float, object]:
-    """(seconds, peak resident memory above the start in MB, result) of one call."""
-    _reset_peak()
-    base = _peak_mb()
+def _timed(fn, device: str = "cpu") -> tuple[float, float, object]:
+    """(seconds, peak memory above what was in use at the start in MB, result) of one call."""
+    _reset_peak(device)
+    base = _current_mb(device)
     t0 = time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, max(_peak_mb() - base, 0.0), out
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, max(_peak_mb(device) - base, 0.0), out
 
 
 def _editor(name: str, vllm):
@@ -120,37 +160,41 @@ def _editor(name: str, vllm):
     return get_editor(name, vllm, **({"layer": vllm.n_layers // 2} if name == "ft_l" else {}))
 
 
-def _measure(vllm, record, *, loop: int, chunk_size: int, n: int, editors: Sequence[str]) -> dict:
+def _measure(vllm, record, *, loop: int, chunk_size: int, n: int, editors: Sequence[str],
+             device: str = "cpu") -> dict:
+    import functools
+
     from .attribution import integrated_gradients, module_contributions, noise_perturbation, restoration_tracing
     from .editing.scoring import score_edit
 
+    timed = functools.partial(_timed, device=device)
     image, question = record.image, record.src
     row: dict = {"tokens": None, "layers": vllm.n_layers}
     vllm.answer(image, question, max_new_tokens=1)  # warm-up
     inputs = vllm.inputs([(image, question)])
     row["tokens"] = inputs.layouts[0].n_tokens
     row["prefix_tokens"] = int(inputs.last_prompt[0]) + 1  # what each noisy copy carries through the attention
-    s, m, _ = _timed(lambda: vllm.logits(inputs))
+    s, m, _ = timed(lambda: vllm.logits(inputs))
     row["forward"] = {"seconds": s, "peak_mb": m}
-    s, m, _ = _timed(lambda: module_contributions(vllm, image, question))
+    s, m, _ = timed(lambda: module_contributions(vllm, image, question))
     row["contributions"] = {"seconds": s, "peak_mb": m}
     kw = dict(radius=1, sigma=0.7, n=n, seed=0, chunk_size=chunk_size)
-    s, m, batched = _timed(lambda: noise_perturbation(vllm, image, question, engine="batched", **kw))
+    s, m, batched = timed(lambda: noise_perturbation(vllm, image, question, engine="batched", **kw))
     row["noise_sweep"] = {"seconds": s, "peak_mb": m, "windows": len(batched.values[0])}
     if loop:  # both engines on the same first `loop` layers (every window): the loop's cost is per layer
         some = list(range(min(loop, vllm.n_layers)))
-        s_b, _, part = _timed(lambda: noise_perturbation(vllm, image, question, engine="batched", layers=some, **kw))
-        s, m, ref = _timed(lambda: noise_perturbation(vllm, image, question, engine="loop", layers=some, **kw))
+        s_b, _, part = timed(lambda: noise_perturbation(vllm, image, question, engine="batched", layers=some, **kw))
+        s, m, ref = timed(lambda: noise_perturbation(vllm, image, question, engine="loop", layers=some, **kw))
         row["noise_sweep_loop"] = {"seconds": s, "peak_mb": m, "layers": len(some), "batched_seconds": s_b}
         row["noise_speedup"] = s / s_b
         row["noise_max_abs_diff"] = float(np.abs(ref.array() - part.array()).max())
-    s, m, _ = _timed(lambda: restoration_tracing(vllm, image, question, layers=[0]))
+    s, m, _ = timed(lambda: restoration_tracing(vllm, image, question, layers=[0]))
     row["restoration"] = {"seconds": s, "peak_mb": m}
-    s, m, ig = _timed(lambda: integrated_gradients(vllm, image, question, layer=0, n_steps=32, tolerance=None))
+    s, m, ig = timed(lambda: integrated_gradients(vllm, image, question, layer=0, n_steps=32, tolerance=None))
     row["ig"] = {"seconds": s, "peak_mb": m, "steps": 32}
     for name in editors:
         editor = _editor(name, vllm)
-        s, m, _ = _timed(lambda: score_edit(editor, record, exact=False))
+        s, m, _ = timed(lambda: score_edit(editor, record, exact=False))
         editor.restore()
         row[f"edit_{name}"] = {"seconds": s, "peak_mb": m}
     return row
@@ -191,16 +235,19 @@ def bench_scale(*, tokens: Sequence[int] = SCALE_TOKENS, layers: Sequence[int] =
     for t, l in tqdm(points, desc="bench scale", disable=not progress):
         vllm = scale_model(t, l, hidden=hidden, device=device)
         largest = (t, l) == (tokens[-1], layers[-1])
-        rows.append(_measure(vllm, record, loop=loop if largest else 0, chunk_size=chunk_size, n=n, editors=editors))
+        rows.append(_measure(vllm, record, loop=loop if largest else 0, chunk_size=chunk_size, n=n, editors=editors,
+                             device=device))
     big = scale_model(tokens[-1], layers[-1], hidden=hidden, device=device)
     from .attribution import noise_perturbation
     from .attribution.tracing import sweep_bytes
 
     memory = {}
     for c in chunk_sizes:
-        s, m, _ = _timed(lambda: noise_perturbation(big, record.image, record.src, layers=[0], radius=1, n=n, chunk_size=c))
+        s, m, _ = _timed(lambda: noise_perturbation(big, record.image, record.src, layers=[0], radius=1, n=n,
+                                                    chunk_size=c), device=device)
+        heads = int(big.adapter.text_config.num_attention_heads)
         memory[c] = {"seconds": s, "peak_mb": m,
-                     "estimate_mb": sweep_bytes(c, n, rows[-1]["prefix_tokens"], big.d_model) / 2**20}
+                     "estimate_mb": sweep_bytes(c, n, rows[-1]["prefix_tokens"], big.d_model, heads) / 2**20}
     measures = [k for k, v in rows[0].items() if isinstance(v, dict)]
     by_tokens = [r for r in rows if r["layers"] == layers[0]]
     by_layers = [r for r in rows if r["tokens"] == by_tokens[-1]["tokens"]]

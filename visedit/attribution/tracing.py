@@ -131,7 +131,10 @@ def _check(sigma: float, n: int, layers: Sequence[int], chunk_size: int) -> None
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
 
 
-def _available_bytes() -> int:
+def _available_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory free for the sweep: the GPU's free memory for a CUDA tensor, else the host's available memory."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
@@ -141,11 +144,14 @@ def _available_bytes() -> int:
     return 1 << 62
 
 
-def sweep_bytes(chunk_size: int, n: int, seq: int, d: int) -> int:
-    """Working memory of one batched step of the noise sweep (an upper estimate, in bytes): ``chunk_size``
-    windows × ``n`` noisy copies of a ``seq``-token prefix of width ``d`` in float32, with room for the
-    attention's intermediates. It does not grow with the number of windows or layers."""
-    return chunk_size * n * seq * (d + 64) * 4 * 6
+def sweep_bytes(chunk_size: int, n: int, seq: int, d: int, heads: int, head_dim: int | None = None) -> int:
+    """Working memory of one batched step of the noise sweep (an upper estimate, in bytes, float32): for
+    each of ``chunk_size`` windows × ``n`` noisy copies, the last token's attention scores over the
+    ``seq``-token prefix in each of ``heads`` heads (scores, their softmax and two temporaries of that
+    size), the heads' outputs (two of ``heads`` × ``head_dim``; default ``d // heads``) and the merged
+    output (two of width ``d``). It grows with the chunk, never with the number of windows or layers."""
+    head_dim = d // heads if head_dim is None else head_dim
+    return 4 * chunk_size * n * (4 * heads * seq + 2 * heads * head_dim + 2 * d)
 
 
 @torch.no_grad()
@@ -179,10 +185,6 @@ def noise_perturbation(vllm: VLLM, image, question: str, *, layers: Sequence[int
         if engine == "loop":
             vals = _loop(vllm.site(sites[l]), x, kwargs, clean, z, member, start, T)
         else:
-            need = sweep_bytes(chunk_size, n, x.shape[1], x.shape[-1])
-            if need > _available_bytes():
-                raise MemoryError(f"chunk_size={chunk_size} needs about {need / 2**30:.1f} GiB, more than is "
-                                  "available; pass a smaller chunk_size")
             vals = _batched(vllm, l, x, kwargs, clean, z, member, start, T, chunk_size)
         out.append(tuple(float(v) for v in vals))
     return InfluenceMap(layers=tuple(layers), values=tuple(out), grid=layout.map_grid, radius=radius, sigma=sigma,
@@ -206,6 +208,11 @@ def _loop(attn, x, kwargs, clean, z, member, start, T) -> torch.Tensor:
 def _batched(vllm, layer, x, kwargs, clean, z, member, start, T, chunk_size) -> torch.Tensor:
     """All windows of one layer, ``chunk_size`` windows per step, last-token row only."""
     st = vllm.adapter.attention_state(layer, x, kwargs, T)
+    heads, head_dim = st["q"].shape
+    need = sweep_bytes(min(chunk_size, member.shape[0]), z.shape[0], T + 1, x.shape[-1], heads, head_dim)
+    if need > _available_bytes(x.device):
+        raise MemoryError(f"chunk_size={chunk_size} needs about {need / 2**30:.1f} GiB, more than is "
+                          "available; pass a smaller chunk_size")
     dk, dv = vllm.adapter.attention_delta(st, z, start)  # (n, H, N_v, hd) each
     e = torch.einsum("hk,nhjk->nhj", st["q"], dk) * st["scaling"]  # score change per copy, head, visual token
     vals = []
