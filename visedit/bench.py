@@ -36,6 +36,17 @@ def _reset_peak(device: str = "cpu") -> None:
         pass
 
 
+def _status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (``VmHWM``, ``VmRSS``) in MB; NaN where there is none."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _peak_mb(device: str = "cpu") -> float:
     """Peak memory so far (MB): allocated by torch on a GPU; the resident high-water mark on the CPU."""
     if str(device).startswith("cuda"):
@@ -43,13 +54,7 @@ def _peak_mb(device: str = "cpu") -> float:
 
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def _current_mb(device: str = "cpu") -> float:
@@ -58,13 +63,7 @@ def _current_mb(device: str = "cpu") -> float:
         import torch
 
         return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def bench_tracing(vllm, record, *, repeats: int = 3, radius: int = 1, sigma: float = 0.7, n: int = 10,
