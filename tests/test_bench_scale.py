@@ -62,7 +62,7 @@ def test_bench_scale_bad_input_is_one_line(argv, message, capsys):
 def test_sweep_memory_estimate_is_linear_in_the_chunk_and_blind_to_windows():
     from visedit.attribution.tracing import sweep_bytes
 
-    # LLaVA-1.5-7B: 32 heads of 128; per window and copy 4 score-sized rows over the prefix, 2 head outputs, 2 widths
-    assert sweep_bytes(8, 10, 600, 4096, 32) == 4 * 8 * 10 * (4 * 32 * 600 + 2 * 32 * 128 + 2 * 4096)
+    # LLaVA-1.5-7B: 32 heads of 128; per window and copy 6 score-sized rows over the prefix, 2 head outputs, 2 widths
+    assert sweep_bytes(8, 10, 600, 4096, 32) == 4 * 8 * 10 * (6 * 32 * 600 + 2 * 32 * 128 + 2 * 4096)
     assert sweep_bytes(16, 10, 600, 4096, 32) == 2 * sweep_bytes(8, 10, 600, 4096, 32)
     assert sweep_bytes(8, 10, 600, 4096, 32, head_dim=64) < sweep_bytes(8, 10, 600, 4096, 32)

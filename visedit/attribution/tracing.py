@@ -147,11 +147,11 @@ def _available_bytes(device: torch.device | str = "cpu") -> int:
 def sweep_bytes(chunk_size: int, n: int, seq: int, d: int, heads: int, head_dim: int | None = None) -> int:
     """Working memory of one batched step of the noise sweep (an upper estimate, in bytes, float32): for
     each of ``chunk_size`` windows × ``n`` noisy copies, the last token's attention scores over the
-    ``seq``-token prefix in each of ``heads`` heads (scores, their softmax and two temporaries of that
-    size), the heads' outputs (two of ``heads`` × ``head_dim``; default ``d // heads``) and the merged
+    ``seq``-token prefix in each of ``heads`` heads (scores, their change, their softmax and up to three
+    temporaries of that size: measured on the CPU, a step holds 3.4–5 of them), the heads' outputs (two of ``heads`` × ``head_dim``; default ``d // heads``) and the merged
     output (two of width ``d``). It grows with the chunk, never with the number of windows or layers."""
     head_dim = d // heads if head_dim is None else head_dim
-    return 4 * chunk_size * n * (4 * heads * seq + 2 * heads * head_dim + 2 * d)
+    return 4 * chunk_size * n * (6 * heads * seq + 2 * heads * head_dim + 2 * d)
 
 
 @torch.no_grad()
