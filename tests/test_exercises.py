@@ -60,6 +60,9 @@ CASES = [
         (lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1], "Pearson"),
         (lambda a, b: np.corrcoef(np.argsort(np.argsort(a.ravel(), kind="stable")),
                                   np.argsort(np.argsort(b.ravel(), kind="stable")))[0, 1], "average rank")]),
+    (ex.check_early_share, R.early_share, [
+        (lambda v: np.clip(v, 0, None)[: len(v) // 3].sum() / np.clip(v, 0, None).sum(), "rounding down"),
+        (lambda v: v[: math.ceil(len(v) / 3)].sum() / v.sum(), "clip at 0")]),
 ]
 
 
@@ -140,3 +143,14 @@ def test_window_reference_by_hand():
     assert (w == want).all()
     corner = R.window((10, 10), 0, 1)
     assert corner.sum() == 4 and corner[:2, :2].all()
+
+
+def test_early_share_reference_by_hand_and_is_the_profile_s():
+    from visedit.attribution.contributions import ContributionProfile
+
+    # 7 layers: the first ⌈7/3⌉ = 3 count; the negative one counts 0 in both sums
+    assert R.early_share([-0.4, 0.9, 0.1, 0.3, 0.2, 0.5, 0.6]) == pytest.approx(1.0 / 2.6)
+    assert R.early_share([-1.0, -2.0]) == 0.0
+    mean = {"attn": [0.1, -0.2, 0.5, 0.4]}  # 4 layers: the first 2 count, 0.1 of a positive total of 1.0
+    profile = ContributionProfile(mean=mean, low=mean, high=mean, n=1, n_total=1, only_correct=True)
+    assert profile.early_share() == R.early_share(mean["attn"]) == pytest.approx(0.1)

@@ -8,7 +8,7 @@ accuracy, a rank correlation — and hands the function to a check here::
     def window(grid, token, radius): ...
     exercises.check_window(window)      # prints "right — …" or "wrong — … (why)"
 
-A check runs the reader's function on seeded cases, including the edge cases where mistakes hide,
+The study chapter adds the early share of a contribution profile. A check runs the reader's function on seeded cases, including the edge cases where mistakes hide,
 compares it with the library's own computation, and says in one line what is right or, when it is
 wrong, on which case and — where the mistake is a common one — why. It returns a :class:`Check`
 (``bool(check)`` is whether it passed) and never raises on the reader's behalf.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["Check", "check_patch_coverage", "check_contribution", "check_window", "check_lift", "check_gate",
-           "check_token_accuracy", "check_rank_correlation", "reference"]
+           "check_token_accuracy", "check_rank_correlation", "check_early_share", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,11 @@ class reference:
         logits, ids = np.asarray(logits), np.asarray(ids)
         L = len(ids)
         return float((logits[L - n_target - 1: L - 1].argmax(-1) == ids[L - n_target:]).mean())
+
+    @staticmethod
+    def early_share(per_layer: np.ndarray) -> float:
+        from .attribution.contributions import early_share
+        return early_share(per_layer)
 
     @staticmethod
     def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -339,3 +344,33 @@ def check_rank_correlation(fn: Callable) -> Check:
         if wrong is not None:
             return wrong
     return Check(name, True, "the rank correlation matches, with a monotone transform (ρ = 1) and with ties")
+
+
+def check_early_share(fn: Callable) -> Check:
+    """Chapter 8. ``fn(per_layer)``: one mean contribution per layer → the first third of the layers'
+    (l < L/3, i.e. ⌈L/3⌉ layers) share of the total positive contribution (negative layers count as 0)."""
+    name = "early share"
+    rng = np.random.default_rng(8)
+    cases = [("12 layers, some negative", rng.normal(0.2, 0.5, 12)),
+             ("8 layers (8/3 is not whole: the first 3 count)", rng.uniform(0, 1, 8)),
+             ("7 layers, a negative early layer", np.array([-0.4, 0.9, 0.1, 0.3, 0.2, 0.5, 0.6])),
+             ("a profile with no positive layer", -rng.uniform(0.1, 1, 6))]
+    for case, v in cases:
+        got, bad = _call(name, fn, v.copy())
+        if bad is not None:
+            return bad
+        want = np.array(reference.early_share(v))
+        pos = np.clip(v, 0, None)
+        k = math.ceil(len(v) / 3)
+        diagnoses = []
+        if pos.sum() > 0:
+            diagnoses.append((np.array(pos[: len(v) // 3].sum() / pos.sum()), "the first third of L layers is the "
+                              "⌈L/3⌉ layers l < L/3; rounding down drops one when L is not a multiple of 3"))
+        if v.sum() != 0:
+            diagnoses.append((np.array(v[:k].sum() / v.sum()), "negative layers were kept; count only positive "
+                              "contributions (clip at 0) in both the part and the total"))
+        wrong = _compare(name, got, want, case, diagnoses=tuple(diagnoses))
+        if wrong is not None:
+            return wrong
+    return Check(name, True, "the early share matches on 12, 8 and 7 layers, with negative layers and with none "
+                             "positive (0)")

@@ -97,6 +97,14 @@ def module_contributions(vllm: VLLM, image, question: str, *, target: str | None
         dla_bias=bias)
 
 
+def early_share(per_layer) -> float:
+    """The first third of the layers' (l < L/3, so ⌈L/3⌉ layers) share of the total positive contribution of
+    ``per_layer`` (one value per layer; negative layers count as 0). 0 when no layer contributes."""
+    pos = np.clip(np.asarray(per_layer, dtype=float), 0, None)
+    early = pos[: int(np.ceil(len(pos) / 3))]
+    return float(early.sum() / pos.sum()) if pos.sum() > 0 else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ContributionProfile:
     """Mean per-layer contributions over a dataset with bootstrap 95% intervals.
@@ -126,9 +134,7 @@ class ContributionProfile:
 
     def early_share(self, key: str = "attn") -> float:
         """The first third of the layers' (l < L/3) share of the total positive mean contribution."""
-        pos = np.clip(np.asarray(self.mean[key], dtype=float), 0, None)
-        early = pos[: int(np.ceil(len(pos) / 3))]
-        return float(early.sum() / pos.sum()) if pos.sum() > 0 else 0.0
+        return early_share(self.mean[key])
 
     def plot(self, *, method: str = "paper"):
         keys = ("attn", "mlp") if method == "paper" else ("dla_attn", "dla_mlp")
