@@ -133,3 +133,11 @@ def test_default_split_sizes(world):
     pairs = split_pairs(world, spec.eval_share, spec.seed)
     assert len(pairs["train"]) * spec.edits_per_pair >= 2000
     assert len(pairs["eval"]) * spec.edits_per_pair >= 500
+
+
+def test_spread_takes_an_even_stride():
+    from visedit.world import spread
+
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread(list(range(10)), 20) == list(range(10))
+    assert spread(list(range(1680)), 96) == list(range(0, 1680, 17))[:96]

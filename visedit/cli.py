@@ -110,7 +110,7 @@ def _contributions(args) -> int:
     from .attribution import contribution_profile, integrated_gradients, token_allocation
     from .editing.vead.editor import choose_edit_layer
     from .models import load_vllm
-    from .world import load_world_split
+    from .world import load_world_split, spread
 
     _check_limit(args.limit)
     if args.ig_steps < 2:
@@ -123,7 +123,7 @@ def _contributions(args) -> int:
     vllm = load_vllm(args.model)
     records = load_world_split("eval", vllm.dataset_spec, progress=True)
     if args.limit is not None:
-        records = _spread(records, args.limit) if args.spread else records[: args.limit]
+        records = spread(records, args.limit) if args.spread else records[: args.limit]
     profile = contribution_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
     alloc_err, ig_delta, ig_steps, ig_unconverged = 0.0, 0.0, {"pixels": [], "layer": []}, 0
@@ -215,7 +215,7 @@ def _regions(args) -> int:
     from .models import load_vllm
 
     from .attribution.selectivity import layer_selectivity
-    from .world import load_world_split
+    from .world import load_world_split, spread
 
     _check_limit(args.limit)
     vllm = load_vllm(args.model)
@@ -224,7 +224,7 @@ def _regions(args) -> int:
         records = _correct_eval_records(vllm, args.limit, progress=True)
         result = region_scores(vllm, records, progress=True)
     if vllm.dataset_spec.edition == 2 and args.methods in ("all", "selectivity"):
-        records = _spread(load_world_split("eval", vllm.dataset_spec, progress=True), args.selectivity_limit)
+        records = spread(load_world_split("eval", vllm.dataset_spec, progress=True), args.selectivity_limit)
         result["selectivity"] = layer_selectivity(vllm, records, progress=True).to_dict()
     elif args.methods == "selectivity":
         raise ValueError("--methods selectivity needs a model trained on scenes (e.g. --model visedit-llava)")
@@ -265,11 +265,6 @@ def _sanity(args) -> int:
         print(result.table().to_string())
         print(f"data randomisation: {result.data_randomisation}")
     return 0
-
-
-def _spread(records: list, limit: int) -> list:
-    """``limit`` records taken at an even stride, so that a small sample covers every entity and fact."""
-    return records[:: max(1, len(records) // limit)][:limit]
 
 
 def _records(args, progress: bool):
@@ -428,7 +423,7 @@ def _evaluate_sequential(args, editor, records, source: str) -> int:
 def _tune(args) -> int:
     from .evaluation.tune import tune
     from .models import load_vllm
-    from .world import load_world_split
+    from .world import load_world_split, spread
 
     try:
         grid = json.loads(args.grid)
@@ -439,7 +434,7 @@ def _tune(args) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     vllm = load_vllm(args.model)
-    records = _spread(load_world_split("train", vllm.dataset_spec, progress=True), args.limit)
+    records = spread(load_world_split("train", vllm.dataset_spec, progress=True), args.limit)
     result = tune(args.editor, vllm, records, grid, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -517,7 +512,7 @@ def _train_vead(args) -> int:
     from .editing import VEADConfig, load_preset
     from .editing.vead import choose_edit_layer, train_vead
     from .models import load_vllm
-    from .world import load_world_split
+    from .world import load_world_split, spread
 
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
@@ -529,7 +524,7 @@ def _train_vead(args) -> int:
     vllm = load_vllm(args.model, device=args.device)
     records = load_world_split("train", vllm.dataset_spec, progress=True)
     if args.limit is not None:
-        records = _spread(records, args.limit)
+        records = spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
         settings["layer"] = choose_edit_layer(vllm, records, at=settings.get("at", "output"))
     _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=True)
@@ -545,7 +540,7 @@ def _sweep_vead(args) -> int:
     from .evaluation import evaluate
     from .io import write_json
     from .models import load_vllm
-    from .world import load_world_split
+    from .world import load_world_split, spread
 
     settings = load_preset("vead", args.config)
     settings.pop("weights", None)
@@ -557,9 +552,9 @@ def _sweep_vead(args) -> int:
         raise ValueError(f"--eval-limit must be ≥ 1, got {args.eval_limit}")
     vllm = load_vllm(args.model, device=args.device)
     train = load_world_split("train", vllm.dataset_spec, progress=False)
-    train = _spread(train, args.limit)
+    train = spread(train, args.limit)
     evals = load_world_split("eval", vllm.dataset_spec, progress=False)
-    evals = _spread(evals, args.eval_limit)
+    evals = spread(evals, args.eval_limit)
     # the tag names each setting that differs from the paper's: those below from the config, then any other --set
     named = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "hard_loc")
     extra = "".join(f"-{key}{value}" for key, value in sets.items() if key not in named)

@@ -15,7 +15,7 @@ from .attribution import contribution_profile
 from .attribution.selectivity import layer_selectivity
 from .models import VLLM
 from .models.card import model_card
-from .world import load_world_split
+from .world import load_world_split, spread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,6 @@ class ReadingReport:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _spread(records: list, limit: int) -> list:
-    return records[:: max(1, len(records) // limit)][:limit]
-
-
 def reading_report(vllm: VLLM, *, n_profile: int = 96, n_selectivity: int = 48, card_entities: int | None = None,
                    progress: bool = True) -> ReadingReport:
     """Measure ``vllm``: its model card (``card_entities`` first entities, default all), its attention
@@ -58,10 +54,10 @@ def reading_report(vllm: VLLM, *, n_profile: int = 96, n_selectivity: int = 48, 
     spec = vllm.dataset_spec
     card = model_card(vllm, entities=None if card_entities is None else range(card_entities), progress=progress)
     records = load_world_split("eval", spec, progress=progress)
-    profile = contribution_profile(vllm, _spread(records, n_profile), only_correct=True, progress=progress)
+    profile = contribution_profile(vllm, spread(records, n_profile), only_correct=True, progress=progress)
     selectivity = None
     if spec.edition == 2:
-        selectivity = layer_selectivity(vllm, _spread(records, n_selectivity), progress=progress).to_dict()
+        selectivity = layer_selectivity(vllm, spread(records, n_selectivity), progress=progress).to_dict()
     return ReadingReport(model=vllm.name, info=dict(vllm.info), n_layers=vllm.n_layers,
                          card={**card.to_dict(), "passes": card.passes()}, attention=profile.mean["attn"],
                          mlp=profile.mean["mlp"], attention_peak=profile.peak("attn"),

@@ -454,6 +454,13 @@ def default_dataset_dir() -> Path:
     return cache / "visedit" / "world"
 
 
+def spread(records: list, limit: int) -> list:
+    """At most ``limit`` records taken at an even stride over ``records``, so that a small sample covers
+    every entity and fact (the sample the CLI's ``--spread`` and a reading report measure, so a notebook can
+    recompute a committed result on the same records)."""
+    return records[:: max(1, len(records) // limit)][:limit]
+
+
 def load_world_split(split: str = "eval", spec: DatasetSpec = DatasetSpec(), *, root=None,
                      progress: bool = False) -> list[EditRecord]:
     """Generate (once) and load a split of the world's edit dataset."""
