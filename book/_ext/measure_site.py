@@ -23,6 +23,13 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A page the browser leaves before a file is sent (a closed connection) is not an error here."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def main(book: Path, chromium: str = os.environ.get("VISEDIT_CHROMIUM", "/usr/bin/chromium")) -> int:
     from playwright.sync_api import sync_playwright
 
@@ -30,7 +37,7 @@ def main(book: Path, chromium: str = os.environ.get("VISEDIT_CHROMIUM", "/usr/bi
     size = sum(p.stat().st_size for p in files)
     print(f"site: {book}  {size / 2**20:.1f} MB in {len(files)} files "
           f"(_static {sum(p.stat().st_size for p in files if '_static' in p.parts) / 2**20:.1f} MB)")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(book)))
+    server = _Server(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(book)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     pages = sorted(str(p.relative_to(book)) for p in book.glob("*/*.html") if p.parts[-2] not in ("_static", "_sources"))
