@@ -240,11 +240,11 @@ def bench_scale(*, tokens: Sequence[int] = SCALE_TOKENS, layers: Sequence[int] =
     from .attribution import noise_perturbation
     from .attribution.tracing import sweep_bytes
 
+    heads = int(big.adapter.text_config.num_attention_heads)
     memory = {}
     for c in chunk_sizes:
         s, m, _ = _timed(lambda: noise_perturbation(big, record.image, record.src, layers=[0], radius=1, n=n,
                                                     chunk_size=c), device=device)
-        heads = int(big.adapter.text_config.num_attention_heads)
         memory[c] = {"seconds": s, "peak_mb": m,
                      "estimate_mb": sweep_bytes(c, n, rows[-1]["prefix_tokens"], big.d_model, heads) / 2**20}
     measures = [k for k, v in rows[0].items() if isinstance(v, dict)]

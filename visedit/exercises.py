@@ -2,13 +2,14 @@
 
 Each chapter asks the reader to write one small piece of the method — a patch grid's coverage, the
 contribution formula, one noise window, the lift of a heatmap, the influence mapper's gate, token
-accuracy, a rank correlation — and hands the function to a check here::
+accuracy, a rank correlation, the early share of a contribution profile — and hands the function to a
+check here::
 
     from visedit import exercises
     def window(grid, token, radius): ...
     exercises.check_window(window)      # prints "right — …" or "wrong — … (why)"
 
-The study chapter adds the early share of a contribution profile. A check runs the reader's function on seeded cases, including the edge cases where mistakes hide,
+A check runs the reader's function on seeded cases, including the edge cases where mistakes hide,
 compares it with the library's own computation, and says in one line what is right or, when it is
 wrong, on which case and — where the mistake is a common one — why. It returns a :class:`Check`
 (``bool(check)`` is whether it passed) and never raises on the reader's behalf.

@@ -3,7 +3,6 @@
 // Grids of panels marked by visedit.viz.figures.reflowing (galleries, heatmap grids) reflow: they get as
 // many columns as their width holds, and are laid out again when the width changes.
 (function () {
-
   // The relayout (plotly attribute strings) that gives a reflowing grid `width` px, or null for others.
   function reflow(layout, width) {
     var m = layout.meta && layout.meta.visedit_reflow;
@@ -73,6 +72,5 @@
     }, {rootMargin: "800px 0px"});
     holders.forEach(function (h) { near.observe(h); });
   }
-  window.visedit_reflow = reflow;
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start); else start();
 })();
