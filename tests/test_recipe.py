@@ -329,6 +329,36 @@ def test_the_region_term_trains_the_encoder_and_zero_adds_nothing(tmp_path):
     assert b["encoder_loss"] > a["encoder_loss"]  # the region term adds a positive cross-entropy
 
 
+def test_the_position_term_trains_the_encoder_and_old_checkpoints_resume_without_it(tmp_path):
+    """position_weight > 0 adds the row and column heads and changes the tower; 0 adds nothing; a
+    checkpoint written before the setting existed is read as a run without it (and a run with it refuses
+    that checkpoint instead of resuming it silently)."""
+    with pytest.raises(ValueError, match="position_weight"):
+        recipe_config("llava", position_weight=11.0)
+    assert recipe_config("llava").position_weight == 1.0
+    base = {**MICRO, "region_weight": 0.0}
+    cfg0 = recipe_config("llava", **{**base, "position_weight": 0.0})
+    train_recipe(tmp_path / "a", cfg0, progress=False, log_every=0, stop_after=cfg0.encoder_steps)
+    train_recipe(tmp_path / "b", recipe_config("llava", **base), progress=False, log_every=0,
+                 stop_after=cfg0.encoder_steps)
+    sa, sb = (torch.load(tmp_path / f"{x}.ckpt", weights_only=False)["modules"] for x in "ab")
+    grid = cfg0.image_size // cfg0.patch_size
+    assert "row.weight" not in sa["aux"] and sb["aux"]["row.weight"].shape == (grid, cfg0.vision_hidden)
+    assert sb["aux"]["column.weight"].shape == (grid, cfg0.vision_hidden)
+    tower = [k for k in sa["model"] if "vision_tower" in k]
+    assert any(not torch.equal(sa["model"][k], sb["model"][k]) for k in tower)
+    # a checkpoint from before the setting: its config has no position_weight
+    state = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    del state["config"]["position_weight"]
+    torch.save(state, tmp_path / "a.ckpt")
+    train_recipe(tmp_path / "a", cfg0, progress=False, log_every=0, stop_after=1)  # resumes: no refusal
+    after = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    assert after["config"]["position_weight"] == 0.0
+    assert (after["stage"], after["step"]) != (state["stage"], state["step"])  # it went on from there
+    with pytest.raises(ValueError, match="other settings"):
+        train_recipe(tmp_path / "a", recipe_config("llava", **base), progress=False, log_every=0, stop_after=1)
+
+
 def test_commands_read_the_dataset_of_the_models_world(micro_run, tmp_path):
     """dataset_spec_of reads a model's dataset from its folder without loading it: scenes for a scene
     model, one creature per image for the first model and for a folder without visedit.json; evaluate's

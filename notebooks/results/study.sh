@@ -25,9 +25,14 @@ for recipe in llava joint-encoder one-creature shallow; do
   step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --out "$W/$recipe" --no-progress "${DEV[@]}"
   step "$R/study-$recipe.json" $PY -m visedit reading --model "$W/$recipe" --out "$R/study-$recipe.json"
 done
-# the recipe as first tried: its encoder learns from whole-scene captions only (no region term), 4 layers
-step "$W/no-region" $PY -m visedit train-tiny --recipe llava --budget study --set region_weight=0 --set vision_layers=4 \
-  --out "$W/no-region" --no-progress "${DEV[@]}"
+# the recipe without the position term: its frozen patches lose where they are
+step "$W/no-position" $PY -m visedit train-tiny --recipe llava --budget study --set position_weight=0 \
+  --out "$W/no-position" --no-progress "${DEV[@]}"
+step "$R/study-no-position.json" $PY -m visedit reading --model "$W/no-position" --out "$R/study-no-position.json"
+# the recipe as first tried: its encoder learns from whole-scene captions only (no region or position term),
+# 4 tower layers
+step "$W/no-region" $PY -m visedit train-tiny --recipe llava --budget study --set region_weight=0 --set position_weight=0 \
+  --set vision_layers=4 --out "$W/no-region" --no-progress "${DEV[@]}"
 step "$R/study-no-region.json" $PY -m visedit reading --model "$W/no-region" --out "$R/study-no-region.json"
 # the second teaching model as shipped (the recipe at its full budget)
 step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
