@@ -515,3 +515,26 @@ def test_gate_routing_picks_the_edit_the_gate_opens_on_most(tiny_random, records
     held.restore()
     with pytest.raises(ValueError, match="route must be 'nearest' or 'gate'"):
         VEADConfig(route="random")
+
+
+def test_each_embedded_model_has_its_own_presets_and_trained_folder(tmp_path):
+    """The second teaching model reads its own VEAD preset (the paper's placement: a chosen layer's
+    output, the prompt state for the IM); a model without its own preset, or a checkpoint folder, gets
+    the first model's; trained editors live in a folder per model; an explicit file wins."""
+    from visedit.editing import load_preset, trained_dir
+    from visedit.editing.base import PRESET_DIR, TRAINED_ROOT
+    from visedit.editing.vead.editor import TRAINED_DIR
+
+    first = load_preset("vead")
+    assert load_preset("vead", model="visedit-tiny") == first == load_preset("vead", model=str(tmp_path))
+    second = load_preset("vead", model="visedit-llava")
+    assert second != first and second["layer"] is None and second["at"] == "output"
+    assert second["im_reads"] == "prompt"
+    assert VEADConfig.from_dict(second).layer is None  # checked like any preset
+    assert load_preset("ft_l", model="visedit-llava") == load_preset("ft_l")  # no own preset: the default
+    own = tmp_path / "mine.yaml"
+    own.write_text("w_loc: 2.0\n")
+    assert load_preset("vead", own, model="visedit-llava") == {"w_loc": 2.0}
+    assert trained_dir("vead") == TRAINED_DIR == TRAINED_ROOT / "vead" == trained_dir("vead", "visedit-tiny")
+    assert trained_dir("mend", "visedit-llava") == TRAINED_ROOT / "visedit-llava" / "mend"
+    assert (PRESET_DIR / "visedit-llava" / "vead.yaml").exists()

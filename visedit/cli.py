@@ -324,7 +324,8 @@ def _evaluate(args) -> int:
     if shard is not None:
         shard_indices(len(records), shard)  # a shard with no edit fails before the model loads
     overrides = {"weights": str(args.weights)} if args.weights is not None else {}
-    editor_settings(args.editor, preset=args.preset, **overrides)  # a bad preset fails before the model loads
+    # a bad preset fails before the model loads
+    editor_settings(args.editor, preset=args.preset, model=args.model, **overrides)
     vllm = load_vllm(args.model, **_placement(args, shard))
     editor = get_editor(args.editor, vllm, preset=args.preset, allow_other_model=args.allow_other_model,
                         **overrides)
@@ -449,7 +450,7 @@ def _train_mend(args) -> int:
     from .models import load_vllm
     from .world import load_world_split
 
-    settings = load_preset("mend", args.config)
+    settings = load_preset("mend", args.config, model=args.model)
     settings.pop("weights", None)
     if args.steps is not None:
         settings["steps"] = args.steps
@@ -514,7 +515,7 @@ def _train_vead(args) -> int:
     from .models import load_vllm
     from .world import load_world_split, spread
 
-    settings = load_preset("vead", args.config)
+    settings = load_preset("vead", args.config, model=args.model)
     settings.pop("weights", None)
     _vead_overrides(settings, args, ("steps", "seed", "layer", "at", "im_reads", "width", "decay_share"))
     if args.no_im:
@@ -542,7 +543,7 @@ def _sweep_vead(args) -> int:
     from .models import load_vllm
     from .world import load_world_split, spread
 
-    settings = load_preset("vead", args.config)
+    settings = load_preset("vead", args.config, model=args.model)
     settings.pop("weights", None)
     settings["steps"] = args.steps
     sets = _vead_overrides(settings, args)

@@ -32,6 +32,7 @@ from ..models.devices import require_resident
 from ..models.vllm import VLLM, Inputs
 
 PRESET_DIR = Path(__file__).parent / "presets"
+TRAINED_ROOT = Path(__file__).parent / "trained"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,11 +319,31 @@ def editor_names() -> list[str]:
     return sorted(_EDITORS)
 
 
-def load_preset(name: str, path: str | Path | None = None) -> dict:
-    """The YAML preset of editor ``name`` (``presets/<name>.yaml``), or the file at ``path``."""
+def _model_key(model) -> str | None:
+    """The embedded model whose own presets and trained editors apply (None: the first model's, which
+    live at the top of ``presets/`` and ``trained/``, and serve every other model as defaults)."""
+    from ..models.vllm import EMBEDDED_MODELS
+
+    name = model.name if isinstance(model, VLLM) else model
+    return name if isinstance(name, str) and name in EMBEDDED_MODELS and name != "visedit-tiny" else None
+
+
+def trained_dir(stem: str, model=None) -> Path:
+    """Where the shipped trained ``stem`` (``mend``, ``vead``) of ``model`` (a :class:`VLLM` or a name)
+    lives: ``trained/<stem>`` for the first model, ``trained/<model>/<stem>`` for another embedded one."""
+    key = _model_key(model)
+    return TRAINED_ROOT / key / stem if key else TRAINED_ROOT / stem
+
+
+def load_preset(name: str, path: str | Path | None = None, *, model=None) -> dict:
+    """The YAML preset of editor ``name``, or the file at ``path``. ``model`` (a :class:`VLLM` or a name):
+    an embedded model's own preset (``presets/<model>/<name>.yaml``) when it has one, else
+    ``presets/<name>.yaml``."""
     from ..io import load_yaml
 
-    file = Path(path) if path is not None else PRESET_DIR / f"{name}.yaml"
+    key = _model_key(model)
+    own = PRESET_DIR / key / f"{name}.yaml" if key else None
+    file = Path(path) if path is not None else own if own is not None and own.exists() else PRESET_DIR / f"{name}.yaml"
     if not file.exists():
         if path is not None:
             raise FileNotFoundError(f"preset file not found: {file}")
@@ -333,7 +354,7 @@ def load_preset(name: str, path: str | Path | None = None) -> dict:
     return data
 
 
-def editor_settings(name: str, *, preset: str | Path | None = None, **overrides) -> dict:
+def editor_settings(name: str, *, preset: str | Path | None = None, model=None, **overrides) -> dict:
     """Editor ``name``'s preset settings (plus ``overrides``), checked by its strict config — unknown keys
     and wrong types are refused — without a model (the CLI checks them before it loads one). Editors
     with trained parts also take ``weights`` (a trained folder)."""
@@ -342,7 +363,7 @@ def editor_settings(name: str, *, preset: str | Path | None = None, **overrides)
     if name not in _EDITORS:
         raise ValueError(f"unknown editor {name!r}; choose one of {', '.join(editor_names())}")
     cls = _EDITORS[name]
-    settings = {**load_preset(name, preset), **overrides}
+    settings = {**load_preset(name, preset, model=model), **overrides}
     if cls.trained and settings.get("weights") is not None and not isinstance(settings["weights"], (str, Path)):
         raise ValueError(f"weights must be a folder path, got {settings['weights']!r}")
     cls.config_class.from_dict({k: v for k, v in settings.items() if not (cls.trained and k == "weights")})
@@ -354,7 +375,7 @@ def get_editor(name: str, vllm: VLLM, *, preset: str | Path | None = None, allow
     """Build editor ``name`` with its preset settings (plus ``overrides``). Names: :func:`editor_names`.
     Trained editors (mend, vead) refuse networks trained for another model (their file records its
     fingerprint) unless ``allow_other_model=True``, which warns instead."""
-    settings = editor_settings(name, preset=preset, **overrides)
+    settings = editor_settings(name, preset=preset, model=vllm, **overrides)
     return _EDITORS[name].from_settings(vllm, settings, allow_other_model=allow_other_model)
 
 

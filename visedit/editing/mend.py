@@ -28,9 +28,9 @@ from ..config import StrictConfig
 from ..fit import Every, FitState, fit
 from ..hooks import Trace
 from .base import (EditRequest, Editor, check_trained_for, holdout_split, load_trained, register_editor, save_trained,
-                   target_loss)
+                   target_loss, trained_dir)
 
-TRAINED_DIR = Path(__file__).parent / "trained" / "mend"
+TRAINED_DIR = trained_dir("mend")  # the first model's; see trained_dir for the others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ class MENDEditor(Editor):
         ones. The folder's own settings (``mend.json``) define the editor; preset values (checked like any
         config) only describe how the shipped networks were trained."""
         settings = dict(settings)
-        folder = Path(settings.pop("weights", None) or TRAINED_DIR)
+        folder = Path(settings.pop("weights", None) or trained_dir("mend", vllm))
         MENDConfig.from_dict(settings)
         return cls.load(vllm, folder, allow_other_model=allow_other_model)
 

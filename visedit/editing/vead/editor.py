@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ...hooks import Trace, edit_input, edit_output
-from ..base import EditRequest, Editor, check_trained_for, load_trained, register_editor, save_trained
+from ..base import EditRequest, Editor, check_trained_for, load_trained, register_editor, save_trained, trained_dir
 from .module import VEAD, VEADConfig
 
-TRAINED_DIR = Path(__file__).resolve().parents[1] / "trained" / "vead"
+TRAINED_DIR = trained_dir("vead")  # the first model's; see trained_dir for the others
 
 
 def choose_edit_layer(vllm, records: Sequence, *, at: str = "output", limit: int = 64) -> int:
@@ -88,7 +88,7 @@ class VEADEditor(Editor):
         The folder's own settings define the editor; preset values are checked like any config.
         (An untrained VEAD is the identity; build one with ``VEADEditor(vllm, VEADConfig(...))``.)"""
         settings = dict(settings)
-        folder = Path(settings.pop("weights", None) or TRAINED_DIR)
+        folder = Path(settings.pop("weights", None) or trained_dir("vead", vllm))
         VEADConfig.from_dict(settings)
         return cls.load(vllm, folder, allow_other_model=allow_other_model)
 
