@@ -70,3 +70,27 @@ def test_every_committed_evaluation_was_run_on_the_shipped_model():
     stale = [str(p.parent.relative_to(ROOT)) for p in runs
              if json.loads(p.read_text()).get("model_fingerprint") != shipped]
     assert not stale, f"evaluated on other weights than the shipped model: {stale}; rerun reproduce.sh"
+
+
+def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(tmp_path):
+    """MODEL=visedit-llava: results under results/visedit-llava/, trained editors under
+    trained/visedit-llava/, every command on that model, VEAD's layer left to the rule, FT-L's grid over
+    its twelve layers, and a sweep of at least five layers at the paper's placement."""
+    lines = _dry(MODEL="visedit-llava", WORK=str(tmp_path))
+    assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
+    parser = build_parser()
+    sweep_layers = []
+    for line in lines[:-1]:
+        out, command = line.split(None, 1)[1].strip().split(": ", 1)
+        assert "visedit-llava" in out, out
+        argv = shlex.split(command)
+        args = parser.parse_args(argv[argv.index("visedit") + 1:])
+        assert args.model == "visedit-llava"
+        if args.command == "train-vead":
+            assert args.layer is None
+        if args.command == "tune" and args.editor == "ft_l":
+            assert json.loads(args.grid)["layer"] == [0, 3, 6, 9, 11]
+        if args.command == "sweep-vead":
+            assert args.at == "output" and args.im_reads == "prompt"
+            sweep_layers += args.layers
+    assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Recompute every committed result of the book that depends on the tiny model, in dependency order:
+# Recompute every committed result of the book that depends on a teaching model, in dependency order:
 # the tuned baseline settings, the shipped MEND and VEAD weights, the six 504-edit evaluations, the
-# sanity checks of the maps, the five VEAD ablations and the layer sweep. About 5 hours on 2 CPU threads
-# (times per step below).
+# sanity checks of the maps, the VEAD ablations and the layer sweep. About 5 hours on 2 CPU threads for
+# the first model (times per step below).
 #
-#   bash notebooks/results/reproduce.sh                 # on the embedded model, into the repository
+#   bash notebooks/results/reproduce.sh                 # on the first embedded model, into the repository
+#   MODEL=visedit-llava bash notebooks/results/reproduce.sh
+#                                                       # on the second: results/visedit-llava/, its
+#                                                       # presets/ and trained/ folders, l_e by the rule
 #   MODEL=DIR STAGE=DIR bash notebooks/results/reproduce.sh
 #                                                       # on another tiny model (e.g. a retrained one),
 #                                                       # into a staging tree that mirrors the repository
@@ -31,7 +34,16 @@ T=$STAGE/visedit/editing/trained
 W=${WORK:-$STAGE/.reproduce}          # intermediate weights of ablations and sweeps (not committed)
 M=()
 L=()
-if [[ -n "${MODEL:-}" ]]; then
+KEY=                                   # an embedded model with its own results, presets and trained editors
+FTL_LAYERS='[0, 2, 4, 6, 7]'           # FT-L's layer grid: spread over the decoder, the last included
+if [[ ${MODEL:-} == visedit-llava ]]; then
+  KEY=$MODEL
+  M=(--model "$MODEL")
+  R=$R/$KEY
+  T=$T/$KEY
+  W=$W/$KEY
+  FTL_LAYERS='[0, 3, 6, 9, 11]'
+elif [[ -n "${MODEL:-}" ]]; then
   M=(--model "$MODEL")
   L=(--layer 0)                        # the preset's l_e (another --model would choose it from its profile)
 fi
@@ -60,20 +72,22 @@ lanes() {  # lanes FN_A FN_B: two independent lists of steps; with JOBS=2 side b
 
 check_tune() {  # the preset must hold tune's best setting
   [[ -n "${DRY:-}" ]] && return
-  $PY - "$R/tune/$1.json" "$1" <<'EOF'
+  $PY - "$R/tune/$1.json" "$1" "$KEY" <<'EOF'
 import json, sys
 from visedit.editing import load_preset
-best, preset = json.load(open(sys.argv[1]))["best"], load_preset(sys.argv[2])
+model = sys.argv[3] or None
+best, preset = json.load(open(sys.argv[1]))["best"], load_preset(sys.argv[2], model=model)
 differs = {k: (v, preset.get(k)) for k, v in best.items() if preset.get(k) != v}
 if differs:
+    where = f"{model}/" if model else ""
     sys.exit(f"tune's best for {sys.argv[2]} differs from its preset (best, preset): {differs}; "
-             f"edit visedit/editing/presets/{sys.argv[2]}.yaml, then run this script again")
+             f"edit (or create) visedit/editing/presets/{where}{sys.argv[2]}.yaml, then run this script again")
 EOF
 }
 
 # ---- baseline settings, chosen on 40 train edits (a few minutes each) ---------------------------------
 step "$R/tune/ft_l.json" to_file "$R/tune/ft_l.json" $PY -m visedit tune "${M[@]}" --json --editor ft_l \
-  --grid '{"layer": [0, 2, 4, 6, 7], "lr": [1e-3, 3e-4]}'
+  --grid "{\"layer\": $FTL_LAYERS, \"lr\": [1e-3, 3e-4]}"
 step "$R/tune/ft_v.json" to_file "$R/tune/ft_v.json" $PY -m visedit tune "${M[@]}" --json --editor ft_v \
   --grid '{"lr": [1e-2, 1e-3, 1e-4], "vision_layers": [0, 1]}'
 step "$R/tune/ike.json" to_file "$R/tune/ike.json" $PY -m visedit tune "${M[@]}" --json --editor ike \
@@ -94,6 +108,44 @@ done
 
 # ---- sanity checks of every heatmap method and the shipped VEAD's gate (12 records, 7 min), chapter 4 -------
 step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --limit 12 --out "$R/sanity/first.json"
+
+# ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------
+if [[ $KEY == visedit-llava ]]; then
+  sweep_out() {  # sweep_out LAYER...: one reduced-budget row per layer at the paper's placement
+    local layer tag
+    for layer in "$@"; do
+      tag=layer$layer
+      if [[ -e $R/sweep/$tag.json ]]; then echo "done    $R/sweep/$tag.json"; continue; fi
+      step "$W/sweep/$tag-w_loc3-w_im0.1.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
+        --im-reads prompt --limit 600 --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 \
+        --set w_im=0.1 --out "$W/sweep" --layers "$layer"
+      [[ -n "${DRY:-}" ]] && continue
+      mkdir -p "$R/sweep"
+      cp "$W/sweep/$tag-w_loc3-w_im0.1.json" "$R/sweep/$tag.json"
+    done
+  }
+  # the rule's l_e is the shipped VEAD's layer; the sweep adds it to six layers spread over the twelve
+  rule=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["layer"])' "$T/vead/vead.json" \
+    2>/dev/null || echo 0)
+  lane_a=(0 4 8)
+  [[ " 0 2 4 6 8 10 " == *" $rule "* ]] || lane_a+=("$rule")
+  sweep_a() { sweep_out "${lane_a[@]}"; }
+  sweep_b() { sweep_out 2 6 10; }
+  lanes sweep_a sweep_b
+  ablation() {  # ablation NAME TRAIN-OPTIONS...
+    local name=$1; shift
+    if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi
+    step "$W/$name" $PY -m visedit train-vead "${M[@]}" --json --out "$W/$name" "$@"
+    step "$R/ablations/$name" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$W/$name" --json --fresh \
+      --out "$R/ablations/$name"
+    [[ -n "${DRY:-}" ]] || cp "$W/$name/vead.json" "$R/ablations/$name/vead.json"
+  }
+  ablations_a() { ablation vead-im-image --im-reads image; }  # the IM on the edit image's tokens (ours)
+  ablations_b() { ablation vead-eos --set eos=true; }         # targets end with the end token
+  lanes ablations_a ablations_b
+  echo "all results are in place under $R"
+  exit 0
+fi
 
 # ---- the layer sweep (5–9 min per row), chapters 5–7; files are named without the --set suffix ----------
 sweep() {  # sweep ROW-TAG... -- SWEEP-OPTIONS...
