@@ -158,3 +158,42 @@ def test_ig_refuses_bad_settings_in_one_line(tiny_random, img, kw, message):
     with pytest.raises(ValueError, match=message) as err:
         integrated_gradients(tiny_random, img, image_question("name"), **kw)
     assert "\n" not in str(err.value)
+
+
+def test_source_profile_averages_the_exact_split_and_keeps_only_correct_answers(tiny_random, tmp_path):
+    """The profile is the mean of the per-record splits (oracle: recomputed by hand), its peak and shares
+    read the visual series, only_correct keeps exactly the records whose first answer token is right, and
+    it serialises and plots."""
+    import json
+
+    import numpy as np
+
+    from visedit.attribution import ContributionProfile, attention_sources, source_profile
+    from visedit.world import DatasetSpec, load_world_split
+
+    vocab = tiny_random.tokenizer.get_vocab()
+    recs = [r for r in load_world_split("eval", DatasetSpec(seed=1, n_entities=8, edits_per_pair=1, image_size=32),
+                                        root=tmp_path / "w") if r.pred.split()[0] in vocab][:5]
+    splits = [attention_sources(tiny_random, r.image, r.src) for r in recs]
+    prof = source_profile(tiny_random, recs, only_correct=False, n_boot=100, progress=False)
+    np.testing.assert_allclose(prof.mean["visual"], np.mean([s["visual"] for s in splits], 0), atol=1e-6)
+    np.testing.assert_allclose(prof.mean["text"], np.mean([s["text"] for s in splits], 0), atol=1e-6)
+    assert prof.n == prof.n_total == 5 and prof.peak("visual") == int(np.argmax(prof.mean["visual"]))
+    assert prof.relative_peak_depth("visual") == prof.peak("visual") / (tiny_random.n_layers - 1)
+    # the first two records get the model's own answer as their answer: they count as correct
+    import dataclasses
+
+    recs = [dataclasses.replace(r, pred=tiny_random.tokenizer.decode([s["target_id"]]).strip()) if i < 2 else r
+            for i, (r, s) in enumerate(zip(recs, splits))]
+    right = [s["target_id"] == tiny_random.encode_target(r.pred)[0] for s, r in zip(splits, recs)]
+    kept = source_profile(tiny_random, recs, n_boot=100, progress=False)
+    assert right[:2] == [True, True] and kept.n == sum(right) and kept.n_total == 5
+    np.testing.assert_allclose(kept.mean["visual"], np.mean([s["visual"] for s, ok in zip(splits, right) if ok], 0),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="no record was answered correctly"):
+        source_profile(tiny_random, [r for r, ok in zip(recs, right) if not ok] or recs[2:3], n_boot=100,
+                       progress=False)
+    assert ContributionProfile(**json.loads(json.dumps(prof.to_dict()))) == prof
+    assert [t.name for t in prof.plot().data] == ["visual tokens", "text tokens"]
+    with pytest.raises(ValueError, match="no records given"):
+        source_profile(tiny_random, [], progress=False)

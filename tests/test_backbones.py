@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from visedit.attribution import (attention_map, integrated_gradients, module_contributions, noise_perturbation,
-                                 region_scores, restoration_tracing, sanity_checks, token_allocation)
+                                 region_scores, restoration_tracing, sanity_checks, token_allocation,
+                                 attention_sources)
 from visedit.editing import (EditRequest, IKEConfig, InContextEditor, MENDConfig, MENDEditor, VEADConfig,
                              VEADEditor, get_editor)
 from visedit.evaluation import evaluate
@@ -77,6 +78,18 @@ def test_dla_sums_to_the_logit(vllm, shot):
     assert len(mc.attn) == len(mc.dla_mlp) == vllm.n_layers
     assert mc.dla_total == pytest.approx(mc.logit, abs=1e-4)
     assert max(abs(c) for c in mc.attn + mc.mlp) <= 1.0 + 1e-6
+
+
+def test_attention_sources_split_every_layer_exactly(vllm, shot):
+    """One pass splits each layer's attention output into visual and text sources; their sum plus the
+    bias is the module's direct logit attribution, for every layer (the oracle), on every backbone."""
+    src = attention_sources(vllm, shot, image_question("habitat"))
+    mc = module_contributions(vllm, shot, image_question("habitat"))
+    total = np.add(np.add(src["visual"], src["text"]), src["bias"])
+    np.testing.assert_allclose(total, src["module"], atol=1e-4)
+    np.testing.assert_allclose(src["module"], mc.dla_attn, atol=1e-4)
+    al = token_allocation(vllm, shot, image_question("habitat"), layer=1)
+    assert src["visual"][1] == pytest.approx(sum(al.visual), abs=1e-4)
 
 
 @pytest.mark.parametrize("layer", [0, -1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from visedit.cli import main
@@ -73,6 +74,11 @@ def test_contributions_cli_on_the_embedded_model(capsys, tmp_path):
         assert len(out[key]) == L
     assert out["n"] >= 20  # the model answers almost all eval questions correctly
     assert out["allocation_max_error"] <= 1e-4
+    # the source split is exact: visual + text + bias = the attention's DLA (the embedded LLaVA has no bias)
+    assert len(out["visual_attention"]) == len(out["text_attention"]) == L
+    for v, t, d in zip(out["visual_attention"], out["text_attention"], out["dla_attn"]):
+        assert v + t == pytest.approx(d, abs=1e-4)
+    assert out["visual_peak_relative_depth"] == round(int(np.argmax(out["visual_attention"])) / (L - 1), 4)
     assert out["ig_max_delta"] <= 0.05 and out["ig_unconverged"] == 0
     assert out["ig_steps"]["pixels"]["min"] >= 64 and sum(out["ig_steps"]["layer"]["counts"].values()) == 3
 

@@ -256,7 +256,12 @@ def test_reading_report_of_the_first_model(embedded):
     assert rep.selectivity is None and rep.n_layers == embedded.n_layers == len(rep.attention)
     assert rep.attention_peak_relative_depth == round(rep.attention_peak / (rep.n_layers - 1), 4)
     assert 0 <= rep.early_share <= 1 and rep.n_profile >= 1
+    assert len(rep.visual_attention) == len(rep.text_attention) == rep.n_layers
+    assert 0 <= rep.visual_early_share <= 1 and 0 <= rep.visual_peak_relative_depth <= 1
     assert ReadingReport.from_dict(rep.to_dict()) == rep
+    # a report written before the source split still reads
+    old = {k: v for k, v in rep.to_dict().items() if not k.startswith(("visual_", "text_"))}
+    assert ReadingReport.from_dict(old).visual_attention is None
 
 
 def test_scene_records_are_scored_on_the_region_probes_too(micro_run, tmp_path):

@@ -74,7 +74,8 @@ def _reading(args) -> int:
 
     report = reading_report(load_vllm(args.model), n_profile=args.n_profile, n_selectivity=args.n_selectivity,
                             card_entities=args.card_entities, progress=True)
-    _emit(args, report.to_dict(), ("model", "attention_peak", "attention_peak_relative_depth", "early_share"))
+    _emit(args, report.to_dict(), ("model", "attention_peak", "attention_peak_relative_depth", "early_share",
+                                   "visual_peak_relative_depth", "visual_early_share"))
     return 0
 
 
@@ -107,7 +108,7 @@ def _contributions(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .attribution import contribution_profile, integrated_gradients, token_allocation
+    from .attribution import contribution_profile, integrated_gradients, source_profile, token_allocation
     from .editing.vead.editor import choose_edit_layer
     from .models import load_vllm
     from .world import load_world_split, spread
@@ -125,6 +126,7 @@ def _contributions(args) -> int:
     if args.limit is not None:
         records = spread(records, args.limit) if args.spread else records[: args.limit]
     profile = contribution_profile(vllm, records, only_correct=not args.all_records, progress=True)
+    sources = source_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
     alloc_err, ig_delta, ig_steps, ig_unconverged = 0.0, 0.0, {"pixels": [], "layer": []}, 0
     for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG")):
@@ -138,7 +140,10 @@ def _contributions(args) -> int:
     out = {**{k: [round(x, 6) for x in v] for k, v in profile.mean.items()}, "low": profile.low, "high": profile.high,
            "n": profile.n, "n_total": profile.n_total, "layer": layer, "peak_attn": profile.peak("attn"),
            "peak_mlp": profile.peak("mlp"), "attention_peak_relative_depth": round(profile.relative_peak_depth("attn"), 4),
-           "early_share": round(profile.early_share("attn"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
+           "early_share": round(profile.early_share("attn"), 4),
+           "visual_attention": sources.mean["visual"], "text_attention": sources.mean["text"],
+           "visual_peak_relative_depth": round(sources.relative_peak_depth("visual"), 4),
+           "visual_early_share": round(sources.early_share("visual"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
            "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records)),
            "ig_steps": {where: _steps_summary(steps) for where, steps in ig_steps.items()},
            "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance,

@@ -1,7 +1,8 @@
 """Attribution: module contributions (logit lens, DLA), exact per-token allocation, Captum gradients,
 noise-perturbation and restoration tracing, region selection and its scores, and sanity checks of every map."""
 
-from .allocation import TokenAllocation, attention_map, token_allocation, visual_span
+from .allocation import (TokenAllocation, attention_map, attention_sources, source_profile,
+                         token_allocation, visual_span)
 from .contributions import (ContributionProfile, ModuleContributions, bootstrap_ci, contribution_profile,
                             layer_bars, module_contributions)
 from .gradients import IGConvergenceWarning, IGResult, integrated_gradients, token_baseline
@@ -12,7 +13,8 @@ from .sanity import SanityChecks, sanity_checks
 from .tracing import (InfluenceMap, RestorationMap, layout_windows, noise_perturbation, restoration_tracing,
                       windows)
 
-__all__ = ["TokenAllocation", "attention_map", "token_allocation", "visual_span", "ContributionProfile",
+__all__ = ["TokenAllocation", "attention_map", "attention_sources", "source_profile",
+           "token_allocation", "visual_span", "ContributionProfile",
            "ModuleContributions", "bootstrap_ci", "contribution_profile", "layer_bars", "module_contributions",
            "IGConvergenceWarning", "IGResult", "integrated_gradients", "token_baseline", "QueryPatchMap",
            "query_patch_weights", "query_to_patches", "RegionScore",

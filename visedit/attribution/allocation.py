@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..models import VLLM
+from .contributions import ContributionProfile, profile_from_rows
 
 
 _NO_VISUAL = "this input has no visual tokens: pass an image (attribution over visual tokens needs one)"
@@ -124,3 +125,51 @@ def attention_map(vllm: VLLM, image, question: str, *, layer: int) -> np.ndarray
     run = vllm.run(inputs, trace=[site], trace_inputs=True)
     weights = vllm.adapter.attention_weights(layer, run.inputs[site], run.kwargs[site], T).mean(0)
     return layout.on_map(weights[start:stop].float().cpu().numpy())
+
+
+@torch.no_grad()
+def attention_sources(vllm: VLLM, image, question: str, *, target: str | None = None) -> dict:
+    """Every layer's attention output at T split exactly into what its visual-token sources and its text
+    sources (every other position) add to the answer's logit (direct logit attribution), from one pass.
+
+    Returns ``{"target_id", "visual", "text", "bias", "module"}`` with one value per layer in the last four;
+    ``visual + text + bias == module`` (the attention output's own projection) up to float error."""
+    inputs, start, stop, T = prepare(vllm, image, question)
+    L = vllm.n_layers
+    sites = [f"llm.layers.{layer}.attn" for layer in range(L)]
+    run = vllm.run(inputs, trace=sites + ["llm.norm"], trace_inputs=True)
+    y = int(run.logits[0, T].argmax()) if target is None else vllm.encode_target(target)[0]
+    direction, _ = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
+    out = {"target_id": y, "visual": [], "text": [], "bias": [], "module": []}
+    for layer, site in enumerate(sites):
+        terms = vllm.adapter.attention_terms(layer, run.inputs[site], run.kwargs[site], T)  # (H, T+1, d)
+        per_source = (terms.float() @ direction.to(terms.device)).sum(0)
+        bias = vllm.adapter.attention_output_bias(layer)
+        visual = float(per_source[start:stop].sum())
+        out["visual"].append(visual)
+        out["text"].append(float(per_source.sum()) - visual)
+        out["bias"].append(float(bias.float().to(direction.device) @ direction) if bias is not None else 0.0)
+        out["module"].append(float(run.outputs[site][0, T].float() @ direction.to(run.outputs[site].device)))
+    return out
+
+
+def source_profile(vllm: VLLM, records, *, only_correct: bool = True, n_boot: int = 1000, seed: int = 0,
+                   progress: bool = True) -> ContributionProfile:
+    """:func:`attention_sources` averaged over MMEdit records (``image``, ``src``, ``pred``): a
+    :class:`ContributionProfile` with keys ``visual`` and ``text`` (its ``peak("visual")``,
+    ``relative_peak_depth("visual")`` and ``early_share("visual")`` ask where the image is read). The
+    paper's module contribution scores the whole attention output, whichever source it read. With
+    ``only_correct`` only records whose first answer token the model gets right count."""
+    from tqdm.auto import tqdm
+
+    if len(records) == 0:
+        raise ValueError("no records given: pass a non-empty list of MMEdit records")
+    rows = []
+    for rec in tqdm(records, desc="attention sources", disable=not progress):
+        src = attention_sources(vllm, rec.image, rec.src)
+        if only_correct and src["target_id"] != vllm.encode_target(rec.pred)[0]:
+            continue
+        rows.append([src["visual"], src["text"]])
+    if not rows:
+        raise ValueError("no record was answered correctly; pass only_correct=False to keep them all")
+    return profile_from_rows(rows, ("visual", "text"), len(records), only_correct, n_boot, seed)

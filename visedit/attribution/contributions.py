@@ -110,7 +110,8 @@ class ContributionProfile:
     """Mean per-layer contributions over a dataset with bootstrap 95% intervals.
 
     ``mean[key]`` and ``low[key]``/``high[key]`` are lists of length L for key in
-    ``attn, mlp, dla_attn, dla_mlp``.
+    ``attn, mlp, dla_attn, dla_mlp`` (:func:`contribution_profile`), or ``visual, text`` — what each
+    layer's attention output takes from the visual tokens and from the text (:func:`source_profile`).
     """
 
     mean: dict[str, list[float]]
@@ -137,12 +138,27 @@ class ContributionProfile:
         return early_share(self.mean[key])
 
     def plot(self, *, method: str = "paper"):
-        keys = ("attn", "mlp") if method == "paper" else ("dla_attn", "dla_mlp")
-        return layer_bars({"attention": self.mean[keys[0]], "MLP": self.mean[keys[1]]},
-                          low={"attention": self.low[keys[0]], "MLP": self.low[keys[1]]},
-                          high={"attention": self.high[keys[0]], "MLP": self.high[keys[1]]}, method=method,
-                          title=f"{'Paper formula' if method == 'paper' else 'Direct logit attribution'} "
-                                f"(n = {self.n})")
+        """Bars per layer: attention and MLP by the paper's formula (``method="paper"``) or by DLA
+        (``"dla"``); a source profile shows its visual and text series (by DLA) whatever ``method``."""
+        if "visual" in self.mean:
+            names, method = {"visual tokens": "visual", "text tokens": "text"}, "dla"
+            title = f"What each layer's attention takes from the image and from the text (n = {self.n})"
+        else:
+            keys = ("attn", "mlp") if method == "paper" else ("dla_attn", "dla_mlp")
+            names = dict(zip(("attention", "MLP"), keys))
+            title = f"{'Paper formula' if method == 'paper' else 'Direct logit attribution'} (n = {self.n})"
+        return layer_bars({n: self.mean[k] for n, k in names.items()}, low={n: self.low[k] for n, k in names.items()},
+                          high={n: self.high[k] for n, k in names.items()}, method=method, title=title)
+
+
+def profile_from_rows(rows, keys: Sequence[str], n_total: int, only_correct: bool, n_boot: int, seed: int
+             ) -> ContributionProfile:
+    """Mean and bootstrap interval of ``rows`` (n, len(keys), L) as a :class:`ContributionProfile`."""
+    mean, lo, hi = bootstrap_ci(np.asarray(rows), n_boot=n_boot, seed=seed)
+    return ContributionProfile(mean={k: mean[i].round(6).tolist() for i, k in enumerate(keys)},
+                               low={k: lo[i].round(6).tolist() for i, k in enumerate(keys)},
+                               high={k: hi[i].round(6).tolist() for i, k in enumerate(keys)},
+                               n=len(rows), n_total=n_total, only_correct=only_correct)
 
 
 def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = True, alpha: float = 0.5,
@@ -164,10 +180,4 @@ def contribution_profile(vllm: VLLM, records: Sequence, *, only_correct: bool = 
     if not rows:
         raise ValueError("no record was answered correctly; pass only_correct=False (CLI: --all-records) to keep "
                          "them all")
-    arr = np.asarray(rows)  # (n, 4, L)
-    mean, lo, hi = bootstrap_ci(arr, n_boot=n_boot, seed=seed)
-    keys = ("attn", "mlp", "dla_attn", "dla_mlp")
-    return ContributionProfile(mean={k: mean[i].round(6).tolist() for i, k in enumerate(keys)},
-                               low={k: lo[i].round(6).tolist() for i, k in enumerate(keys)},
-                               high={k: hi[i].round(6).tolist() for i, k in enumerate(keys)},
-                               n=len(rows), n_total=len(records), only_correct=only_correct)
+    return profile_from_rows(rows, ("attn", "mlp", "dla_attn", "dla_mlp"), len(records), only_correct, n_boot, seed)
