@@ -164,9 +164,10 @@ def read_depth_figure(rows: Sequence[dict]):
     return fig
 
 
-def depth_profiles_figure(profiles: dict[str, Sequence[float]]):
-    """Attention-contribution profiles of several models against relative depth (layer ÷ (L − 1)), so that
-    models of different depths line up (``profiles``: name → per-layer contribution)."""
+def depth_profiles_figure(profiles: dict[str, Sequence[float]], *, title: str = "Where each model's attention "
+                          "writes its answer", yaxis: str = "attention contribution"):
+    """Per-layer profiles of several models against relative depth (layer ÷ (L − 1)), so that models of
+    different depths line up (``profiles``: name → one value per layer)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -174,8 +175,7 @@ def depth_profiles_figure(profiles: dict[str, Sequence[float]]):
         L = len(values)
         fig.add_trace(go.Scatter(x=[l / max(L - 1, 1) for l in range(L)], y=list(values), mode="lines+markers",
                                  name=name))
-    fig.update_layout(xaxis_title="relative depth (layer ÷ (L − 1))", yaxis_title="attention contribution",
-                      height=380, title="Where each model writes its answer from the image",
+    fig.update_layout(xaxis_title="relative depth (layer ÷ (L − 1))", yaxis_title=yaxis, height=380, title=title,
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
