@@ -88,6 +88,19 @@ class TokenAllocation(VisualTokenMap):
 
 
 @torch.no_grad()
+def _split(vllm: VLLM, run, layer: int, T: int, direction: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Layer ``layer``'s attention output at T on ``direction``: per source position (T+1,), the output
+    bias's share, and the module output's own projection (their sum is the oracle)."""
+    site = f"llm.layers.{layer}.attn"
+    terms = vllm.adapter.attention_terms(layer, run.inputs[site], run.kwargs[site], T)  # (H, T+1, d)
+    direction = direction.to(terms.device)  # on a split model the head may sit on another device
+    per_source = (terms.float() @ direction).sum(0)
+    bias = vllm.adapter.attention_output_bias(layer)
+    bias_proj = float(bias.float().to(direction.device) @ direction) if bias is not None else 0.0
+    module_proj = float(run.outputs[site][0, T].float().to(direction.device) @ direction)
+    return per_source, bias_proj, module_proj
+
+
 def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: str | None = None) -> TokenAllocation:
     """Exact allocation of layer ``layer``'s attention output at T to each visual token."""
     layer = vllm.adapter.check_layer(layer)
@@ -95,14 +108,8 @@ def token_allocation(vllm: VLLM, image, question: str, *, layer: int, target: st
     run = vllm.run(inputs, trace=[f"llm.layers.{layer}.attn", "llm.norm"], trace_inputs=True)
     logits = run.logits[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
-    attn = f"llm.layers.{layer}.attn"
-    terms = vllm.adapter.attention_terms(layer, run.inputs[attn], run.kwargs[attn], T)  # (H, T+1, d)
     direction, _ = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
-    direction = direction.to(terms.device)  # on a split model the head may sit on another device
-    per_source = (terms.float() @ direction).sum(0)  # (T+1,)
-    bias = vllm.adapter.attention_output_bias(layer)
-    bias_proj = float(bias.float().to(direction.device) @ direction) if bias is not None else 0.0
-    module_proj = float(run.outputs[attn][0, T].float() @ direction)
+    per_source, bias_proj, module_proj = _split(vllm, run, layer, T, direction)
     error = abs(float(per_source.sum()) + bias_proj - module_proj)
     visual = per_source[start:stop]
     return TokenAllocation(layer=layer, target=vllm.tokenizer.decode([y]).strip(),
@@ -141,15 +148,13 @@ def attention_sources(vllm: VLLM, image, question: str, *, target: str | None = 
     y = int(run.logits[0, T].argmax()) if target is None else vllm.encode_target(target)[0]
     direction, _ = vllm.adapter.logit_direction(run.inputs["llm.norm"][0, T], y)
     out = {"target_id": y, "visual": [], "text": [], "bias": [], "module": []}
-    for layer, site in enumerate(sites):
-        terms = vllm.adapter.attention_terms(layer, run.inputs[site], run.kwargs[site], T)  # (H, T+1, d)
-        per_source = (terms.float() @ direction.to(terms.device)).sum(0)
-        bias = vllm.adapter.attention_output_bias(layer)
+    for layer in range(L):
+        per_source, bias, module = _split(vllm, run, layer, T, direction)
         visual = float(per_source[start:stop].sum())
         out["visual"].append(visual)
         out["text"].append(float(per_source.sum()) - visual)
-        out["bias"].append(float(bias.float().to(direction.device) @ direction) if bias is not None else 0.0)
-        out["module"].append(float(run.outputs[site][0, T].float() @ direction.to(run.outputs[site].device)))
+        out["bias"].append(bias)
+        out["module"].append(module)
     return out
 
 
