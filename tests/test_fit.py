@@ -48,8 +48,9 @@ def recipe_digest(tmp) -> str:
     from tests.test_recipe import MICRO
     from visedit.models.recipe import STAGES, recipe_config, train_recipe
 
-    # pinned before the region term existed: run without it, as then
-    record = train_recipe(tmp / "recipe", recipe_config("llava", **{**MICRO, "region_weight": 0.0}), progress=False,
+    # pinned before the region and position terms existed: run without them, as then
+    record = train_recipe(tmp / "recipe", recipe_config("llava", **{**MICRO, "region_weight": 0.0, "position_weight": 0.0}),
+                          progress=False,
                           log_every=1)
     ckpt = torch.load(tmp / "recipe.ckpt", weights_only=False)  # the float32 weights (the folder's are half)
     state = {f"{m}.{k}": v for m, d in ckpt["modules"].items() for k, v in d.items()}
