@@ -50,8 +50,7 @@ def recipe_digest(tmp) -> str:
 
     # pinned before the region and position terms existed: run without them, as then
     record = train_recipe(tmp / "recipe", recipe_config("llava", **{**MICRO, "region_weight": 0.0, "position_weight": 0.0}),
-                          progress=False,
-                          log_every=1)
+                          progress=False, log_every=1)
     ckpt = torch.load(tmp / "recipe.ckpt", weights_only=False)  # the float32 weights (the folder's are half)
     state = {f"{m}.{k}": v for m, d in ckpt["modules"].items() for k, v in d.items()}
     state.update({f"saved.{k}": v for k, v in load_file(tmp / "recipe" / "model.safetensors").items()})
