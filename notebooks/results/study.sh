@@ -34,6 +34,12 @@ step "$R/study-no-position.json" $PY -m visedit reading --model "$W/no-position"
 step "$W/no-region" $PY -m visedit train-tiny --recipe llava --budget study --set region_weight=0 --set position_weight=0 \
   --set vision_layers=4 --out "$W/no-region" --no-progress "${DEV[@]}"
 step "$R/study-no-region.json" $PY -m visedit reading --model "$W/no-region" --out "$R/study-no-region.json"
+# optional (FULL=1): the recipe at its full budget without the position term, about five hours on one thread
+if [[ -n ${FULL:-} ]]; then
+  step "$W/full-no-position" $PY -m visedit train-tiny --recipe llava --set position_weight=0 \
+    --out "$W/full-no-position" --no-progress "${DEV[@]}"
+  step "$R/full-no-position.json" $PY -m visedit reading --model "$W/full-no-position" --out "$R/full-no-position.json"
+fi
 # the second teaching model as shipped (the recipe at its full budget)
 step "$R/llava.json" $PY -m visedit reading --model visedit-llava --out "$R/llava.json"
 # its section-3 figures by the two commands that report them on their own
