@@ -23,10 +23,10 @@ def captions(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def caption_model(tmp_path_factory, world):
+def caption_model_dir(tmp_path_factory, world):
     """A tiny random LLaVA whose word-level vocabulary also holds the caption words (the first teaching
     model's does not: E-IC is for models that can say a caption, like the second)."""
-    from visedit.models import load_vllm, tiny
+    from visedit.models import tiny
 
     cfg = tiny.TinyConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
                           vision_intermediate=64, hidden=48, layers=3, heads=2, intermediate=96, max_positions=128)
@@ -41,7 +41,14 @@ def caption_model(tmp_path_factory, world):
     path = tmp_path_factory.mktemp("caption_llava")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return load_vllm(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def caption_model(caption_model_dir):
+    from visedit.models import load_vllm
+
+    return load_vllm(caption_model_dir)
 
 
 def test_caption_edits_change_one_visual_fact_of_the_caption(captions):
@@ -103,3 +110,30 @@ def test_caption_records_are_scored_on_the_whole_caption(caption_model, tiny_ran
     answer = caption_model.answer(r.image, r.src, max_new_tokens=answer_budget(caption_model, r))
     assert result.answers["reliability"] == answer
     assert result.exact["reliability"] == float(answer == r.alt)
+
+
+def test_cli_task_option_reads_a_file_as_captions_and_makes_the_caption_set(caption_model_dir, caption_model,
+                                                                           captions, tmp_path, capsys):
+    from visedit.cli import main
+
+    raw = json.loads((captions[0].image.parents[1] / "eval.json").read_text())[:2]
+    (tmp_path / "images").symlink_to(captions[0].image.parent)
+    (tmp_path / "edits.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "task"} for r in raw]))
+    args = ["evaluate", "--editor", "none", "--model", str(caption_model_dir), "--data", str(tmp_path / "edits.json"),
+            "--limit", "1", "--json", "--fresh"]
+    assert main([*args, "--task", "caption", "--out", str(tmp_path / "ic")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    r = load_mmedit(tmp_path / "edits.json", task="caption")[0]
+    assert out["n"] == 1 and out["reliability"] == pytest.approx(caption_model.score(r.image, r.src, r.alt).token_accuracy,
+                                                                  abs=1e-4)
+    # without --task the file's rule reads it as questions: the same edit scored with the question frame
+    assert main([*args, "--out", str(tmp_path / "vqa")]) == 0
+    as_vqa = json.loads(capsys.readouterr().out)
+    assert as_vqa["n"] == 1 and as_vqa["settings"]["records"] != out["settings"]["records"]
+    with pytest.raises(SystemExit):
+        main([*args, "--task", "ic"])
+    assert "invalid choice: 'ic'" in capsys.readouterr().err
+    # make-dataset --task caption writes E-IC records
+    assert main(["make-dataset", "--task", "caption", "--out", str(tmp_path / "made")]) == 0
+    made = load_mmedit(tmp_path / "made" / "eval.json")
+    assert made and {m.task for m in made} == {"caption"} and all(m.src == CAPTION_PROMPT for m in made)

@@ -98,7 +98,11 @@ def _make_dataset(args) -> int:
 
     from .world.dataset import default_dataset_dir
 
-    out = make_edit_dataset(args.out or default_dataset_dir(), DatasetSpec(seed=args.seed), progress=True)
+    spec = DatasetSpec(seed=args.seed, task=args.task or "vqa")
+    default = default_dataset_dir()
+    if spec.task == "caption":
+        default = default.with_name(default.name + "-caption")
+    out = make_edit_dataset(args.out or default, spec, progress=True)
     counts = {s: len(load_mmedit(out / f"{s}.json")) for s in ("train", "eval")}
     print(json.dumps({"out": str(out), **counts}, indent=1))
     return 0
@@ -272,6 +276,18 @@ def _sanity(args) -> int:
     return 0
 
 
+TASK_HELP = ("the world's edit task: vqa (E-VQA, questions; the default) or caption (E-IC: the prompt 'a photo of' "
+             "and a whole caption as the target); with --data it overrides the file's rule")
+
+
+def _spec(spec, args):
+    """The world's dataset ``spec`` for the task ``--task`` asks for (E-VQA when it is not given)."""
+    import dataclasses
+
+    task = getattr(args, "task", None)
+    return spec if task is None else dataclasses.replace(spec, task=task)
+
+
 def _records(args, progress: bool):
     """The records ``evaluate`` runs on, checked before any model loads: ``--limit``, ``--data`` (a file),
     ``--image-root`` (a folder) and every record's image files."""
@@ -287,13 +303,13 @@ def _records(args, progress: bool):
         if args.image_root is not None and not Path(args.image_root).is_dir():
             raise FileNotFoundError(f"--image-root {args.image_root} is not a folder: pass the folder that "
                                     "--data's image paths are relative to")
-        records = load_mmedit(data, image_root=args.image_root)
+        records = load_mmedit(data, image_root=args.image_root, task=args.task)
     else:
         if args.image_root is not None:
             raise ValueError("--image-root only applies to --data: pass both, or neither for the world's split")
         from .models.vllm import dataset_spec_of
 
-        records = load_world_split(args.split, dataset_spec_of(args.model), progress=progress)
+        records = load_world_split(args.split, _spec(dataset_spec_of(args.model), args), progress=progress)
     if args.limit is not None:
         records = records[: args.limit]
     check_records(records, image_root_hint="--image-root")
@@ -440,7 +456,7 @@ def _tune(args) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     vllm = load_vllm(args.model)
-    records = spread(load_world_split("train", vllm.dataset_spec, progress=True), args.limit)
+    records = spread(load_world_split("train", _spec(vllm.dataset_spec, args), progress=True), args.limit)
     result = tune(args.editor, vllm, records, grid, progress=True)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -463,7 +479,7 @@ def _train_mend(args) -> int:
         settings["seed"] = args.seed
     config = MENDConfig.from_dict(settings)
     vllm = load_vllm(args.model)
-    _, info = train_mend(vllm, load_world_split("train", vllm.dataset_spec, progress=True), config, out=args.out,
+    _, info = train_mend(vllm, load_world_split("train", _spec(vllm.dataset_spec, args), progress=True), config, out=args.out,
                          progress=True)
     print(json.dumps({"out": str(args.out), "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
@@ -528,7 +544,7 @@ def _train_vead(args) -> int:
     VEADConfig.from_dict(settings)  # bad settings fail before the model loads
     _check_limit(args.limit, 2)
     vllm = load_vllm(args.model, device=args.device)
-    records = load_world_split("train", vllm.dataset_spec, progress=True)
+    records = load_world_split("train", _spec(vllm.dataset_spec, args), progress=True)
     if args.limit is not None:
         records = spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
@@ -557,9 +573,9 @@ def _sweep_vead(args) -> int:
     if args.eval_limit < 1:
         raise ValueError(f"--eval-limit must be ≥ 1, got {args.eval_limit}")
     vllm = load_vllm(args.model, device=args.device)
-    train = load_world_split("train", vllm.dataset_spec, progress=False)
+    train = load_world_split("train", _spec(vllm.dataset_spec, args), progress=False)
     train = spread(train, args.limit)
-    evals = load_world_split("eval", vllm.dataset_spec, progress=False)
+    evals = load_world_split("eval", _spec(vllm.dataset_spec, args), progress=False)
     evals = spread(evals, args.eval_limit)
     # the tag names each setting that differs from the paper's: those below from the config, then any other --set
     named = ("layer", "at", "use_im", "im_reads", "width", "decay_share", "hard_loc")
@@ -645,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-dataset", help="write the world's MMEdit-schema edit dataset")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the shared cache folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP.split("; with")[0])
     p.set_defaults(func=_make_dataset)
 
     p = sub.add_parser("contributions", help="module contributions, per-token allocation and IG on the eval split")
@@ -719,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="split of the world's dataset")
     p.add_argument("--data", default=None, help="an MMEdit-schema JSON file instead (e.g. E-VQA's)")
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP)
     p.add_argument("--image-root", default=None, help="folder that --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=None, help="use the first N records")
     p.add_argument("--preset", default=None, help="YAML settings for the editor (default: its shipped preset)")
@@ -755,12 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", required=True, choices=_all_editors())
     p.add_argument("--grid", required=True, help='JSON object, e.g. \'{"layer": [2, 4, 6], "lr": [1e-3, 1e-4]}\'')
     p.add_argument("--limit", type=int, default=40, help="train edits to score each setting on (spread over the split)")
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("train-vead", help="train VisEdit's VEAD on the train split (seeded, resumable)")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically; resumes if interrupted)")
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--config", default=None, help="YAML with VEAD settings (default: presets/vead.yaml)")
     p.add_argument("--layer", type=int, default=None, help="l_e (default: the preset's, or chosen from the "
@@ -785,12 +805,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vead_options(p, "each layer")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--config", default=None)
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sweep_vead)
 
     p = sub.add_parser("train-mend", help="train MEND's editor networks on the train split")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--task", default=None, choices=["vqa", "caption"], help=TASK_HELP)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--config", default=None, help="YAML with MEND settings (default: presets/mend.yaml)")
     p.add_argument("--steps", type=int, default=None)

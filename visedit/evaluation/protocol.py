@@ -171,7 +171,9 @@ def forward_seconds(vllm, record, *, repeats: int = 5) -> float:
 def _fingerprint(records: Sequence) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{r.src}|{r.alt}|{Path(r.image).name}|{r.loc}|{Path(r.m_loc).name}\n".encode())
+        # a caption record also names its task (scored in another frame); E-VQA records hash as they always did
+        task = "|caption" if getattr(r, "task", "vqa") == "caption" else ""
+        h.update(f"{r.src}|{r.alt}|{Path(r.image).name}|{r.loc}|{Path(r.m_loc).name}{task}\n".encode())
     return h.hexdigest()[:16]
 
 
