@@ -69,6 +69,16 @@ def test_preset_with_a_yaml_syntax_error_is_one_line(tiny_random, tiny_random_di
     assert "--set w_loc=[1: the value is not valid YAML" in _one_error_line(capsys)
 
 
+def test_evaluate_set_is_checked_before_the_model_loads(tiny_random_dir, tmp_path, capsys, no_model):
+    base = ["evaluate", "--editor", "vead", "--model", str(tiny_random_dir), "--limit", "1", "--out", str(tmp_path)]
+    assert main([*base, "--set", "memry=true"]) == 2
+    assert "unknown VEADConfig key(s) ['memry']" in _one_error_line(capsys)
+    assert main([*base, "--set", "memory"]) == 2
+    assert "--set takes KEY=VALUE" in _one_error_line(capsys)
+    assert main([*base, "--set", "route=[x"]) == 2
+    assert "--set route=[x: the value is not valid YAML" in _one_error_line(capsys)
+
+
 @pytest.mark.parametrize("name, setting, message", [
     ("mend", {"rankk": 3}, r"unknown MENDConfig key\(s\) \['rankk'\]"),
     ("mend", {"steps": "many"}, r"MENDConfig.steps must be an int, got 'many'"),

@@ -345,7 +345,8 @@ def _evaluate(args) -> int:
     if shard is not None:
         shard_indices(len(records), shard)  # a shard with no edit fails before the model loads
     overrides = {"weights": str(args.weights)} if args.weights is not None else {}
-    # a bad preset fails before the model loads
+    overrides.update(_set_items(args))
+    # a bad preset (or --set) fails before the model loads
     editor_settings(args.editor, preset=args.preset, model=args.model, **overrides)
     vllm = load_vllm(args.model, **_placement(args, shard))
     editor = get_editor(args.editor, vllm, preset=args.preset, allow_other_model=args.allow_other_model,
@@ -740,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="folder that --data's image paths are relative to")
     p.add_argument("--limit", type=int, default=None, help="use the first N records")
     p.add_argument("--preset", default=None, help="YAML settings for the editor (default: its shipped preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one preset setting, e.g. --set memory=true for VEAD with a memory of many edits "
+                   "(repeatable; the value is read as YAML)")
     p.add_argument("--weights", default=None, type=Path,
                    help="trained editor folder, from train-mend or train-vead (default: the shipped one)")
     p.add_argument("--allow-other-model", action="store_true",
