@@ -538,3 +538,21 @@ def test_each_embedded_model_has_its_own_presets_and_trained_folder(tmp_path):
     assert trained_dir("vead") == TRAINED_DIR == TRAINED_ROOT / "vead" == trained_dir("vead", "visedit-tiny")
     assert trained_dir("mend", "visedit-llava") == TRAINED_ROOT / "visedit-llava" / "mend"
     assert (PRESET_DIR / "visedit-llava" / "vead.yaml").exists()
+
+
+def test_a_loaded_vead_takes_its_apply_settings_from_the_preset(tiny_random, records, editor, tmp_path):
+    """memory and route say how edits are applied, not trained: a preset (or evaluate --set) turns the memory
+    on for a trained VEAD, whose other settings stay the folder's own."""
+    from visedit.editing import get_editor
+
+    editor.save(tmp_path / "v")
+    loaded = get_editor("vead", tiny_random, weights=str(tmp_path / "v"), memory=True, route="gate")
+    assert loaded.config.memory and loaded.config.route == "gate" and loaded.layer == editor.layer
+    assert dataclasses.replace(loaded.config, memory=False, route="nearest") == editor.config
+    reqs = [EditRequest.from_record(r) for r in records[1:3]]
+    for req in reqs:
+        loaded.apply(req)
+    assert len(loaded.bank) == 2  # both edits held
+    loaded.restore()
+    plain = get_editor("vead", tiny_random, weights=str(tmp_path / "v"))
+    assert not plain.config.memory

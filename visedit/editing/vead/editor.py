@@ -57,6 +57,11 @@ class EditMemory:
     visual: torch.Tensor | None = None  # (1, d): the mean of the edit sample's visual tokens (routing key)
 
 
+#: the settings of how a trained VEAD's edits are applied, not trained: a preset (or ``--set``) may change
+#: them on a loaded VEAD
+APPLY_SETTINGS = ("memory", "route")
+
+
 @register_editor
 class VEADEditor(Editor):
     """VisEdit. ``adapter``: a trained :class:`VEAD` (``get_editor("vead", vllm, weights=DIR)`` loads one
@@ -85,12 +90,18 @@ class VEADEditor(Editor):
     @classmethod
     def from_settings(cls, vllm, settings: Mapping, *, allow_other_model: bool = False) -> "VEADEditor":
         """Load a trained VEAD: ``settings['weights']`` (a folder from ``train-vead``) or the shipped one.
-        The folder's own settings define the editor; preset values are checked like any config.
-        (An untrained VEAD is the identity; build one with ``VEADEditor(vllm, VEADConfig(...))``.)"""
+        The folder's own settings define the editor, except those of how an edit is applied
+        (:data:`APPLY_SETTINGS`: ``memory``, ``route``), which ``settings`` may set; every preset value is
+        checked like any config. (An untrained VEAD is the identity; build one with
+        ``VEADEditor(vllm, VEADConfig(...))``.)"""
         settings = dict(settings)
         folder = Path(settings.pop("weights", None) or trained_dir("vead", vllm))
         VEADConfig.from_dict(settings)
-        return cls.load(vllm, folder, allow_other_model=allow_other_model)
+        editor = cls.load(vllm, folder, allow_other_model=allow_other_model)
+        applied = {key: settings[key] for key in APPLY_SETTINGS if key in settings}
+        if applied:
+            editor.config = dataclasses.replace(editor.config, **applied)
+        return editor
 
     @classmethod
     def load(cls, vllm, folder: str | Path, *, allow_other_model: bool = False) -> "VEADEditor":
