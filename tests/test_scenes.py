@@ -131,8 +131,12 @@ def test_scene_dataset_is_valid_mmedit_with_region_probes(scene_dataset):
             assert r["pred"] == entity.fact(r["fact"]) and r["alt"] != r["pred"]
             assert 2 <= r["n_creatures"] <= 4 and r["edition"] == 2
             assert r["i_loc_entity"] != r["entity"]
-            assert r["i_loc_a"] in {world.by_name(r["i_loc_entity"]).fact(f) for f in FACTS}
+            assert r["i_loc_a"] == world.by_name(r["i_loc_entity"]).fact(r["i_loc_fact"])
             assert r["m_loc_entity"] != r["entity"]
+            # each probe names what it asks: its answer is that creature's fact
+            assert r["m_loc_a"] == world.by_name(r["m_loc_entity"]).fact(r["m_loc_fact"])
+            assert r["loc_ans"] == world.by_name(r["loc_entity"]).fact(r["loc_fact"])
+            assert r["la_loc_fact"] == r["fact"]
             twin = world.by_name(r["la_loc_entity"])
             assert twin.name != entity.name and entity.looks_shared(twin) == r["la_loc_shared"]
             assert r["la_loc_a"] == twin.fact(r["fact"])

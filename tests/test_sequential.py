@@ -144,3 +144,37 @@ def test_ike_keeps_the_newest_facts_that_fit_and_can_refuse_instead(tiny_random)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="overflow"):
         IKEConfig(overflow="drop")
+
+
+def test_locality_after_many_edits_leaves_out_probes_about_an_edited_fact(tiny_random, records, tmp_path):
+    """A locality probe about a (creature, fact) that another edit of the run changed should change: the
+    `unrelated` scores leave such probes out and count them."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from visedit.evaluation.sequential import edited_facts, unrelated_locality
+
+    assert all({"loc_entity", "loc_fact", "m_loc_entity", "m_loc_fact"} <= set(r.extra) for r in records)
+    nobody = {"loc_entity": "nobody", "loc_fact": "diet", "m_loc_entity": "nobody", "m_loc_fact": "colour"}
+    recs = [dataclasses.replace(r, extra={**r.extra, **nobody}) for r in records[:6]]  # probes about no edit
+    # record 1's multimodal probe asks about record 0's edited fact, record 2's text probe about record 3's
+    recs[1] = dataclasses.replace(recs[1], extra={**recs[1].extra, "m_loc_entity": recs[0].extra["entity"],
+                                                  "m_loc_fact": recs[0].extra["fact"]})
+    recs[2] = dataclasses.replace(recs[2], extra={**recs[2].extra, "loc_entity": recs[3].extra["entity"],
+                                                  "loc_fact": recs[3].extra["fact"]})
+    edited = edited_facts(recs)
+    assert (recs[0].extra["entity"], recs[0].extra["fact"]) in edited and len(edited) <= 6
+    # an oracle on hand-made scores: the kept probes' mean
+    fake = [SimpleNamespace(token={"t_locality": t, "m_locality": m}, exact={"t_locality": t, "m_locality": m})
+            for t, m in ((1, 1), (1, 0), (0, 1), (1, 1), (1, 1), (0, 0))]
+    got = unrelated_locality(fake, recs, edited)
+    assert got["m_locality"] == {"token": 0.8, "exact": 0.8, "n": 5, "left_out": 1}  # (1+1+1+1+0)/5, not 4/6
+    assert got["t_locality"] == {"token": 0.8, "exact": 0.8, "n": 5, "left_out": 1}  # (1+1+1+1+0)/5, not 4/6
+    assert unrelated_locality(fake, recs, set())["m_locality"]["left_out"] == 0
+    # the protocol: every edit applied, so both crafted probes are left out
+    summary = evaluate_sequential(get_editor("none", tiny_random), recs, T=6, every=3, seed=0, out=tmp_path,
+                                  progress=False)
+    assert summary.unrelated["m_locality"]["left_out"] == 1 and summary.unrelated["m_locality"]["n"] == 5
+    assert summary.unrelated["t_locality"]["left_out"] == 1 and summary.unrelated["m_locality"]["token"] == 1.0
+    assert SequentialSummary.load(tmp_path / "summary.json").unrelated == summary.unrelated
+    assert all("unrelated" in r for r in summary.retention)

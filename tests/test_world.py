@@ -122,6 +122,10 @@ def test_dataset_schema_and_split(tmp_path):
             assert r["pred"] == world.by_name(r["entity"]).fact(r["fact"])
             assert r["rephrase"] in HELDOUT_TEMPLATES[r["fact"]]
             assert r["image"] != r["image_rephrase"]
+            # the locality probes name what they ask: their answers are those creatures' facts
+            assert r["loc_ans"] == world.by_name(r["loc_entity"]).fact(r["loc_fact"])
+            assert r["m_loc_a"] == world.by_name(r["m_loc_entity"]).fact(r["m_loc_fact"])
+            assert r["m_loc_entity"] != r["entity"]
         for rec in records:
             assert rec.image.exists() and rec.image_rephrase.exists() and rec.m_loc.exists()
         splits[split] = {(r["entity"], r["fact"]) for r in raw}

@@ -438,6 +438,10 @@ def _evaluate_sequential(args, editor, records, source: str) -> int:
         print(summary.final.table().to_string())
         if summary.retention:
             print(summary.retention_frame().to_string())
+        for metric, u in summary.unrelated.items():
+            if u["left_out"]:
+                print(f"{metric} on the {u['n']} probes about facts no edit changed: {u['token']} (token), "
+                      f"{u['exact']} (exact); {u['left_out']} probes asked about an edited fact")
         print(f"T = {summary.T} edits in steps of {summary.batch}, {summary.edit_seconds_mean:.3f} s per edit, "
               f"{summary.held_bytes[-1] / 2**20:.1f} MiB held at the end; written to {out}")
     return 0

@@ -11,6 +11,10 @@ Protocol (:func:`evaluate_sequential`):
 4. after the last step every edited record is scored (the five metrics and any region probes, token
    accuracy and exact match): reliability and generality against its new answer, the localities
    against the pre-edit readings — after all T edits;
+   after many edits some locality probes ask about a fact the run itself edited (another record's edit
+   of the same creature and fact), whose answer *should* change; ``unrelated`` scores each locality
+   only on the probes whose (creature, fact) no edit of the run changed, with the count left out (for
+   records that name their probes' subjects, as the world's do; real MMEdit files leave out none);
 5. the editor is restored.
 
 With ``out`` (a folder): ``run.json`` (settings, the edit order), ``steps.jsonl`` (one line per step,
@@ -66,6 +70,9 @@ class SequentialSummary:
     edit_seconds_mean: float
     held_bytes: list  # after each step
     run_seconds: float = 0.0
+    #: each locality on the probes about a (creature, fact) that no edit of the run changed:
+    #: {metric: {"token", "exact", "n", "left_out"}} (see :func:`unrelated_locality`)
+    unrelated: dict = dataclasses.field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -77,13 +84,13 @@ class SequentialSummary:
                 "order": list(self.order), "final": self.final.to_dict(), "mean": round(self.mean, 4),
                 "retention": list(self.retention), "edit_seconds_mean": self.edit_seconds_mean,
                 "held_bytes": list(self.held_bytes), "held_bytes_final": self.held_bytes[-1],
-                "run_seconds": self.run_seconds}
+                "run_seconds": self.run_seconds, "unrelated": dict(self.unrelated)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SequentialSummary":
         return cls(d["editor"], d["T"], d["batch"], d["every"], d["seed"], list(d["order"]),
                    EvalSummary.from_dict(d["final"]), list(d["retention"]), d["edit_seconds_mean"],
-                   list(d["held_bytes"]), d.get("run_seconds", 0.0))
+                   list(d["held_bytes"]), d.get("run_seconds", 0.0), dict(d.get("unrelated", {})))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SequentialSummary":
@@ -119,6 +126,31 @@ def _mean_scores(results: Sequence[EditResult], kind: str) -> dict:
     metrics = METRICS + tuple(m for m in getattr(results[0], kind) if m not in METRICS and
                               all(m in getattr(r, kind) for r in results))
     return {m: round(float(np.mean([getattr(r, kind)[m] for r in results])), 4) for m in metrics}
+
+
+#: which record fields name the creature and the fact each locality probe asks about
+PROBE_SUBJECTS = {"t_locality": ("loc_entity", "loc_fact"), "m_locality": ("m_loc_entity", "m_loc_fact"),
+                  "i_locality": ("i_loc_entity", "i_loc_fact"), "la_locality": ("la_loc_entity", "la_loc_fact")}
+
+
+def edited_facts(records: Sequence) -> set:
+    """The (creature, fact) pairs that ``records``' edits change (records that do not name them: none)."""
+    return {(r.extra["entity"], r.extra["fact"]) for r in records if "entity" in r.extra and "fact" in r.extra}
+
+
+def unrelated_locality(results: Sequence[EditResult], records: Sequence, edited: set) -> dict:
+    """Each locality metric of ``results`` (scored on ``records``, in order) on the probes whose (creature,
+    fact) is not in ``edited``: ``{metric: {"token", "exact", "n", "left_out"}}``; a metric with every probe
+    left out has ``None`` scores."""
+    out = {}
+    for metric, (who, what) in PROBE_SUBJECTS.items():
+        if not results or metric not in results[0].token:
+            continue
+        keep = [r for r, rec in zip(results, records) if (rec.extra.get(who), rec.extra.get(what)) not in edited]
+        scores = {kind: (round(float(np.mean([getattr(r, kind)[metric] for r in keep])), 4) if keep else None)
+                  for kind in ("token", "exact")}
+        out[metric] = {**scores, "n": len(keep), "left_out": len(results) - len(keep)}
+    return out
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -184,7 +216,9 @@ def evaluate_sequential(editor: Editor, records: Sequence, *, T: int, every: int
                    "held_bytes": int(editor.held_bytes())}
             if every and applied % every == 0:
                 scored = [score_applied(editor, r, p) for r, p in zip(first, pre)]
-                row["retention"] = {"token": _mean_scores(scored, "token"), "exact": _mean_scores(scored, "exact")}
+                so_far = edited_facts([records[i] for x in steps[: s + 1] for i in x])
+                row["retention"] = {"token": _mean_scores(scored, "token"), "exact": _mean_scores(scored, "exact"),
+                                    "unrelated": unrelated_locality(scored, first, so_far)}
             step_rows.append(row)
             if handles:
                 append_line(handles["steps"], row)
@@ -210,7 +244,7 @@ def evaluate_sequential(editor: Editor, records: Sequence, *, T: int, every: int
         editor.name, T, batch, every, seed, order, final,
         [{"after": r["after"], **r["retention"]} for r in step_rows if "retention" in r],
         round(float(np.mean(list(seconds_of.values()))), 6), [r["held_bytes"] for r in step_rows],
-        round(time.perf_counter() - begin, 1))
+        round(time.perf_counter() - begin, 1), unrelated_locality(final_rows, edited, edited_facts(edited)))
     if out is not None:
         write_json(out / "summary.json", summary.to_dict())
     return summary

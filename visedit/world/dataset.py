@@ -34,7 +34,7 @@ REQUIRED_FIELDS = ("src", "pred", "alt", "rephrase", "image", "image_rephrase", 
                    "m_loc", "m_loc_q", "m_loc_a")
 #: Fields that may hold a list of acceptable strings in real files (the first one is used).
 _MAYBE_LIST = ("pred", "alt", "loc_ans", "m_loc_a")
-DATASET_VERSION = 2  # bump when the world or renderer changes: cached datasets are rebuilt
+DATASET_VERSION = 3  # bump when the world or renderer changes: cached datasets are rebuilt
 #: Extra fields that hold image paths (relative to the image root, like the MMEdit image fields).
 _EXTRA_PATHS = ("mask", "mask_rephrase", "m_loc_mask", "i_loc_mask", "la_loc", "la_loc_mask")
 #: The tasks of the MMEdit benchmark: E-VQA (questions) and E-IC (captions).
@@ -209,7 +209,10 @@ def make_edit_dataset(out: str | os.PathLike, spec: DatasetSpec = DatasetSpec(),
     the same image, the same fact asked of another creature in it) and **look-alike locality**
     (``la_loc``/``la_loc_q``/``la_loc_a``: a creature sharing two of shape, colour and pattern with the
     edited one — or one if the world has none — alone in its picture, asked the same fact). Every queried
-    creature's mask is saved.
+    creature's mask is saved. Every record also names the creature and fact each locality probe asks about
+    (``loc_entity``/``loc_fact``, ``m_loc_entity``/``m_loc_fact``; edition 2 also ``i_loc_entity``/
+    ``i_loc_fact`` and ``la_loc_entity``/``la_loc_fact``), so that a run of many edits can leave out the
+    probes whose own fact it edited.
 
     With ``task="caption"`` (E-IC) the edits are the visual (entity, fact) pairs of each split: ``src`` is
     :data:`CAPTION_PROMPT` and ``rephrase`` :data:`CAPTION_REPHRASE`; ``pred`` is the image's caption in the
@@ -313,6 +316,7 @@ def _make_record(world: World, spec: DatasetSpec, split: str, split_id: int, idx
         "m_loc_a": mloc_entity.fact(mloc_fact),
         "entity": entity.name,
         "fact": fact,
+        **_subjects(loc_entity, loc_fact, mloc_entity, mloc_fact),
         "mask": mask,
         "mask_rephrase": mask_r,
         "m_loc_mask": mask_m,
@@ -356,8 +360,16 @@ def _make_caption_record(world: World, spec: DatasetSpec, split: str, split_id: 
     return {"src": CAPTION_PROMPT, "pred": pred, "alt": alt, "rephrase": CAPTION_REPHRASE, "image": img,
             "image_rephrase": img_r, "loc": text_question(loc_entity, loc_fact, rng.randrange(2)),
             "loc_ans": loc_entity.fact(loc_fact), "m_loc": img_m, "m_loc_q": m_q, "m_loc_a": mloc_entity.fact(mloc_fact),
-            "task": "caption", "entity": entity.name, "fact": fact, "alt_value": alt_value, **extra,
+            "task": "caption", "entity": entity.name, "fact": fact, "alt_value": alt_value,
+            **_subjects(loc_entity, loc_fact, mloc_entity, mloc_fact), **extra,
             "mask": mask, "mask_rephrase": mask_r, "m_loc_mask": mask_m}
+
+
+def _subjects(loc_entity, loc_fact: str, m_loc_entity, m_loc_fact: str) -> dict[str, str]:
+    """Which creature and fact the text and multimodal locality probes ask about (so that a run of many
+    edits can tell a probe about an edited fact from an unrelated one)."""
+    return {"loc_entity": loc_entity.name, "loc_fact": loc_fact, "m_loc_entity": m_loc_entity.name,
+            "m_loc_fact": m_loc_fact}
 
 
 def _look_alike(world: World, entity, rng: random.Random):
@@ -434,8 +446,10 @@ def _make_scene_record(world: World, spec: DatasetSpec, split: str, split_id: in
         "selector": kind,
         "n_creatures": len(scene),
         "i_loc_entity": scene.entities[j].name,
-        "m_loc_entity": m_scene.entities[m_at].name,
+        "i_loc_fact": i_fact,
+        **_subjects(loc_entity, loc_fact, m_scene.entities[m_at], m_fact),
         "la_loc_entity": twin.name,
+        "la_loc_fact": fact,
         "la_loc_shared": entity.looks_shared(twin),
         "mask": mask,
         "mask_rephrase": mask_r,
