@@ -110,6 +110,22 @@ done
 # ---- sanity checks of every heatmap method and the shipped VEAD's gate (12 records, 7 min), chapter 4 -------
 step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --limit 12 --out "$R/sanity/first.json"
 
+# ---- many edits: T edits of the eval split in one seeded order, applied without restoring; the first
+# T/10 edits are scored again after every T/10 (retention). VEAD as the paper has it holds the last edit;
+# with a memory it holds every edit and routes each input to the nearest one
+many() {  # many EDITOR-TAG: every T for one editor
+  local tag=$1 editor=${1%%-*} extra=()
+  [[ $tag == vead-memory ]] && extra=(--set memory=true --set route=nearest)
+  [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$editor")
+  for n in 1 10 100 500; do
+    local every=(); (( n >= 10 )) && every=(--every $((n / 10)))
+    step "$R/sequential/$tag-T$n" $PY -m visedit evaluate "${M[@]}" --editor "$editor" --sequential $n \
+      "${every[@]}" "${extra[@]}" --json --fresh --out "$R/sequential/$tag-T$n"
+  done
+}
+many_a() { many vead-memory; many vead; many ike; }
+many_b() { many ft_l; many mend; }
+
 # ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------
 if [[ $KEY == visedit-llava ]]; then
   sweep_out() {  # sweep_out LAYER...: one reduced-budget row per layer at the paper's placement
@@ -162,21 +178,6 @@ if [[ $KEY == visedit-llava ]]; then
       --weights "$T/vead-caption" --json --fresh --out "$R/evaluate-caption/vead"
   }
   lanes caption_a caption_b
-  # ---- many edits: T edits of the eval split in one seeded order, applied without restoring; the first
-  # T/10 edits are scored again after every T/10 (retention). VEAD as the paper has it holds the last edit;
-  # with a memory it holds every edit and routes each input to the nearest one
-  many() {  # many EDITOR-TAG: every T for one editor
-    local tag=$1 editor=${1%%-*} extra=()
-    [[ $tag == vead-memory ]] && extra=(--set memory=true --set route=nearest)
-    [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$editor")
-    for n in 1 10 100 500; do
-      local every=(); (( n >= 10 )) && every=(--every $((n / 10)))
-      step "$R/sequential/$tag-T$n" $PY -m visedit evaluate "${M[@]}" --editor "$editor" --sequential $n \
-        "${every[@]}" "${extra[@]}" --json --fresh --out "$R/sequential/$tag-T$n"
-    done
-  }
-  many_a() { many vead-memory; many vead; many ike; }
-  many_b() { many ft_l; many mend; }
   lanes many_a many_b
   echo "all results are in place under $R"
   exit 0
@@ -224,4 +225,5 @@ ablations_b() {
   ablation vead-width192 --set hard_loc=0 --set w_im=0.1 --set w_loc=3 --steps 4000 --decay-share 0 --width 192
 }
 lanes ablations_a ablations_b
+lanes many_a many_b
 echo "all results are in place under $STAGE"
