@@ -71,3 +71,32 @@ def test_grids_carry_what_reflowing_needs():
     meta = fig.layout.meta["visedit_reflow"]
     assert meta["titles"] == [0, -1, 1, 2, 3] and meta["lines"] == 1
     assert [fig.layout.annotations[i].text for i in meta["titles"] if i >= 0] == ["a", "c", "d", "e"]
+
+
+def _seq(T, rel, mloc, unrelated_mloc=None, retention=()):
+    from types import SimpleNamespace
+
+    final = SimpleNamespace(token={"reliability": rel, "m_generality": rel, "m_locality": mloc},
+                            exact={"reliability": rel, "m_generality": rel, "m_locality": mloc})
+    unrelated = ({"m_locality": {"token": unrelated_mloc, "exact": unrelated_mloc, "n": 3, "left_out": 1}}
+                 if unrelated_mloc is not None else {})
+    return SimpleNamespace(T=T, final=final, unrelated=unrelated, retention=list(retention), every=2)
+
+
+def test_many_edits_figure_draws_each_metric_against_t_with_unrelated_locality():
+    from visedit.viz.figures import many_edits_figure, retention_figure
+
+    runs = {"A": [_seq(10, 0.5, 0.9, unrelated_mloc=0.95), _seq(1, 1.0, 1.0)], "B": [_seq(1, 0.2, 0.3)]}
+    fig = many_edits_figure(runs)
+    a = [t for t in fig.data if t.name == "A"]
+    assert len(a) == 3 and list(a[0].x) == [1, 10] and list(a[0].y) == [1.0, 0.5]  # sorted by T
+    assert list(a[2].y) == [1.0, 0.95]  # M-Locality on the unrelated probes when the run has them
+    assert [t.showlegend for t in a] == [True, False, False] and fig.layout.xaxis.type == "log"
+    with pytest.raises(ValueError, match="no runs given"):
+        many_edits_figure({})
+    rows = [{"after": 2, "token": {"reliability": 0.9}, "exact": {"reliability": 0.8}},
+            {"after": 4, "token": {"reliability": 0.6}, "exact": {"reliability": 0.5}}]
+    fig = retention_figure({"A": _seq(4, 0.6, 1.0, retention=rows)}, score="exact")
+    assert list(fig.data[0].x) == [2, 4] and list(fig.data[0].y) == [0.8, 0.5]
+    with pytest.raises(ValueError, match="B: the run has no retention checks"):
+        retention_figure({"B": _seq(1, 1.0, 1.0)})

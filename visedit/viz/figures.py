@@ -396,3 +396,60 @@ def table_explorer(tables: dict, *, dropdown: str = "edit", title: str = ""):
     n = max(len(t) for t in tables.values())
     fig.update_layout(title=dict(text=title, y=0.98), height=140 + 32 * n, margin=dict(l=5, r=5, t=80, b=5))
     return fig
+
+
+#: The metrics the many-edits figure draws (M-Locality on the probes about facts no edit changed).
+MANY_EDITS_METRICS = ("reliability", "m_generality", "m_locality")
+
+
+def _many_edits_value(summary, metric: str, score: str):
+    unrelated = (getattr(summary, "unrelated", None) or {}).get(metric)
+    if unrelated is not None and unrelated.get(score) is not None:
+        return unrelated[score]
+    return getattr(summary.final, score)[metric]
+
+
+def many_edits_figure(runs: dict, *, metrics: Sequence[str] = MANY_EDITS_METRICS, score: str = "token"):
+    """Many edits: each metric after T sequential edits against T (log scale), one line per editor.
+    ``runs``: label → sequential summaries (``T``, ``final`` and ``unrelated``, see
+    :class:`~visedit.evaluation.SequentialSummary`) at several T. A locality is drawn on the probes about
+    facts that no edit of the run changed. Returns the plotly figure."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    if not runs:
+        raise ValueError("no runs given: pass {label: [SequentialSummary, …]} from `evaluate --sequential T`")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[m.replace("_", "-") for m in metrics],
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    palette = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3")
+    for k, (label, summaries) in enumerate(runs.items()):
+        ordered = sorted(summaries, key=lambda s: s.T)
+        for col, metric in enumerate(metrics, start=1):
+            fig.add_trace(go.Scatter(x=[s.T for s in ordered], y=[_many_edits_value(s, metric, score) for s in ordered],
+                                     mode="lines+markers", name=label, legendgroup=label, showlegend=col == 1,
+                                     line=dict(color=palette[k % len(palette)])), row=1, col=col)
+    fig.update_xaxes(type="log", title_text="edits applied (T)")
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_yaxes(title_text="token accuracy" if score == "token" else "exact match", col=1)
+    fig.update_layout(height=360, title="After T edits in a row, without restoring",
+                      legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def retention_figure(runs: dict, *, metric: str = "reliability", score: str = "token"):
+    """Retention: ``metric`` of the *first* edits of a run, scored again as more edits are applied, one line
+    per editor (``runs``: label → a sequential summary with retention checks, ``every`` > 0). Returns the
+    plotly figure."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, summary in runs.items():
+        if not summary.retention:
+            raise ValueError(f"{label}: the run has no retention checks; run it with --every K")
+        fig.add_trace(go.Scatter(x=[r["after"] for r in summary.retention],
+                                 y=[r[score][metric] for r in summary.retention], mode="lines+markers", name=label))
+    first = {s.every for s in runs.values()}
+    fig.update_layout(height=340, xaxis_title="edits applied", yaxis_range=[0, 1.05],
+                      yaxis_title=f"{metric.replace('_', '-')} of the first {'/'.join(map(str, sorted(first)))} edits",
+                      title="Do the first edits survive the later ones?", legend=dict(orientation="h", y=-0.3))
+    return fig
