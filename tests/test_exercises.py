@@ -63,6 +63,11 @@ CASES = [
     (ex.check_early_share, R.early_share, [
         (lambda v: np.clip(v, 0, None)[: len(v) // 3].sum() / np.clip(v, 0, None).sum(), "rounding down"),
         (lambda v: v[: math.ceil(len(v) / 3)].sum() / v.sum(), "clip at 0")]),
+    (ex.check_route, R.route, [
+        (lambda V, k: (V.mean(1) @ k.T).argmax(-1), "largest dot product"),
+        (lambda V, k: np.array([np.argmax(((V[r] / np.linalg.norm(V[r], axis=-1, keepdims=True))
+                                           @ (k / np.linalg.norm(k, axis=-1, keepdims=True)).T).max(0))
+                                for r in range(len(V))]), "single best-matching token")]),
 ]
 
 

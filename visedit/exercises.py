@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["Check", "check_patch_coverage", "check_contribution", "check_window", "check_lift", "check_gate",
-           "check_token_accuracy", "check_rank_correlation", "check_early_share", "reference"]
+           "check_token_accuracy", "check_rank_correlation", "check_early_share", "check_route", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,14 @@ def _compare(exercise: str, got, want: np.ndarray, case: str, *, atol: float = 1
 # ----------------------------------------------------------------------------------------------- references
 class reference:
     """The library's answers, written out plainly (each equals the function the library uses)."""
+
+    @staticmethod
+    def route(V: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        from .editing.vead.memory import nearest, visual_keys
+        from types import SimpleNamespace
+
+        unit = visual_keys([SimpleNamespace(visual=torch.as_tensor(k, dtype=torch.float64)[None]) for k in keys])
+        return nearest(torch.as_tensor(V, dtype=torch.float64), unit).numpy()
 
     @staticmethod
     def patch_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -375,3 +383,35 @@ def check_early_share(fn: Callable) -> Check:
             return wrong
     return Check(name, True, "the early share matches on 12, 8 and 7 layers, with negative layers and with none "
                              "positive (0)")
+
+
+def check_route(fn: Callable) -> Check:
+    """Chapter 9. ``fn(V, keys)``: visual tokens V (R, N, d) of R inputs and the mean visual token of each of K
+    held edits, ``keys`` (K, d) → (R,) the index of the edit each input is routed to: the largest cosine
+    between the input's mean visual token and the edit's key."""
+    name = "nearest route"
+    rng = np.random.default_rng(9)
+    keys = rng.normal(size=(5, 8))
+    keys[3] *= 10.0  # a long key: a dot product prefers it
+    V = rng.normal(size=(6, 4, 8))
+    V[0] = keys[1] + 0.05 * rng.normal(size=(4, 8))  # plainly nearest to edit 1
+    unit = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    V[1] = unit[2] + 0.9 * unit[3] + 0.02 * rng.normal(size=(4, 8))  # nearest to edit 2; the long key 3 wins a dot
+    cases = [("six inputs, five edits, one key ten times longer", V, keys),
+             ("one input, one edit", V[:1], keys[:1])]
+    for case, v, k in cases:
+        got, bad = _call(name, fn, v.copy(), k.copy())
+        if bad is not None:
+            return bad
+        want = reference.route(v, k).astype(float)
+        dot = (v.mean(1) @ k.T).argmax(-1).astype(float)
+        tokens = np.array([np.argmax((v[r] / np.linalg.norm(v[r], axis=-1, keepdims=True)
+                                      @ (k / np.linalg.norm(k, axis=-1, keepdims=True)).T).max(0))
+                           for r in range(len(v))], dtype=float)
+        wrong = _compare(name, np.asarray(got, dtype=float), want, case, diagnoses=(
+            (dot, "this is the largest dot product; normalise the mean token and the keys (cosine), or long keys win"),
+            (tokens, "this routes by the single best-matching token; compare the mean of the input's visual tokens")))
+        if wrong is not None:
+            return wrong
+    return Check(name, True, "every input goes to the edit with the most similar mean visual token (cosine), "
+                             "long keys included")

@@ -50,9 +50,15 @@ def gate_scores(adapter, V: torch.Tensor, keys: torch.Tensor, *, budget: int = 2
 def route(editor, V: torch.Tensor) -> torch.Tensor:
     """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to."""
     if editor.config.route == "nearest":
-        query = torch.nn.functional.normalize(V.float().mean(1), dim=-1)
-        return (query @ editor.held_keys("visual").T).argmax(-1)
+        return nearest(V, editor.held_keys("visual"))
     return gate_scores(editor.adapter, V, editor.held_keys("im")).argmax(-1)
+
+
+def nearest(V: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(R,) for each row of visual tokens V (R, N, d), the held edit whose key (``keys`` (K, d), unit mean
+    visual tokens, see :func:`visual_keys`) has the largest cosine with the row's mean visual token."""
+    query = torch.nn.functional.normalize(V.float().mean(1), dim=-1)
+    return (query @ keys.T).argmax(-1)
 
 
 def held_bytes(memories: Sequence) -> int:
