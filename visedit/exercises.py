@@ -408,7 +408,7 @@ def check_route(fn: Callable) -> Check:
         tokens = np.array([np.argmax((v[r] / np.linalg.norm(v[r], axis=-1, keepdims=True)
                                       @ (k / np.linalg.norm(k, axis=-1, keepdims=True)).T).max(0))
                            for r in range(len(v))], dtype=float)
-        wrong = _compare(name, np.asarray(got, dtype=float), want, case, diagnoses=(
+        wrong = _compare(name, got, want, case, diagnoses=(
             (dot, "this is the largest dot product; normalise the mean token and the keys (cosine), or long keys win"),
             (tokens, "this routes by the single best-matching token; compare the mean of the input's visual tokens")))
         if wrong is not None:
