@@ -178,3 +178,11 @@ def test_locality_after_many_edits_leaves_out_probes_about_an_edited_fact(tiny_r
     assert summary.unrelated["t_locality"]["left_out"] == 1 and summary.unrelated["m_locality"]["token"] == 1.0
     assert SequentialSummary.load(tmp_path / "summary.json").unrelated == summary.unrelated
     assert all("unrelated" in r for r in summary.retention)
+    from visedit.evaluation.sequential import creature_breakdown
+
+    frame = creature_breakdown(tmp_path, recs)  # the none editor: locality 1, generality 0 in every group
+    assert frame.loc["m_locality"]["probes"].sum() == frame.loc["m_generality"]["probes"].sum() == 6
+    assert frame.loc[("m_locality", True), "probes"] == 1  # record 1's probe: record 0's creature
+    assert (frame.loc["m_locality"]["token"] == 1.0).all() and (frame.loc["m_generality"]["exact"] == 0.0).all()
+    with pytest.raises(ValueError, match="do not name their creatures"):
+        creature_breakdown(tmp_path, [dataclasses.replace(r, extra={}) for r in recs])

@@ -4,9 +4,10 @@
 from .protocol import (METRICS, EditResult, EvalSummary, PairedDifference, check_records, evaluate,
                        load_results, paired_difference, plot_layer_sweep, plot_results, probes, quick_scores,
                        results_table, score_edit)
-from .sequential import SequentialSummary, edit_order, evaluate_sequential
+from .sequential import SequentialSummary, creature_breakdown, edit_order, evaluate_sequential
 from .shards import merge_shards
 
 __all__ = ["METRICS", "EditResult", "EvalSummary", "PairedDifference", "check_records", "evaluate",
            "load_results", "paired_difference", "plot_layer_sweep", "plot_results", "probes", "quick_scores",
-           "results_table", "score_edit", "SequentialSummary", "edit_order", "evaluate_sequential", "merge_shards"]
+           "results_table", "score_edit", "SequentialSummary", "creature_breakdown", "edit_order", "evaluate_sequential",
+           "merge_shards"]

@@ -248,3 +248,34 @@ def evaluate_sequential(editor: Editor, records: Sequence, *, T: int, every: int
     if out is not None:
         write_json(out / "summary.json", summary.to_dict())
     return summary
+
+
+def creature_breakdown(out: str | os.PathLike, records: Sequence):
+    """Where a run of many edits loses its scores, from its folder ``out`` (``run.json``, ``edits.jsonl``)
+    and the ``records`` it ran on: M-Generality split by whether the edited creature has *another* edit in
+    the run, and M-Locality by whether the probe's creature was edited in the run (any fact). One row per
+    (metric, split): the probes, and their mean token accuracy and exact match. Records that do not name
+    their creatures (real MMEdit files) cannot be split."""
+    import pandas as pd
+
+    out = Path(out)
+    order = json.loads((out / "run.json").read_text())["order"]
+    rows = _read_done(out / "edits.jsonl")
+    if not rows:
+        raise ValueError(f"{out} has no scored edits yet: finish the run (evaluate --sequential resumes it)")
+    if any("entity" not in records[i].extra for i in order):
+        raise ValueError("these records do not name their creatures (extra['entity']): a breakdown by creature "
+                         "needs the world's records")
+    count: dict = {}
+    for i in order:
+        count[records[i].extra["entity"]] = count.get(records[i].extra["entity"], 0) + 1
+    table = []
+    for r in rows:
+        rec = records[r.index]
+        for metric, shared in (("m_generality", count[rec.extra["entity"]] > 1),
+                               ("m_locality", rec.extra.get("m_loc_entity") in count)):
+            table.append({"metric": metric, "creature edited elsewhere in the run": shared,
+                          "token": r.token[metric], "exact": r.exact[metric]})
+    frame = pd.DataFrame(table)
+    return (frame.groupby(["metric", "creature edited elsewhere in the run"])
+            .agg(probes=("token", "size"), token=("token", "mean"), exact=("exact", "mean")).round(3))
