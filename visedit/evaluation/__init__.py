@@ -9,5 +9,5 @@ from .shards import merge_shards
 
 __all__ = ["METRICS", "EditResult", "EvalSummary", "PairedDifference", "check_records", "evaluate",
            "load_results", "paired_difference", "plot_layer_sweep", "plot_results", "probes", "quick_scores",
-           "results_table", "score_edit", "SequentialSummary", "creature_breakdown", "edit_order", "evaluate_sequential",
-           "merge_shards"]
+           "results_table", "score_edit", "SequentialSummary", "creature_breakdown", "edit_order",
+           "evaluate_sequential", "merge_shards"]
