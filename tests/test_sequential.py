@@ -186,3 +186,9 @@ def test_locality_after_many_edits_leaves_out_probes_about_an_edited_fact(tiny_r
     assert (frame.loc["m_locality"]["token"] == 1.0).all() and (frame.loc["m_generality"]["exact"] == 0.0).all()
     with pytest.raises(ValueError, match="do not name their creatures"):
         creature_breakdown(tmp_path, [dataclasses.replace(r, extra={}) for r in recs])
+
+
+def test_a_run_draws_its_retention_curve(tiny_random, records):
+    summary = evaluate_sequential(get_editor("none", tiny_random), records[:4], T=4, every=2, progress=False)
+    fig = summary.plot(metric="t_locality")
+    assert list(fig.data[0].x) == [2, 4] and list(fig.data[0].y) == [1.0, 1.0] and fig.data[0].name == "none"

@@ -104,22 +104,12 @@ class SequentialSummary:
             raise ValueError(f"score must be 'token' or 'exact', got {score!r}")
         return pd.DataFrame([{"after": r["after"], **r[score]} for r in self.retention]).set_index("after")
 
-    def plot(self, *, score: str = "token"):
-        """The retention curve: the first edits' metrics against the number of edits applied (matplotlib)."""
-        import matplotlib.pyplot as plt
+    def plot(self, *, metric: str = "reliability", score: str = "token"):
+        """The retention curve: ``metric`` of the first edits against the number of edits applied (plotly;
+        :func:`visedit.viz.figures.retention_figure` draws several runs in one figure)."""
+        from ..viz.figures import retention_figure
 
-        frame = self.retention_frame(score=score)
-        fig, ax = plt.subplots(figsize=(6, 3))
-        for m in frame.columns:
-            ax.plot(frame.index, frame[m], marker="o", label=m)
-        ax.set_xlabel("edits applied")
-        ax.set_ylabel("token accuracy" if score == "token" else "exact match")
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{self.editor}: the first {self.every} edits, as more are applied")
-        ax.legend(fontsize=7, frameon=False)
-        fig.tight_layout()
-        plt.close(fig)
-        return fig
+        return retention_figure({self.editor: self}, metric=metric, score=score)
 
 
 def _mean_scores(results: Sequence[EditResult], kind: str) -> dict:
