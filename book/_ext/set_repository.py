@@ -76,10 +76,15 @@ def main(argv: list[str]) -> int:
         return 2
     url = argv[0].rstrip("/")
     _write(CONFIG, URL_LINE.sub(lambda m: m.group(1) + url, CONFIG.read_text(), count=1))
+    written = 0
     for path in notebooks():
         nb = json.loads(path.read_text())
+        if first_code_source(nb) == install_cell_source(url):
+            continue  # already right: an executed notebook keeps its outputs and execution counts
         _write(path, json.dumps(with_install_cell(nb, url), indent=1, ensure_ascii=False) + "\n")
-    print(f"repository.url = {url}; install cell written in {len(notebooks())} notebooks")
+        written += 1
+    print(f"repository.url = {url}; install cell written in {written} notebook(s), {len(notebooks()) - written} "
+          "already right")
     return 0
 
 
