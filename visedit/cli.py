@@ -96,13 +96,10 @@ def _model_card(args) -> int:
 def _make_dataset(args) -> int:
     from .world import DatasetSpec, load_mmedit, make_edit_dataset
 
-    from .world.dataset import default_dataset_dir
+    from .world.dataset import spec_dataset_dir
 
     spec = DatasetSpec(seed=args.seed, task=args.task or "vqa")
-    default = default_dataset_dir()
-    if spec.task == "caption":
-        default = default.with_name(default.name + "-caption")
-    out = make_edit_dataset(args.out or default, spec, progress=True)
+    out = make_edit_dataset(args.out or spec_dataset_dir(spec), spec, progress=True)
     counts = {s: len(load_mmedit(out / f"{s}.json")) for s in ("train", "eval")}
     print(json.dumps({"out": str(out), **counts}, indent=1))
     return 0

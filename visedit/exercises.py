@@ -100,10 +100,9 @@ class reference:
 
     @staticmethod
     def route(V: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        from .editing.vead.memory import nearest, visual_keys
-        from types import SimpleNamespace
+        from .editing.vead.memory import nearest
 
-        unit = visual_keys([SimpleNamespace(visual=torch.as_tensor(k, dtype=torch.float64)[None]) for k in keys])
+        unit = torch.nn.functional.normalize(torch.as_tensor(keys, dtype=torch.float64), dim=-1).float()  # visual_keys
         return nearest(torch.as_tensor(V, dtype=torch.float64), unit).numpy()
 
     @staticmethod

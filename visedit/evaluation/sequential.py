@@ -25,6 +25,7 @@ again without scoring (editors are deterministic, so the model is where it was),
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -206,7 +207,7 @@ def evaluate_sequential(editor: Editor, records: Sequence, *, T: int, every: int
                    "held_bytes": int(editor.held_bytes())}
             if every and applied % every == 0:
                 scored = [score_applied(editor, r, p) for r, p in zip(first, pre)]
-                so_far = edited_facts([records[i] for x in steps[: s + 1] for i in x])
+                so_far = edited_facts(edited[:applied])
                 row["retention"] = {"token": _mean_scores(scored, "token"), "exact": _mean_scores(scored, "exact"),
                                     "unrelated": unrelated_locality(scored, first, so_far)}
             step_rows.append(row)
@@ -256,9 +257,7 @@ def creature_breakdown(out: str | os.PathLike, records: Sequence):
     if any("entity" not in records[i].extra for i in order):
         raise ValueError("these records do not name their creatures (extra['entity']): a breakdown by creature "
                          "needs the world's records")
-    count: dict = {}
-    for i in order:
-        count[records[i].extra["entity"]] = count.get(records[i].extra["entity"], 0) + 1
+    count = collections.Counter(records[i].extra["entity"] for i in order)
     table = []
     for r in rows:
         rec = records[r.index]

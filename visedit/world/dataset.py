@@ -475,15 +475,19 @@ def spread(records: list, limit: int) -> list:
     return records[:: max(1, len(records) // limit)][:limit]
 
 
+def spec_dataset_dir(spec: DatasetSpec = DatasetSpec()) -> Path:
+    """Where the dataset of ``spec`` is cached: :func:`default_dataset_dir` (``…/world``) for the first
+    edition, ``…/world2`` for scenes, with ``-caption`` appended for E-IC."""
+    folder = default_dataset_dir()
+    if spec.edition == 2:
+        folder = folder.with_name("world2")
+    return folder.with_name(folder.name + "-caption") if spec.task == "caption" else folder
+
+
 def load_world_split(split: str = "eval", spec: DatasetSpec = DatasetSpec(), *, root=None,
                      progress: bool = False) -> list[EditRecord]:
     """Generate (once) and load a split of the world's edit dataset."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    default = default_dataset_dir()
-    if spec.edition == 2:
-        default = default.with_name("world2")
-    if spec.task == "caption":
-        default = default.with_name(default.name + "-caption")
-    root = make_edit_dataset(root or default, spec, progress=progress)
+    root = make_edit_dataset(root or spec_dataset_dir(spec), spec, progress=progress)
     return load_mmedit(root / f"{split}.json")
