@@ -26,11 +26,12 @@ from visedit.world import DatasetSpec, image_question, load_world_split, render
 SPEC = DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)
 #: The grid that maps are drawn on (LLaVA-NeXT: its base image's, ahead of the tiles' 4×4 grid).
 GRID = {"llava": (4, 4), "llava-mistral": (4, 4), "llava-qwen2": (4, 4), "blip2-opt": None, "blip2-llama": None,
-        "instructblip": None, "qwen2-vl": (2, 2), "qwen2.5-vl": (2, 2), "llava-next": (2, 2)}
+        "instructblip": None, "qwen2-vl": (2, 2), "qwen2.5-vl": (2, 2), "llava-next": (2, 2),
+        "llava-onevision": (2, 2)}
 #: Where the visual tokens lie on several grids, so no single grid holds them all.
-SEVERAL_GRIDS = {"llava-next"}
+SEVERAL_GRIDS = {"llava-next", "llava-onevision"}
 #: Where integrated gradients on pixels are refused (no grid, or pixel values that are not one image).
-NO_PIXEL_IG = {"blip2-opt", "blip2-llama", "instructblip", "qwen2-vl", "qwen2.5-vl", "llava-next"}
+NO_PIXEL_IG = {"blip2-opt", "blip2-llama", "instructblip", "qwen2-vl", "qwen2.5-vl", "llava-next", "llava-onevision"}
 
 
 def refused(vllm, feature: str, call) -> None:
@@ -108,7 +109,8 @@ def test_allocation_oracle(vllm, shot, layer):
 
 def test_noise_perturbation_batched_equals_the_loop(vllm, shot):
     q = image_question("habitat")
-    radius = 0 if vllm.kind.startswith("qwen") else 1
+    grids = vllm.inputs([(shot, q)]).layout(0).grids or ((1, NUM_QUERY_TOKENS),)
+    radius = 1 if max(max(g) for g in grids) >= 3 else 0  # a 3×3 window needs a grid at least 3 wide
     loop = noise_perturbation(vllm, shot, q, radius=radius, n=3, seed=3, engine="loop")
     fast = noise_perturbation(vllm, shot, q, radius=radius, n=3, seed=3, chunk_size=5)
     assert np.abs(loop.array() - fast.array()).max() <= 1e-5 and fast.array().max() > 0
@@ -210,6 +212,32 @@ def test_llava_next_layout_is_how_the_model_packs_its_tokens(world, tmp_path):
     newline = vllm.model.model.image_newline
     assert all(torch.equal(embeds[t], newline) == (t not in on_grid) for t in range(layout.n_tokens))
     assert vllm.inputs([(wide, "what colour is it ?")]).layout(0).grids == ((2, 2), (2, 4))
+    items = [(square, "what colour is it ?", "red"), (wide, "what colour is it ?", "red"),
+             (None, "what is a lomi ?", "red")]
+    batch = vllm.score_batch(items)
+    for item, scored in zip(items, batch):
+        assert scored.logprob == pytest.approx(vllm.score_batch([item])[0].logprob, abs=1e-5)
+
+
+def test_llava_onevision_layout_is_how_the_model_packs_its_tokens(world, tmp_path):
+    """The base image's 2×2 grid, then the tiles' grid with a newline token closing each row: a square
+    image's 4×4 tile grid is over the tiny budget (two base images of patches, by more than 10 %) and is
+    shrunk to 2×2, a wide image's 2×4 is not; the processor's token count is the model's (it raises on a
+    mismatch), and a batch reads each item as it reads it alone."""
+    vllm = load_vllm(build_checkpoint("llava-onevision", tmp_path, world=world))
+    square = render(world.entities[5], seed=3, size=32).image
+    wide, tall = square.resize((32, 16)), square.resize((16, 32))
+    inputs = vllm.inputs([(square, "what colour is it ?")])
+    layout, (start, stop) = inputs.layout(0), inputs.visual_spans[0]
+    assert layout.grids == ((2, 2), (2, 2)) and layout.n_tokens == stop - start == 2 * 2 + 2 * 3
+    run = vllm.run(inputs, trace=["llm.layers.0", "projector"], trace_inputs=True)
+    embeds, projected = run.inputs["llm.layers.0"][0, start:stop], run.outputs["projector"]
+    assert torch.equal(embeds[layout.cells(0).ravel()], projected[0])  # SigLIP: no class token to drop
+    on_grid = set(layout.cells(0).ravel()) | set(layout.cells(1).ravel())
+    newline = vllm.model.model.image_newline
+    assert all(torch.equal(embeds[t], newline) == (t not in on_grid) for t in range(layout.n_tokens))
+    assert vllm.inputs([(wide, "what colour is it ?")]).layout(0).grids == ((2, 2), (2, 4))
+    assert vllm.inputs([(tall, "what colour is it ?")]).layout(0).grids == ((2, 2), (4, 2))
     items = [(square, "what colour is it ?", "red"), (wide, "what colour is it ?", "red"),
              (None, "what is a lomi ?", "red")]
     batch = vllm.score_batch(items)

@@ -20,6 +20,7 @@ Canonical sites (``L`` = number of LLM layers):
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from typing import Callable
@@ -584,6 +585,70 @@ class LlavaNextAdapter(LlavaAdapter):
             blank = most - item["pixel_values"].shape[1]
             padded.append({**item, "pixel_values": torch.nn.functional.pad(item["pixel_values"], (0,) * 7 + (blank,))})
         return super().collate_images(padded)
+
+
+def _llava_onevision_class():
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration
+
+
+def onevision_tile_grid(config, size) -> tuple[int, int]:
+    """(rows, cols) of LLaVA-OneVision's packed tile grid for an image of ``size`` (H, W), as the model
+    packs it: the tiles' patches at the best of ``image_grid_pinpoints`` with the padding removed (as
+    LLaVA-NeXT), then shrunk by bilinear interpolation when they hold more than ``anyres_max_K`` base
+    images' worth of patches by over 10 % (``vision_aspect_ratio``)."""
+    from transformers.image_processing_utils import select_best_resolution
+    from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    height, width = select_best_resolution([int(x) for x in size], config.image_grid_pinpoints)
+    padded = torch.empty(0, height // vision.image_size * side, width // vision.image_size * side)
+    rows, cols = unpad_image(padded, [int(x) for x in size]).shape[1:]
+    most = int(config.vision_aspect_ratio.strip("anyres_max_"))  # the model's own parse of "anyres_max_9"
+    ratio = math.sqrt(rows * cols / (most * side ** 2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def onevision_token_counts(config, encoding: dict) -> list[int]:
+    """Visual tokens of each image of an image-processor output (``image_sizes``) in LLaVA-OneVision: the
+    base image's grid, then the tile grid of :func:`onevision_tile_grid` with a newline token per row."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    counts = []
+    for size in encoding["image_sizes"]:
+        rows, cols = onevision_tile_grid(config, size)
+        counts.append(side * side + rows * (cols + 1))
+    return counts
+
+
+@register_backbone(_llava_onevision_class())
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): a SigLIP tower (no class token), a
+    projector and a Qwen2 decoder, read in Qwen's chat frame. Its "anyres_max_K" layout is LLaVA-NeXT's —
+    the base image's grid, then the unpadded tile grid with a newline token closing each row — except
+    that a tile grid holding more than K base images' worth of patches is shrunk (bilinear) to that
+    budget. Maps are drawn on the base grid, as for LLaVA-NeXT."""
+
+    label = "LLaVA-OneVision"
+    frame = PromptFrame("<|im_start|>user {image}{question}<|im_end|>\n<|im_start|>assistant\n")
+
+    def visual_layout(self, encoding: dict, n_tokens: int) -> VisualLayout:
+        """The base grid, then the (possibly shrunk) tile grid with its newline tokens; no grid when the
+        count differs (an image read without tiles ends with one newline token)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        rows, cols = onevision_tile_grid(self.model.config, encoding["image_sizes"][0])
+        if side * side + rows * (cols + 1) != n_tokens:
+            return VisualLayout(n_tokens)
+        return VisualLayout(n_tokens, ((side, side), (rows, cols)), (False, True))
+
+    def image_tensors(self, encoding: dict) -> dict[str, torch.Tensor]:
+        """Pixels and ``image_sizes``; ``batch_num_images`` is left out (one image per item: the model then
+        reads every image with its tiles, as it does for a single image)."""
+        return {k: v for k, v in super().image_tensors(encoding).items() if k != "batch_num_images"}
 
 
 def _blip2_class():

@@ -512,22 +512,29 @@ def _check_map(source: str, device_map: dict, local_files_only: bool) -> None:
 
 
 #: Architectures whose processor is rebuilt from tokenizer + image processor when its video part cannot load.
-_IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl")
+_IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 
 def _processor_without_video(source: str, local_files_only: bool):
-    """For a Qwen2-VL checkpoint whose processor needs torchvision (only for video): the image-only
-    :class:`~visedit.models.processing.ImageTextProcessor`. None for other checkpoints."""
+    """For a Qwen2-VL or LLaVA-OneVision checkpoint whose processor needs torchvision (only for video): the
+    image-only :class:`~visedit.models.processing.ImageTextProcessor`. None for other checkpoints."""
+    import functools
+
     from transformers import AutoConfig
 
+    from .backbones import onevision_token_counts
     from .processing import ImageTextProcessor
 
     try:
-        model_type = AutoConfig.from_pretrained(source, local_files_only=local_files_only).model_type
+        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
     except (OSError, ValueError):
         return None
-    if model_type not in _IMAGE_ONLY_PROCESSORS:
+    if config.model_type not in _IMAGE_ONLY_PROCESSORS:
         return None
+    if config.model_type == "llava_onevision":
+        return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only, image_token="<image>",
+                                                  counts=functools.partial(onevision_token_counts, config),
+                                                  token_types=False)
     return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only)
 
 

@@ -30,6 +30,8 @@ KINDS = {
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2", "Qwen2.5-VL (Qwen2-VL with a windowed ViT)"),
     "llava-next": ("LlavaNextForConditionalGeneration", "llama",
                    "LLaVA-NeXT / LLaVA-1.6 (anyres: a base image and tiles, a newline token after each row)"),
+    "llava-onevision": ("LlavaOnevisionForConditionalGeneration", "qwen2",
+                        "LLaVA-OneVision (SigLIP tower, anyres_max tiles shrunk to a budget, Qwen2 decoder)"),
 }
 NUM_QUERY_TOKENS = 8
 
@@ -77,8 +79,10 @@ SUPPORT = (
             "everything else: heatmaps, `attention_map` and VEAD's gate map on the base image's grid; noise and "
             "restoration windows on each grid", "IG on pixels (its pixel values are the base image and its tiles), "
             "region scores (they need one grid holding every visual token)"),
-    Support("LLaVA-OneVision", (), "Qwen2", "—", "not yet: `load_vllm` says no adapter is registered", "everything",
-            classes=("LlavaOnevisionForConditionalGeneration",), multi_gpu="—"),
+    Support("LLaVA-OneVision", ("llava-onevision",), "Qwen2",
+            "as LLaVA-NeXT, the tiles' grid shrunk to `anyres_max_K` base images (`vision_aspect_ratio`); "
+            "SigLIP, no class token", "as LLaVA-NeXT (its processor's video part needs torchvision: without it "
+            "the image-only processor is used)", "as LLaVA-NeXT / LLaVA-1.6"),
 )
 SUPPORT_COLUMNS = ("Backbone", "class", "decoder", "visual tokens", "supported",
                    "refused (one line naming feature and backbone)", "multi-GPU (`device_map`)")
@@ -116,6 +120,8 @@ def build_checkpoint(kind: str, folder: str | os.PathLike, *, seed: int = 0, wor
         model = build_model(tokenizer, SMALL, seed=seed, decoder=decoder, kv_heads=kv_heads)
     elif arch == "LlavaNextForConditionalGeneration":
         processor, model = _llava_next(tokenizer, seed)
+    elif arch == "LlavaOnevisionForConditionalGeneration":
+        processor, model = _llava_onevision(tokenizer, seed)
     elif arch.startswith("Qwen2"):
         processor, model = _qwen2_vl(tokenizer, seed, version=kind)
     else:
@@ -227,3 +233,39 @@ def _llava_next(tokenizer, seed: int):
                              vision_feature_select_strategy="default", image_seq_length=(side // SMALL.patch_size) ** 2)
     torch.manual_seed(seed)
     return processor, LlavaNextForConditionalGeneration(config)
+
+
+#: LLaVA-OneVision's tiny tile budget: "anyres_max_2" shrinks a square image's 4×4 tile grid (two base
+#: images' worth of patches is 8; 16 is over it by more than 10 %) to 2×2, and keeps a wide image's 2×4.
+LLAVA_ONEVISION_ASPECT = "anyres_max_2"
+
+
+def _llava_onevision(tokenizer, seed: int):
+    """Tiny LLaVA-OneVision: a SigLIP tower at 16 pixels (no class token, ``"full"`` features), LLaVA-NeXT's
+    pinpoints with a budget of two base images of tile patches, a Qwen2 decoder, and the image-only
+    processor (its transformers processor needs torchvision for video)."""
+    import functools
+
+    import torch
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, SiglipVisionConfig)
+
+    from .backbones import onevision_token_counts
+    from .processing import ImageTextProcessor
+
+    side = LLAVA_NEXT_BASE
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                      image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    vision = SiglipVisionConfig(hidden_size=SMALL.vision_hidden, intermediate_size=SMALL.vision_intermediate,
+                                num_hidden_layers=SMALL.vision_layers, num_attention_heads=SMALL.vision_heads,
+                                image_size=side, patch_size=SMALL.patch_size)
+    text = text_config(tokenizer, SMALL, decoder="qwen2").to_dict()
+    text["max_position_embeddings"] = 512  # its chat frame is long in a word-level vocabulary (IKE's context)
+    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text,
+                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                  image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio=LLAVA_ONEVISION_ASPECT)
+    torch.manual_seed(seed)
+    processor = ImageTextProcessor(tokenizer, image_processor, image_token="<image>", token_types=False,
+                                   counts=functools.partial(onevision_token_counts, config))
+    return processor, LlavaOnevisionForConditionalGeneration(config)
