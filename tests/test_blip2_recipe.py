@@ -219,7 +219,7 @@ def test_a_resumed_blip2_run_must_read_the_same_encoder(runs, tmp_path):
 
 def test_bad_encoder_sources_are_refused_in_one_line(runs, tmp_path):
     root, _ = runs
-    cases = [(root / "nothing", "no such model folder"),
+    cases = [(root / "nothing", "no such encoder folder, model folder or checkpoint"),
              (root / "shared", "not a LLaVA-recipe model folder")]
     train_recipe(tmp_path / "e", recipe_config("llava", **MICRO), progress=False, log_every=0, stop_after=1)
     cases.append((tmp_path / "e.ckpt", "still in its encoder stage"))
@@ -229,8 +229,9 @@ def test_bad_encoder_sources_are_refused_in_one_line(runs, tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="other settings: world_seed 0 \\(this run: 1\\)"):
         load_encoder(root / "llava", blip2_config(world_seed=1))
-    with pytest.raises(ValueError, match="applies to the blip2 architecture"):
-        train_recipe(tmp_path / "f", recipe_config("llava", **MICRO), encoder_from=root / "llava")
+    with pytest.raises(ValueError, match="need a frozen encoder; recipe 'joint-encoder' trains its tower"):
+        train_recipe(tmp_path / "f", recipe_config("joint-encoder", **{**MICRO, "encoder_steps": 0}),
+                     encoder_from=root / "llava")
 
 
 def test_a_checkpoint_written_before_new_settings_still_resumes(tmp_path):

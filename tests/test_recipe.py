@@ -167,6 +167,51 @@ def test_a_stopped_run_resumes_to_the_same_weights(micro_run, tmp_path):
             f"{stage}_running"]
 
 
+def test_an_encoder_folder_stands_in_for_the_encoder_stage(micro_run, tmp_path):
+    """The encoder stage alone writes the frozen tower (float32, named by its digest); the same folder comes
+    from a full run's checkpoint past that stage; a run reading it skips the stage and ends bit-identical
+    to the run that trained it. A folder whose weights are not the ones it names, or of other settings,
+    is refused in one line, and so are the options a run cannot combine."""
+    import shutil
+
+    from visedit.models.recipe import load_encoder, tower_digest
+
+    out, unbroken = micro_run
+    cfg = recipe_config("llava", **MICRO)
+    record = train_recipe(tmp_path / "enc", cfg, progress=False, log_every=0, encoder_only=True)
+    assert set(record["seconds"]) == {"encoder"} and not (tmp_path / "enc" / "visedit.json").exists()
+    info = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    tower = load_encoder(tmp_path / "enc", cfg)
+    assert info["digest"] == tower_digest(tower) and all(v.dtype == torch.float32 for v in tower.values())
+    # a full run stopped in its language stage: its checkpoint gives the same encoder folder
+    train_recipe(tmp_path / "full", cfg, progress=False, log_every=0, stop_after=cfg.encoder_steps + 2)
+    shutil.copy(tmp_path / "full.ckpt", tmp_path / "copy.ckpt")
+    copied = train_recipe(tmp_path / "copy", cfg, progress=False, log_every=0, encoder_only=True)
+    assert json.loads((tmp_path / "copy" / "encoder.json").read_text())["digest"] == info["digest"]
+    assert {e["stage"] for e in copied["log"]} <= {"encoder"} or not copied["log"]
+    assert set(json.loads((tmp_path / "copy" / "training.json").read_text())["seconds"]) == {"encoder"}
+    # reading it: no encoder stage, and every weight of the finished model as the unbroken run's
+    read = train_recipe(tmp_path / "m", cfg, progress=False, log_every=0, encoder_from=tmp_path / "enc")
+    assert "encoder" not in read["seconds"] and read["encoder_from"]["digest"] == info["digest"]
+    a, b = _weights(out), _weights(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read["instruct_loss"] == unbroken["instruct_loss"]
+    # refusals
+    shutil.copytree(tmp_path / "enc", tmp_path / "bad")
+    (tmp_path / "bad" / "encoder.json").write_text(json.dumps({**info, "digest": "0" * 16}))
+    cases = [(lambda: load_encoder(tmp_path / "bad", cfg), "not the ones encoder.json names"),
+             (lambda: load_encoder(tmp_path / "enc", recipe_config("llava", **{**MICRO, "vision_layers": 3})),
+              "other settings: vision_layers 2 \\(this run: 3\\)"),
+             (lambda: train_recipe(tmp_path / "x", cfg, encoder_only=True, encoder_from=tmp_path / "enc"),
+              "pass one of them"),
+             (lambda: train_recipe(tmp_path / "y", recipe_config("blip2", **MICRO), encoder_only=True),
+              "reads one with encoder_from")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     cfg = recipe_config("llava", **MICRO)
     train_recipe(tmp_path / "x", cfg, progress=False, log_every=0, stop_after=1)
@@ -208,6 +253,12 @@ def test_cli_trains_a_recipe_and_refuses_mixed_options(tmp_path):
     ok = subprocess.run(base + ["--recipe", "shallow", "--stop-after", "2"] + sets, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["stopped"] is True and (tmp_path / "c.ckpt").exists()
+    bad = subprocess.run(base + ["--encoder-only"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "add --recipe" in bad.stderr
+    enc = [sys.executable, "-m", "visedit", "train-tiny", "--out", str(tmp_path / "e"), "--no-progress"]
+    ok = subprocess.run(enc + ["--recipe", "llava", "--encoder-only"] + sets, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["seconds"].keys() == {"encoder"} and (tmp_path / "e" / "encoder.json").exists()
 
 
 def test_model_card_of_a_scene_model_measures_selectors(micro_run):

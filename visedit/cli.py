@@ -16,9 +16,9 @@ def _train_tiny(args) -> int:
 
     if args.recipe is not None:
         return _train_recipe(args)
-    if args.budget != "full" or args.set or args.device != "cpu" or args.encoder_from is not None:
-        raise ValueError("--budget, --set, --device and --encoder-from apply to a recipe: add --recipe llava (or "
-                         "another recipe)")
+    if args.budget != "full" or args.set or args.device != "cpu" or args.encoder_from is not None or args.encoder_only:
+        raise ValueError("--budget, --set, --device, --encoder-from and --encoder-only apply to a recipe: add "
+                         "--recipe llava (or another recipe)")
 
     from .models.tiny import TinyConfig
     from .models.train import TrainConfig, train_tiny
@@ -48,7 +48,7 @@ def _train_recipe(args) -> int:
         overrides["seed"] = args.seed
     cfg = recipe_config(args.recipe, budget=args.budget, **overrides)
     record = train_recipe(args.out, cfg, progress=not args.no_progress, device=args.device,
-                          stop_after=args.stop_after, encoder_from=args.encoder_from)
+                          stop_after=args.stop_after, encoder_from=args.encoder_from, encoder_only=args.encoder_only)
     print(json.dumps({"out": str(args.out), "recipe": cfg.name, "stopped": bool(record.get("stopped")),
                       "wall_seconds": record.get("wall_seconds"), "seconds": record["seconds"],
                       "instruct_loss": record.get("instruct_loss")}, indent=1))
@@ -640,8 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="with --recipe: stop after this many steps (a checkpoint is kept; run again to go on)")
     p.add_argument("--encoder-from", type=Path, default=None, metavar="PATH",
-                   help="with --recipe blip2: the llava recipe's model folder, or its OUT.ckpt past the encoder "
-                   "stage, whose frozen encoder the BLIP-2 reads (else the encoder stage trains it)")
+                   help="with a recipe on a frozen encoder (llava, blip2, …): the frozen encoder to read instead of "
+                   "training one — an --encoder-only folder (visedit/models/embedded_encoder ships the llava "
+                   "recipe's), a llava-recipe model folder, or its OUT.ckpt past the encoder stage")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="with --recipe llava: run the contrastive encoder stage alone and write the frozen "
+                   "encoder to OUT (for --encoder-from)")
     p.set_defaults(func=_train_tiny)
 
     p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")

@@ -370,10 +370,13 @@ class _LlavaParts:
     """What the stages train, LLaVA's way: one ``LlavaForConditionalGeneration`` whose CLIP tower is
     trained by the contrastive stage, a projector as the bridge."""
 
-    def __init__(self, processor, cfg: RecipeConfig, device):
+    def __init__(self, processor, cfg: RecipeConfig, device, tower: dict | None = None):
         self.processor = processor
-        self.model = build_recipe_model(processor.tokenizer, cfg).to(device)
+        self.model = build_recipe_model(processor.tokenizer, cfg)
         self.tower = self.model.model.vision_tower
+        if tower is not None:  # a trained frozen tower (encoder_from): the contrastive stage is skipped
+            self.tower.load_state_dict(tower)
+        self.model.to(device)
         self.decoder, self.head = self.model.model.language_model, self.model.lm_head
         self.modules = {"model": self.model}
 
@@ -450,13 +453,51 @@ _ENCODER_SETTINGS = ("world_seed", "n_entities", "image_size", "patch_size", "vi
                      "vision_heads", "vision_intermediate")
 
 
+#: Where the second teaching model's frozen encoder ships (``train-tiny --recipe llava --encoder-only``).
+EMBEDDED_ENCODER = Path(__file__).parent / "embedded_encoder"
+
+
+def write_encoder(out: str | os.PathLike, tower: torch.nn.Module, cfg: RecipeConfig, record: dict) -> None:
+    """Write a recipe's trained CLIP tower to the folder ``out`` (atomically): the ``CLIPVisionModel`` in
+    float32 (so that a run reading it computes exactly what the run that trained it went on to compute),
+    ``encoder.json`` (the settings its weights depend on and their digest) and ``training.json``."""
+    weights = tower.state_dict()
+    info = {"edition": 2, "recipe": cfg.name, **{k: getattr(cfg, k) for k in _ENCODER_SETTINGS},
+            "encoder_steps": cfg.encoder_steps, "digest": tower_digest(weights)}
+    with atomic_path(Path(out)) as tmp:
+        tmp.mkdir(parents=True)
+        tower.save_pretrained(tmp)
+        (tmp / "encoder.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def load_encoder(path: str | os.PathLike, cfg: RecipeConfig) -> dict:
-    """The frozen CLIP tower's weights (a ``CLIPVisionModel`` state dict) of a LLaVA-recipe model: a
-    finished folder (``visedit.json``, ``model.safetensors``), or a checkpoint ``OUT.ckpt`` of a run with a
-    frozen encoder that is past its encoder stage (the tower never changes after it). Refused in one line
-    when it is neither, or when its world or tower size differ from ``cfg``'s."""
+    """The frozen CLIP tower's weights (a ``CLIPVisionModel`` state dict) of the LLaVA recipe: an encoder
+    folder (``encoder.json``, written by ``--encoder-only``), a finished model folder (``visedit.json``,
+    ``model.safetensors``), or a checkpoint ``OUT.ckpt`` of a run with a frozen encoder that is past its
+    encoder stage (the tower never changes after it). Refused in one line when it is none of these, when
+    its world or tower size differ from ``cfg``'s, or when an encoder folder's weights are not the ones
+    its ``encoder.json`` names."""
     path = Path(path)
     prefix = "model.vision_tower."
+    if path.is_dir() and (path / "encoder.json").exists():
+        from transformers import CLIPVisionModel
+
+        info = json.loads((path / "encoder.json").read_text())
+        have = {k: info.get(k) for k in _ENCODER_SETTINGS}
+        wrong = [f"{k} {have[k]} (this run: {getattr(cfg, k)})" for k in _ENCODER_SETTINGS if have[k] != getattr(cfg, k)]
+        if wrong:
+            raise ValueError(f"encoder_from={path} has other settings: {', '.join(wrong)}")
+        try:
+            weights = CLIPVisionModel.from_pretrained(path, dtype=torch.float32).state_dict()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"encoder_from={path}: its weights do not load ({str(err).splitlines()[0]}); rebuild "
+                             "the folder with `python -m visedit train-tiny --recipe llava --encoder-only`") from None
+        if tower_digest(weights) != info.get("digest"):
+            raise ValueError(f"encoder_from={path}: its weights are not the ones encoder.json names (digest "
+                             f"{tower_digest(weights)}, not {info.get('digest')}); rebuild the folder with "
+                             "`python -m visedit train-tiny --recipe llava --encoder-only`")
+        return {k: v.float() for k, v in weights.items()}
     if path.is_dir() and (path / "model.safetensors").exists():
         info = json.loads((path / "visedit.json").read_text()) if (path / "visedit.json").exists() else {}
         config = json.loads((path / "config.json").read_text())
@@ -482,7 +523,7 @@ def load_encoder(path: str | os.PathLike, cfg: RecipeConfig) -> dict:
                              "its tower is final once the stage ends")
         weights = {k[len(prefix):]: v for k, v in state["modules"]["model"].items() if k.startswith(prefix)}
     else:
-        raise ValueError(f"encoder_from={path}: no such model folder or checkpoint")
+        raise ValueError(f"encoder_from={path}: no such encoder folder, model folder or checkpoint")
     wrong = [f"{k} {have[k]} (this run: {getattr(cfg, k)})" for k in _ENCODER_SETTINGS if have[k] != getattr(cfg, k)]
     if wrong:
         raise ValueError(f"encoder_from={path} has other settings: {', '.join(wrong)}")
@@ -682,20 +723,29 @@ class _Checkpoint:
 
 def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progress: bool = True,
                  device: str = "cpu", checkpoint_every: int = 100, log_every: int = 100,
-                 stop_after: int | None = None, encoder_from: str | os.PathLike | None = None) -> dict:
+                 stop_after: int | None = None, encoder_from: str | os.PathLike | None = None,
+                 encoder_only: bool = False) -> dict:
     """Train a recipe model and write it (weights in half precision, config, processor, ``training.json``,
     ``visedit.json``) to ``out``; resumes from ``<out>.ckpt`` when one is there. Returns the record.
 
     ``stop_after``: stop (with a checkpoint) after this many steps in this call, for tests and for
     splitting a run over sessions; the folder is written only when every stage is done.
-    ``encoder_from`` (the ``blip2`` architecture): a LLaVA-recipe folder or checkpoint whose frozen CLIP
-    tower this model reads (see :func:`load_encoder`); the encoder stage is then skipped. A resumed run
-    must be given the same encoder.
+    ``encoder_from``: an encoder folder, LLaVA-recipe folder or checkpoint whose frozen CLIP tower this
+    model reads (see :func:`load_encoder`); the encoder stage is then skipped, and the run computes exactly
+    what the run that trained that tower computed after its encoder stage. A resumed run must be given the
+    same encoder. ``encoder_only``: run the encoder stage alone and write the tower to ``out`` as an
+    encoder folder (:func:`write_encoder`).
     """
     out = Path(out)
     torch.set_num_threads(cfg.threads)
-    if encoder_from is not None and cfg.architecture != "blip2":
-        raise ValueError(f"encoder_from applies to the blip2 architecture; recipe {cfg.name!r} trains its own encoder")
+    if (encoder_from is not None or encoder_only) and not cfg.frozen_encoder:
+        raise ValueError(f"encoder_from and encoder_only need a frozen encoder; recipe {cfg.name!r} trains its tower "
+                         "with the decoder")
+    if encoder_from is not None and encoder_only:
+        raise ValueError("encoder_only trains the encoder that encoder_from would read: pass one of them")
+    if encoder_only and cfg.architecture != "llava":
+        raise ValueError(f"encoder_only writes the llava recipe's encoder; recipe {cfg.name!r} reads one with "
+                         "encoder_from")
     world = make_world(cfg.world_seed, cfg.n_entities)
     ckpt = _Checkpoint(out, cfg)
     source = load_encoder(encoder_from, cfg) if encoder_from is not None else None
@@ -713,7 +763,7 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
     if cfg.architecture == "blip2":
         parts = _Blip2Parts(_blip2_processor(processor, cfg), cfg, device, tower=source)
     else:
-        parts = _LlavaParts(processor, cfg, device)
+        parts = _LlavaParts(processor, cfg, device, tower=source)
     processor, model, tower, decoder, head = parts.processor, parts.model, parts.tower, parts.decoder, parts.head
     batcher = _Batcher(processor, world, cfg)
     torch.manual_seed(cfg.seed + 1)
@@ -831,6 +881,17 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         tower.requires_grad_(False)
     if stages_done:
         parts.encoder_ready()
+    if encoder_only:
+        if not stages_done:
+            record["stopped"] = True
+            return record
+        record.pop("stopped", None)
+        # what the encoder stage did (a checkpoint past it, copied from a full run, holds later stages too)
+        encoder_record = {k: v for k, v in record.items() if not k.startswith(STAGES[1:])}
+        encoder_record["log"] = [e for e in record["log"] if e["stage"] == "encoder"]
+        encoder_record["seconds"] = {"encoder": record["seconds"].get("encoder", 0.0)}
+        write_encoder(out, tower, cfg, encoder_record)
+        return record
 
     # ---- stage 2: language pre-training -------------------------------------------------------------
     def text_sequences(py: random.Random, n: int) -> list:
