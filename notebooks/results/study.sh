@@ -7,6 +7,8 @@
 #   DRY=1 bash notebooks/results/study.sh    # print the commands only
 #   DEVICE=cuda bash notebooks/results/study.sh
 #
+# Every study run trains with PyTorch's fused attention kernel (--set attention=sdpa), as the committed ones
+# were trained before the recipe's default became the faster eager kernel: one kernel across the study.
 # Resumable: a report that exists is skipped (and so is the training it reads), and an interrupted training resumes from its checkpoint
 # (WORK/NAME.ckpt). The trained study models stay in WORK (default .study/, not committed).
 set -euo pipefail
@@ -22,21 +24,22 @@ source notebooks/results/steps.sh
 step "$R/first.json" $PY -m visedit reading --model visedit-tiny --out "$R/first.json"
 # the recipe and its one-ingredient changes, at the study budget
 for recipe in llava joint-encoder one-creature shallow; do
-  [[ -e $R/study-$recipe.json ]] || step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --out "$W/$recipe" --no-progress "${DEV[@]}"
+  [[ -e $R/study-$recipe.json ]] || step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --set attention=sdpa --out "$W/$recipe" --no-progress "${DEV[@]}"
   step "$R/study-$recipe.json" $PY -m visedit reading --model "$W/$recipe" --out "$R/study-$recipe.json"
 done
 # the recipe without the position term: its frozen patches lose where they are
-[[ -e $R/study-no-position.json ]] || step "$W/no-position" $PY -m visedit train-tiny --recipe llava --budget study --set position_weight=0 \
+[[ -e $R/study-no-position.json ]] || step "$W/no-position" $PY -m visedit train-tiny --recipe llava --budget study --set attention=sdpa --set position_weight=0 \
   --out "$W/no-position" --no-progress "${DEV[@]}"
 step "$R/study-no-position.json" $PY -m visedit reading --model "$W/no-position" --out "$R/study-no-position.json"
 # the recipe as first tried: its encoder learns from whole-scene captions only (no region or position term),
 # 4 tower layers
-[[ -e $R/study-no-region.json ]] || step "$W/no-region" $PY -m visedit train-tiny --recipe llava --budget study --set region_weight=0 --set position_weight=0 \
+[[ -e $R/study-no-region.json ]] || step "$W/no-region" $PY -m visedit train-tiny --recipe llava --budget study --set attention=sdpa --set region_weight=0 --set position_weight=0 \
   --set vision_layers=4 --out "$W/no-region" --no-progress "${DEV[@]}"
 step "$R/study-no-region.json" $PY -m visedit reading --model "$W/no-region" --out "$R/study-no-region.json"
 # optional (FULL=1): the recipe at its full budget without the position term, about five hours on one thread
 if [[ -n ${FULL:-} ]]; then
   [[ -e $R/full-no-position.json ]] || step "$W/full-no-position" $PY -m visedit train-tiny --recipe llava --set position_weight=0 \
+    --set attention=sdpa \
     --out "$W/full-no-position" --no-progress "${DEV[@]}"
   step "$R/full-no-position.json" $PY -m visedit reading --model "$W/full-no-position" --out "$R/full-no-position.json"
 fi
