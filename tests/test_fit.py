@@ -7,7 +7,8 @@ Float results depend on the kernels as well as on the code: the same run gives o
 vector extensions make torch dispatch to other kernels (the pins first recorded, on an earlier machine,
 differ on an AVX-512 + AMX one). So pins are recorded per kernel fingerprint (torch's version, the CPU
 capability it dispatches on, the CPU's bf16/AMX extensions) and checked bit for bit where the fingerprint
-has them; everywhere, two runs of each trainer must give the same bits. (The digests were first computed
+has them (a machine without pins fails, saying how to record them); everywhere, two runs of each
+trainer must give the same bits. (The digests were first computed
 with the hand-written loops the trainers had before they shared the fit loop, and the fit loop reproduced
 them exactly on that machine.) To pin a new machine: ``python -m tests.test_fit`` prints its entry.
 """
@@ -120,9 +121,8 @@ def check_pin(trainer: str, first: str, second: str) -> None:
     """Two runs agree bit for bit; where this machine's kernels have pins, they are the pinned bits."""
     assert first == second, f"two runs of the {trainer} trainer gave different weights or losses"
     pins = PINNED.get(kernel_fingerprint())
-    if pins is None:
-        pytest.skip(f"no {trainer} pin for these kernels ({kernel_fingerprint()}); the two runs agree. Record one: "
-                    "python -m tests.test_fit")
+    assert pins is not None, (f"no {trainer} pin for these kernels ({kernel_fingerprint()}); the two runs agree. "
+                              "Record this machine's entry in PINNED: python -m tests.test_fit")
     assert first == pins[trainer]
 
 
