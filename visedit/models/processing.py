@@ -50,6 +50,17 @@ class ImageTextProcessor:
         return out
 
     @classmethod
+    def for_onevision(cls, tokenizer, image_processor, config) -> "ImageTextProcessor":
+        """LLaVA-OneVision's image-only processor: ``<image>`` expanded to the tokens the model of
+        ``config`` packs for each image (no ``mm_token_type_ids``)."""
+        import functools
+
+        from .backbones import onevision_token_counts
+
+        return cls(tokenizer, image_processor, image_token="<image>", token_types=False,
+                   counts=functools.partial(onevision_token_counts, config))
+
+    @classmethod
     def from_pretrained(cls, folder, *, image_token: str | None = None, counts=None, token_types: bool = True,
                         **kwargs) -> "ImageTextProcessor":
         """Tokenizer + image processor of a checkpoint folder, without its video processor (``kwargs``:

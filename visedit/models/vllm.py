@@ -518,11 +518,8 @@ _IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 def _processor_without_video(source: str, local_files_only: bool):
     """For a Qwen2-VL or LLaVA-OneVision checkpoint whose processor needs torchvision (only for video): the
     image-only :class:`~visedit.models.processing.ImageTextProcessor`. None for other checkpoints."""
-    import functools
-
     from transformers import AutoConfig
 
-    from .backbones import onevision_token_counts
     from .processing import ImageTextProcessor
 
     try:
@@ -531,11 +528,10 @@ def _processor_without_video(source: str, local_files_only: bool):
         return None
     if config.model_type not in _IMAGE_ONLY_PROCESSORS:
         return None
+    plain = ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only)
     if config.model_type == "llava_onevision":
-        return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only, image_token="<image>",
-                                                  counts=functools.partial(onevision_token_counts, config),
-                                                  token_types=False)
-    return ImageTextProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return ImageTextProcessor.for_onevision(plain.tokenizer, plain.image_processor, config)
+    return plain
 
 
 def _missing_package(err: ImportError) -> str:

@@ -244,13 +244,10 @@ def _llava_onevision(tokenizer, seed: int):
     """Tiny LLaVA-OneVision: a SigLIP tower at 16 pixels (no class token, ``"full"`` features), LLaVA-NeXT's
     pinpoints with a budget of two base images of tile patches, a Qwen2 decoder, and the image-only
     processor (its transformers processor needs torchvision for video)."""
-    import functools
-
     import torch
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessorPil, SiglipVisionConfig)
 
-    from .backbones import onevision_token_counts
     from .processing import ImageTextProcessor
 
     side = LLAVA_NEXT_BASE
@@ -266,6 +263,5 @@ def _llava_onevision(tokenizer, seed: int):
                                   image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-1,
                                   vision_feature_select_strategy="full", vision_aspect_ratio=LLAVA_ONEVISION_ASPECT)
     torch.manual_seed(seed)
-    processor = ImageTextProcessor(tokenizer, image_processor, image_token="<image>", token_types=False,
-                                   counts=functools.partial(onevision_token_counts, config))
+    processor = ImageTextProcessor.for_onevision(tokenizer, image_processor, config)
     return processor, LlavaOnevisionForConditionalGeneration(config)
