@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visedit.editing import EditRequest, VEAD, VEADConfig, VEADEditor, get_editor, train_vead
 from visedit.editing.base import target_loss
@@ -495,7 +496,7 @@ def test_one_held_edit_is_the_paper_vead_bit_for_bit(tiny_random, records, edito
     probe = [(records[3].image, records[3].src, records[3].alt)]
     with editor.edit(EditRequest.from_record(records[1])):
         paper = tiny_random.logits(tiny_random.inputs(probe))
-    for route in ("nearest", "gate"):
+    for route in ("nearest", "gate", "joint"):
         with _with_memory(editor, route=route).edit(EditRequest.from_record(records[1])):
             assert torch.equal(tiny_random.logits(tiny_random.inputs(probe)), paper)
 
@@ -513,8 +514,52 @@ def test_gate_routing_picks_the_edit_the_gate_opens_on_most(tiny_random, records
     assert torch.allclose(gate_scores(held.adapter, V, held.held_keys("im")), scores, atol=1e-5)
     assert held.last_route.item() == scores.argmax(-1).item()
     held.restore()
-    with pytest.raises(ValueError, match="route must be 'nearest' or 'gate'"):
+    with pytest.raises(ValueError, match="route must be 'nearest', 'gate' or 'joint'"):
         VEADConfig(route="random")
+
+
+def test_the_question_ends_where_the_prompt_does_whatever_follows(tiny_random, records):
+    """answer_marker is what the frame puts after the question; question_end finds the prompt's end in a
+    row that goes on with an answer (or padding), the oracle being Inputs.last_prompt."""
+    marker = tiny_random.answer_marker
+    assert marker and tiny_random.tokenizer.decode(list(marker)).replace(" ", "").lower() == "assistant:"
+    items = [(records[0].image, records[0].src, records[0].alt), (records[1].image, records[1].rephrase, f"{records[1].pred} {records[2].alt}"),
+             (None, records[2].loc, records[2].loc_ans)]
+    inputs = tiny_random.inputs(items)
+    ids, mask = inputs.tensors["input_ids"], inputs.tensors["attention_mask"]
+    for b in range(len(items)):
+        assert tiny_random.question_end(ids[b], int(mask[b].sum())) == inputs.last_prompt[b] + 1
+    assert tiny_random.question_end(ids[0], 3) == 3  # no marker in reach: the whole length
+
+
+def test_joint_routing_reads_image_and_question_and_never_the_answer(tiny_random, records, editor):
+    """The joint route picks argmax_k cos(v̄ − c_v, v̄_k − c_v) + w · cos(q̄ − c_q, q̄_k − c_q) with keys
+    centred on the held edits (oracle from each probe's own l_e states), and the answer being scored does
+    not move it."""
+    from visedit.editing.vead.memory import JointKeys
+
+    held = _with_memory(editor, route="joint", route_weight=2.0)
+    held.apply_batch([EditRequest.from_record(r) for r in records[1:4]])
+    probes = [(records[1].image_rephrase, records[1].src), (records[2].image, records[2].rephrase),
+              (records[4].image, records[4].src)]
+    keys = JointKeys.of(held.bank)
+    with held._off():
+        states, inputs = held.layer_states(probes)
+    V = torch.stack([states[b, slice(*inputs.visual_spans[b])] for b in range(3)])
+    Q = torch.cat([held._question_key(states[b:b + 1], inputs.visual_spans[b], inputs.last_prompt[b]) for b in range(3)])
+    want = keys.scores(V, Q, 2.0).argmax(-1)
+    manual = [int(np.argmax([
+        float(F.cosine_similarity(V[b].mean(0) - keys.visual_centre, m.visual[0] - keys.visual_centre, dim=0))
+        + 2.0 * float(F.cosine_similarity(Q[b] - keys.question_centre, m.question[0] - keys.question_centre, dim=0))
+        for m in held.bank])) for b in range(3)]
+    assert want.tolist() == manual and len(set(manual)) > 1  # not one edit for all
+    r = records
+    for targets in ((r[0].alt,) * 3, (f"{r[1].pred} {r[2].alt} {r[3].alt}", r[3].pred, f"{r[4].alt} {r[0].pred}")):
+        tiny_random.score_batch([p + (t,) for p, t in zip(probes, targets)])
+        assert held.last_route.tolist() == manual
+    held.restore()
+    with pytest.raises(ValueError, match="route_weight must be a number >= 0"):
+        VEADConfig(route="joint", route_weight=-1)
 
 
 def test_each_embedded_model_has_its_own_presets_and_trained_folder(tmp_path):

@@ -112,10 +112,12 @@ step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --l
 
 # ---- many edits: T edits of the eval split in one seeded order, applied without restoring; the first
 # T/10 edits are scored again after every T/10 (retention). VEAD as the paper has it holds the last edit;
-# with a memory it holds every edit and routes each input to the nearest one
+# with a memory it holds every edit and routes each input to the nearest image (vead-memory) or to the
+# nearest image and question (vead-joint)
 many() {  # many EDITOR-TAG: every T for one editor
   local tag=$1 editor=${1%%-*} extra=()
   [[ $tag == vead-memory ]] && extra=(--set memory=true --set route=nearest)
+  [[ $tag == vead-joint ]] && extra=(--set memory=true --set route=joint)
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$editor")
   for n in 1 10 100 500; do
     local every=(); (( n >= 10 )) && every=(--every $((n / 10)))
@@ -123,7 +125,7 @@ many() {  # many EDITOR-TAG: every T for one editor
       "${every[@]}" "${extra[@]}" --json --fresh --out "$R/sequential/$tag-T$n"
   done
 }
-many_a() { many vead-memory; many vead; many ike; }
+many_a() { many vead-memory; many vead-joint; many vead; many ike; }
 many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -208,6 +209,30 @@ class VLLM:
                                  "given: pass image=… or remove the token")
             return question
         return self.frame.prompt(question, self.image_token if has_image else None)
+
+    @functools.cached_property
+    def answer_marker(self) -> tuple[int, ...]:
+        """The token ids the frame puts after the question (LLaVA's ``" ASSISTANT:"``): a prompt ends with
+        them, so they find where the question ends in a sequence that goes on with an answer. Empty when the
+        frame puts nothing there or the tokenizer cannot say which tokens came from which characters."""
+        question = "visedit question"
+        text = self.frame.prompt(question)
+        end = text.index(question) + len(question)
+        if not getattr(self.tokenizer, "is_fast", False) or end == len(text):
+            return ()
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        return tuple(int(t) for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= end)
+
+    def question_end(self, ids: torch.Tensor, length: int, start: int = 0) -> int:
+        """One row of ``ids``: the position just after its prompt — the end of the last answer marker in
+        ``ids[start:length]`` (so an answer that follows is left out), or ``length`` when there is none."""
+        marker = self.answer_marker
+        m = len(marker)
+        if m == 0 or length - start < m:
+            return length
+        windows = ids[start:length].unfold(0, m, 1)
+        hits = (windows == torch.as_tensor(marker, device=ids.device)).all(-1).nonzero()
+        return start + int(hits[-1, 0]) + m if len(hits) else length
 
     def encode_target(self, target: str) -> list[int]:
         """Token ids of ``target`` as it follows a prompt (with a leading space); errors if unencodable."""

@@ -55,11 +55,12 @@ class EditMemory:
     mask: torch.Tensor
     prompt_state: torch.Tensor
     visual: torch.Tensor | None = None  # (1, d): the mean of the edit sample's visual tokens (routing key)
+    question: torch.Tensor | None = None  # (1, d): the mean of its question's states (the joint route's key)
 
 
 #: the settings of how a trained VEAD's edits are applied, not trained: a preset (or ``--set``) may change
 #: them on a loaded VEAD
-APPLY_SETTINGS = ("memory", "route")
+APPLY_SETTINGS = ("memory", "route", "route_weight")
 
 
 @register_editor
@@ -164,13 +165,21 @@ class VEADEditor(Editor):
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs = self.layer_states([(request.image, request.prompt, request.target)])
         return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs),
-                          self._visual_key(states, inputs.visual_spans[0]))
+                          self._visual_key(states, inputs.visual_spans[0]),
+                          self._question_key(states, inputs.visual_spans[0], inputs.last_prompt[0]))
 
     @staticmethod
     def _visual_key(states: torch.Tensor, span) -> torch.Tensor:
         if span is None:
             return torch.zeros_like(states[:, 0])
         return states[:, span[0]:span[1]].mean(1)
+
+    @staticmethod
+    def _question_key(states: torch.Tensor, span, last_prompt: int) -> torch.Tensor:
+        """(1, d): the mean state of the prompt after the image (the question and the frame's end), the
+        answer left out."""
+        start = span[1] if span is not None else 0
+        return states[:, start:last_prompt + 1].mean(1)
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
@@ -215,7 +224,8 @@ class VEADEditor(Editor):
             n = int(mask[b].sum())
             span = inputs.visual_spans[b]
             memories.append(EditMemory(states[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
-                                       keys[b:b + 1].clone(), self._visual_key(states[b:b + 1], span)))
+                                       keys[b:b + 1].clone(), self._visual_key(states[b:b + 1], span),
+                                       self._question_key(states[b:b + 1], span, inputs.last_prompt[b])))
         self._hold(memories)
 
     def _hold(self, memories: list[EditMemory]) -> None:
@@ -252,11 +262,12 @@ class VEADEditor(Editor):
 
     def held_keys(self, kind: str) -> torch.Tensor:
         """The routing keys of the held edits, stacked once per change of the memory: ``"visual"`` (K, d)
-        unit vectors, or ``"im"`` (K, d) / (K, M, d) IM keys."""
+        unit vectors, ``"im"`` (K, d) / (K, M, d) IM keys, or ``"joint"`` (:class:`.memory.JointKeys`)."""
         from . import memory
 
         if kind not in self._keys_cache:
-            self._keys_cache[kind] = (memory.visual_keys if kind == "visual" else memory.im_keys)(self.bank)
+            build = {"visual": memory.visual_keys, "im": memory.im_keys, "joint": memory.JointKeys.of}[kind]
+            self._keys_cache[kind] = build(self.bank)
         return self._keys_cache[kind]
 
     def _visual_rows(self, length: int):
@@ -292,11 +303,23 @@ class VEADEditor(Editor):
         hidden[rows[:, None], cols] = new.to(hidden.device, hidden.dtype)
         return hidden
 
+    def _questions(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(R, d): each image row's question key — the mean state from its last visual token to the end of
+        its prompt (:meth:`VLLM.question_end`: an answer being scored or generated is left out)."""
+        ids = self._top.kwargs["model"]["input_ids"]
+        mask = self._top.kwargs["model"].get("attention_mask")
+        out = []
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            length = int(mask[r].sum()) if mask is not None else ids.shape[1]
+            start = max(c) + 1
+            out.append(hidden[r, start:self.vllm.question_end(ids[r], length, start)].float().mean(0))
+        return torch.stack(out).to(self.device)
+
     def _rewrite_routed(self, hidden, rows, cols, V) -> torch.Tensor:
         """Each row attends to the held edit :func:`.memory.route` picks, applied as a single edit is."""
         from .memory import route
 
-        chosen = route(self, V)
+        chosen = route(self, V, self._questions(hidden, rows, cols) if self.config.route == "joint" else None)
         new = torch.empty_like(V, dtype=torch.float32)
         s = V.new_empty(V.shape[:2], dtype=torch.float32)
         for k in chosen.unique().tolist():

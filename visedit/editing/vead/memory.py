@@ -7,7 +7,13 @@ each input row with an image attends to *one* of them, picked by a routing rule:
   between the mean of the input's visual tokens and the mean of the edit sample's (both VEAD-off states);
 - ``route: gate`` — the edit whose influence-mapper gate opens most on the input: max_j s_j, the IM's
   score (the paper's formula, :meth:`VEAD.gate_logits`) of the input's visual tokens against each edit's
-  IM keys.
+  IM keys;
+- ``route: joint`` — the edit nearest in image *and* question: cos(v̄, v̄_k) + w · cos(q̄, q̄_k), where q̄ is
+  the mean state at l_e of the prompt after the image (the answer left out) and w is ``route_weight``.
+  Both keys are centred on the held edits' mean first: every image shares the background and every
+  question the frame's words, and uncentred means are all alike (cosines near 1 at layer 0 of the
+  first teaching model). The two kinds of miss the image route makes — two edits of one creature, and a
+  probe about another fact of an edited creature — differ in the question, not the image.
 
 The chosen edit is then applied exactly as a single edit is (so one held edit is the paper's VEAD).
 """
@@ -47,10 +53,39 @@ def gate_scores(adapter, V: torch.Tensor, keys: torch.Tensor, *, budget: int = 2
     return torch.cat(out, 1)
 
 
-def route(editor, V: torch.Tensor) -> torch.Tensor:
-    """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to."""
+class JointKeys:
+    """The joint route's keys of K held edits: the centres (mean over the held edits) of their mean
+    visual tokens and of their question keys, and each edit's centred unit keys (K, d)."""
+
+    def __init__(self, visual: torch.Tensor, question: torch.Tensor):
+        self.visual_centre, self.question_centre = visual.mean(0), question.mean(0)
+        self.visual = torch.nn.functional.normalize(visual - self.visual_centre, dim=-1)
+        self.question = torch.nn.functional.normalize(question - self.question_centre, dim=-1)
+
+    @classmethod
+    def of(cls, memories: Sequence) -> "JointKeys":
+        if any(m.visual is None or m.question is None for m in memories):
+            raise ValueError("route: joint needs every held edit's image and question keys; apply edits one "
+                             "request at a time (apply / apply_batch), not with edit_each")
+        return cls(torch.cat([m.visual for m in memories]).float(), torch.cat([m.question for m in memories]).float())
+
+    def scores(self, V: torch.Tensor, Q: torch.Tensor, weight: float) -> torch.Tensor:
+        """(R, K): cos(v̄ − c_v, v̄_k − c_v) + weight · cos(q̄ − c_q, q̄_k − c_q) for R inputs with visual
+        tokens V (R, N, d) and question keys Q (R, d)."""
+        v = torch.nn.functional.normalize(V.float().mean(1) - self.visual_centre, dim=-1)
+        q = torch.nn.functional.normalize(Q.float() - self.question_centre, dim=-1)
+        return v @ self.visual.T + weight * (q @ self.question.T)
+
+
+def route(editor, V: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tensor:
+    """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to; ``Q`` (R, d): the
+    rows' question keys (the joint route only)."""
     if editor.config.route == "nearest":
         return nearest(V, editor.held_keys("visual"))
+    if editor.config.route == "joint":
+        if Q is None:
+            raise ValueError("route: joint needs the inputs' question keys")
+        return editor.held_keys("joint").scores(V, Q, editor.config.route_weight).argmax(-1)
     return gate_scores(editor.adapter, V, editor.held_keys("im")).argmax(-1)
 
 
@@ -64,4 +99,4 @@ def nearest(V: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def held_bytes(memories: Sequence) -> int:
     """Bytes of the held edits' tensors."""
     return sum(t.numel() * t.element_size() for m in memories
-               for t in (m.states, m.mask, m.prompt_state, m.visual) if t is not None)
+               for t in (m.states, m.mask, m.prompt_state, m.visual, m.question) if t is not None)

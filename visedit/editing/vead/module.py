@@ -59,8 +59,10 @@ class VEADConfig(StrictConfig):
     model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
     ``memory`` (ours; the paper: False): hold every applied edit (its cached layer-l_e rows) instead of the
     last one only, and let each input attend to the one edit that ``route`` picks: ``"nearest"`` — the
-    edit whose image is nearest in the visual-token space at l_e (cosine of the mean visual tokens) —
-    or ``"gate"`` — the edit whose influence-mapper gate opens most on the input (the largest s_j).
+    edit whose image is nearest in the visual-token space at l_e (cosine of the mean visual tokens),
+    ``"gate"`` — the edit whose influence-mapper gate opens most on the input (the largest s_j) — or
+    ``"joint"`` — the edit nearest in image and question (centred cosines of the mean visual token and
+    of the mean question state at l_e, the latter weighted by ``route_weight``; see :mod:`.memory`).
     Settings of how an edit is *applied*, not trained: a trained VEAD is used with either.
     """
 
@@ -88,6 +90,7 @@ class VEADConfig(StrictConfig):
     eos: bool = False
     memory: bool = False
     route: str = "nearest"
+    route_weight: float = 1.0
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64
@@ -96,8 +99,11 @@ class VEADConfig(StrictConfig):
     def __post_init__(self) -> None:
         if self.at not in ("output", "input"):
             raise ValueError(f"VEADConfig.at must be 'output' or 'input', got {self.at!r}")
-        if self.route not in ("nearest", "gate"):
-            raise ValueError(f"VEADConfig.route must be 'nearest' or 'gate', got {self.route!r}")
+        if self.route not in ("nearest", "gate", "joint"):
+            raise ValueError(f"VEADConfig.route must be 'nearest', 'gate' or 'joint', got {self.route!r}")
+        if isinstance(self.route_weight, bool) or not isinstance(self.route_weight, (int, float)) \
+                or not self.route_weight >= 0:
+            raise ValueError(f"VEADConfig.route_weight must be a number >= 0, got {self.route_weight!r}")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
