@@ -6,6 +6,8 @@ architecture cannot do is refused in one line that names the feature and the bac
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,27 @@ def test_every_editor_restores_bit_identically(vllm, records, name):
     assert torch.equal(vllm.logits(probe), before)
     assert hook_count(vllm.model) == hooks
     assert not any(p.requires_grad for p in vllm.model.parameters())
+
+
+def test_the_prompt_ends_where_the_frame_says_and_the_joint_route_reads_it(vllm, records):
+    """Each backbone's frame and tokenizer: question_end finds the prompt's end in rows that go on with an
+    answer (oracle: Inputs.last_prompt), and VEAD's memory routed by image and question edits and restores."""
+    items = [(r.image, r.src, r.alt) for r in records[:2]] + [(None, records[2].loc, records[2].loc_ans)]
+    inputs = vllm.inputs(items)
+    assert vllm.answer_marker
+    for b in range(len(items)):
+        length = int(inputs.tensors["attention_mask"][b].sum())
+        assert vllm.question_end(inputs.tensors["input_ids"][b], length) == inputs.last_prompt[b] + 1
+    editor = _editor("vead", vllm, records)
+    editor.config = dataclasses.replace(editor.config, memory=True, route="joint")
+    probe = [(records[1].image, records[1].src, records[1].alt), (records[3].image, records[3].src, records[3].alt)]
+    before, clean = vllm.logits(vllm.inputs(probe)), vllm.score_batch(probe)
+    editor.apply_batch([EditRequest.from_record(r) for r in records[1:3]])
+    edited = editor.score_batch(probe)
+    assert len(editor.bank) == 2 and editor.last_route.shape == (2,)
+    assert edited[0].logprob != clean[0].logprob, "the routed edit changed nothing"
+    editor.restore()
+    assert torch.equal(vllm.logits(vllm.inputs(probe)), before)
 
 
 def test_vead_gate_needs_a_grid(vllm, records, shot):
