@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -413,6 +414,36 @@ def test_the_position_term_trains_the_encoder_and_old_checkpoints_resume_without
     assert (after["stage"], after["step"]) != (state["stage"], state["step"])  # it went on from there
     with pytest.raises(ValueError, match="other settings"):
         train_recipe(tmp_path / "a", recipe_config("llava", **base), progress=False, log_every=0, stop_after=1)
+
+
+def test_a_masked_patch_encoder_learns_from_pixels_alone(tmp_path):
+    """encoder_objective: masked trains the tower (and its pixel head) on blanked patches, never the caption
+    encoder; the run goes on through every stage to a loadable model; settings that cannot go with it are
+    refused in one line."""
+    for bad, match in (({"frozen_encoder": False, "encoder_steps": 0}, "frozen_encoder: true"),
+                       ({"region_weight": 1.0}, "set region_weight: 0"), ({"mask_ratio": 1.0}, "mask_ratio")):
+        with pytest.raises(ValueError, match=match):
+            recipe_config("masked-encoder", **{**MICRO, **bad})
+    cfg = recipe_config("masked-encoder", **MICRO)
+    assert cfg.encoder_objective == "masked" and cfg.region_weight == 0
+    train_recipe(tmp_path / "a", cfg, progress=False, log_every=0, stop_after=1)
+    first = torch.load(tmp_path / "a.ckpt", weights_only=False)["modules"]
+    record = train_recipe(tmp_path / "a", cfg, progress=False, log_every=0, stop_after=cfg.encoder_steps - 1)
+    last = torch.load(tmp_path / "a.ckpt", weights_only=False)["modules"]
+    p = cfg.patch_size
+    assert last["aux"]["pixels.weight"].shape == (3 * p * p, cfg.vision_hidden)
+    assert math.isfinite(record["encoder_loss"]) and record["encoder_loss"] > 0
+    tower = [k for k in first["model"] if "vision_tower" in k]
+    assert any(not torch.equal(first["model"][k], last["model"][k]) for k in tower)
+    assert not any(torch.equal(first["aux"][k], last["aux"][k]) for k in ("pixels.weight", "row.weight"))
+    text = [k for k in first["aux"] if k.startswith(("text.", "img."))]
+    assert text and all(torch.equal(first["aux"][k], last["aux"][k]) for k in text)  # no caption read
+    assert torch.equal(first["temp"]["t"], last["temp"]["t"])
+    train_recipe(tmp_path / "a", cfg, progress=False, log_every=0)
+    vllm = load_vllm(tmp_path / "a")
+    assert vllm.info["recipe"] == "masked-encoder"
+    scene = render_scene(make_world(0, 12).entities[:2], seed=0)
+    assert isinstance(vllm.answer(scene.image, "what does the creature on the left eat ?"), str)
 
 
 def test_commands_read_the_dataset_of_the_models_world(micro_run, tmp_path):

@@ -27,7 +27,9 @@
 
 The study's recipes change one ingredient each: ``joint-encoder`` (no contrastive stage; the tower trains
 with the decoder in stages 3–4), ``one-creature`` (every scene holds one creature), ``shallow`` (8
-decoder layers). ``study`` budgets are the same recipes at a reduced number of steps.
+decoder layers), ``deep-narrow`` (20 decoder layers of width 128, about as many weights) and
+``masked-encoder`` (the frozen encoder learns from a masked-patch objective, pixels only, instead of
+captions). ``study`` budgets are the same recipes at a reduced number of steps.
 
 ``blip2`` changes the bridge: a BLIP-2 made the same way (MiniGPT-4's design: frozen ViT → Q-Former with
 32 learned queries → a linear projection → a Llama decoder). Its vision encoder is the second teaching
@@ -118,6 +120,12 @@ class RecipeConfig(StrictConfig):
     qformer_intermediate: int = 512
     # stage 1: contrastive encoder (0 steps: no contrastive stage, the tower trains jointly instead)
     frozen_encoder: bool = True
+    #: what the frozen encoder learns from: "contrastive" (CLIP's: scenes against their captions) or
+    #: "masked" (a masked-patch objective: a ``mask_ratio`` share of each scene's patches is blanked and
+    #: the tower predicts their pixels, normalised per patch as MAE's, from its states at the layer the
+    #: decoder reads; no text)
+    encoder_objective: str = "contrastive"
+    mask_ratio: float = 0.5
     encoder_steps: int = 5000
     encoder_batch: int = 64
     encoder_lr: float = 1e-3
@@ -166,6 +174,17 @@ class RecipeConfig(StrictConfig):
                              "with at least 10 patches a side")
         if self.attention not in ("eager", "sdpa"):
             raise ValueError(f"RecipeConfig.attention must be 'eager' or 'sdpa', got {self.attention!r}")
+        if self.encoder_objective not in ("contrastive", "masked"):
+            raise ValueError(f"RecipeConfig.encoder_objective must be 'contrastive' or 'masked', got "
+                             f"{self.encoder_objective!r}")
+        if self.encoder_objective == "masked" and not self.frozen_encoder:
+            raise ValueError("encoder_objective: masked is the objective of a frozen encoder's own stage; set "
+                             "frozen_encoder: true")
+        if self.encoder_objective == "masked" and self.region_weight:
+            raise ValueError("the region term matches patches against caption phrases, which a masked-patch "
+                             "encoder does not read; set region_weight: 0")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"RecipeConfig.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.negatives not in ("any", "each"):
             raise ValueError(f"RecipeConfig.negatives must be 'any' or 'each', got {self.negatives!r}")
         if self.architecture not in ARCHITECTURES:
@@ -208,6 +227,10 @@ RECIPES: dict[str, dict] = {
     "joint-encoder": {"frozen_encoder": False, "encoder_steps": 0, "position_weight": 0.0},
     "one-creature": {"max_creatures": 1},
     "shallow": {"layers": 8},
+    # further ingredients: a deeper, narrower decoder (about as many weights), and a frozen encoder that
+    # learns from a masked-patch objective instead of captions (no text, so no region term)
+    "deep-narrow": {"layers": 20, "hidden": 128, "intermediate": 384},
+    "masked-encoder": {"encoder_objective": "masked", "region_weight": 0.0},
     # a fresh Q-Former needs more alignment than a projector (a guess, not tuned; lr halved for a transformer)
     "blip2": {"architecture": "blip2", "align_steps": 1500, "align_lr": 1e-3},
 }
@@ -786,6 +809,8 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         grid = cfg.image_size // cfg.patch_size
         aux["row"] = torch.nn.Linear(cfg.vision_hidden, grid).to(device)
         aux["column"] = torch.nn.Linear(cfg.vision_hidden, grid).to(device)
+    if cfg.encoder_objective == "masked":
+        aux["pixels"] = torch.nn.Linear(cfg.vision_hidden, 3 * cfg.patch_size ** 2).to(device)
     start_stage, start_step = ckpt.position()
     record = ckpt.state["record"] if ckpt.state else {"config": dataclasses.asdict(cfg), "log": [], "seconds": {}}
     if source_id is not None:
@@ -863,6 +888,27 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
             loss = loss + cfg.position_weight * position_loss(out.hidden_states[-2][:, 1:])
         return loss
 
+    def masked_step(step: int) -> torch.Tensor:
+        """Masked-patch pre-training: the tower sees each scene with a ``mask_ratio`` share of its patches
+        blanked (0, the normalised pixels' mean) and predicts their pixels, normalised per patch, from its
+        states at the layer the decoder reads (mean squared error over the blanked patches)."""
+        rng, _ = _step_rngs(cfg, 1, step)
+        scenes = batcher.scenes(rng, cfg.encoder_batch)
+        pixels = batcher.pixels([s.image for s in scenes]).to(device)
+        B, p, g = len(scenes), cfg.patch_size, cfg.image_size // cfg.patch_size
+        hide = torch.from_numpy(rng.random((B, g * g)) < cfg.mask_ratio).to(device)
+        keep = (~hide).view(B, 1, g, 1, g, 1).expand(B, 3, g, p, g, p).reshape(pixels.shape)
+        target = pixels.view(B, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * p * p).float()
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        with autocast:
+            out = tower(pixels * keep, output_hidden_states=True)
+            patches = out.hidden_states[-2][:, 1:]
+            pred = aux["pixels"](patches).float()
+        loss = ((pred - target) ** 2).mean(-1)[hide].mean()
+        if cfg.position_weight:
+            loss = loss + cfg.position_weight * position_loss(patches)
+        return loss
+
     looks_enc = processor.tokenizer(list(LOOKS), add_special_tokens=False, padding=True, return_tensors="pt")
 
     def region_loss(scenes, patches: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -884,8 +930,12 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
         return (F.cross_entropy(row, where // grid) + F.cross_entropy(col, where % grid)) / 2
 
     parts.train()
-    stages_done = run_stage(0, "encoder", 0 if source is not None else cfg.encoder_steps,
-                            params(tower, aux) + [log_temp], cfg.encoder_lr, cfg.warmup, encoder_step)
+    if cfg.encoder_objective == "masked":  # no text: the caption encoder and temperature stay out
+        encoder_params = params(tower, *(aux[k] for k in ("pixels", "row", "column") if k in aux))
+    else:
+        encoder_params = params(tower, aux) + [log_temp]
+    stages_done = run_stage(0, "encoder", 0 if source is not None else cfg.encoder_steps, encoder_params,
+                            cfg.encoder_lr, cfg.warmup, masked_step if cfg.encoder_objective == "masked" else encoder_step)
     if cfg.frozen_encoder:
         tower.requires_grad_(False)
     if stages_done:
