@@ -213,6 +213,23 @@ def test_an_encoder_folder_stands_in_for_the_encoder_stage(micro_run, tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_the_shipped_encoder_is_the_llava_recipes_frozen_tower():
+    """visedit/models/embedded_encoder: the llava recipe's tower after its 5000 contrastive steps, as
+    `train-tiny --recipe llava --encoder-only` writes it; it loads for the recipe (digest checked by
+    load_encoder) and is refused for a recipe of other tower sizes."""
+    from visedit.models.recipe import EMBEDDED_ENCODER, load_encoder, tower_digest
+
+    info = json.loads((EMBEDDED_ENCODER / "encoder.json").read_text())
+    assert info["recipe"] == "llava" and info["encoder_steps"] == recipe_config("llava").encoder_steps
+    weights = load_encoder(EMBEDDED_ENCODER, recipe_config("llava"))
+    assert tower_digest(weights) == info["digest"]
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    with pytest.raises(ValueError, match="other settings"):
+        load_encoder(EMBEDDED_ENCODER, recipe_config("llava", vision_layers=4))
+    training = json.loads((EMBEDDED_ENCODER / "training.json").read_text())
+    assert [e["stage"] for e in training["log"]] == ["encoder"] * len(training["log"])
+
+
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     cfg = recipe_config("llava", **MICRO)
     train_recipe(tmp_path / "x", cfg, progress=False, log_every=0, stop_after=1)
