@@ -931,11 +931,12 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
 
     parts.train()
     if cfg.encoder_objective == "masked":  # no text: the caption encoder and temperature stay out
-        encoder_params = params(tower, *(aux[k] for k in ("pixels", "row", "column") if k in aux))
+        heads = [aux[k] for k in ("pixels", "row", "column") if k in aux]
+        encoder_params, encoder_fn = params(tower, *heads), masked_step
     else:
-        encoder_params = params(tower, aux) + [log_temp]
+        encoder_params, encoder_fn = params(tower, aux) + [log_temp], encoder_step
     stages_done = run_stage(0, "encoder", 0 if source is not None else cfg.encoder_steps, encoder_params,
-                            cfg.encoder_lr, cfg.warmup, masked_step if cfg.encoder_objective == "masked" else encoder_step)
+                            cfg.encoder_lr, cfg.warmup, encoder_fn)
     if cfg.frozen_encoder:
         tower.requires_grad_(False)
     if stages_done:
