@@ -76,6 +76,39 @@ def test_answers_and_visual_layout(vllm, shot):
     assert vllm.d_model == 48
 
 
+#: Where score_batch(share_prefix=True) runs each image's head once (the rest run the plain pass).
+PREFIX_CACHE = {"llava", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision"}
+
+
+def test_shared_prefix_scores_are_the_plain_scores(vllm, world, shot, monkeypatch):
+    from visedit.hooks import edit_output
+    from visedit.models.vllm import VLLM
+
+    other = render(world.entities[6], seed=4, size=32).image
+    items = [(img, image_question(f), world.entities[k].fact(f)) for img, k in ((shot, 5), (other, 6))
+             for f in ("colour", "habitat", "diet")] + [(shot, "what colour is this ?", world.entities[5].colour)]
+    plain = vllm.score_batch(items, add_eos=True)
+    taken = []
+    real = VLLM._shared_prefix
+    monkeypatch.setattr(VLLM, "_shared_prefix", lambda self, inputs: taken.append(real(self, inputs)) or taken[-1])
+    shared = vllm.score_batch(items, add_eos=True, share_prefix=True)
+    assert vllm.adapter.prefix_cache == (vllm.kind in PREFIX_CACHE)
+    assert (taken[-1] is not None) == (vllm.kind in PREFIX_CACHE)
+    for a, b in zip(plain, shared):
+        assert a.argmax_ids == b.argmax_ids and a.target_ids == b.target_ids
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5), (a, b)
+    # a live hook that edits the visual tokens sees the whole prompt: the plain pass runs under it
+    with edit_output(vllm.adapter.layers()[0], lambda h: h * 1.5):
+        edited = vllm.score_batch(items, add_eos=True, share_prefix=True)
+        assert taken[-1] is None
+        assert [s.logprobs for s in edited] == [s.logprobs for s in vllm.score_batch(items, add_eos=True)]
+    assert [s.logprobs for s in edited] != [s.logprobs for s in plain]
+    # text-only items have no image to share: the plain pass
+    text = [(None, "what is a lomi ?", world.entities[0].habitat)] * 2
+    assert [s.logprobs for s in vllm.score_batch(text, share_prefix=True)] == [
+        s.logprobs for s in vllm.score_batch(text)] and taken[-1] is None
+
+
 def test_dla_sums_to_the_logit(vllm, shot):
     mc = module_contributions(vllm, shot, image_question("colour"))
     assert len(mc.attn) == len(mc.dla_mlp) == vllm.n_layers

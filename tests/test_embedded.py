@@ -90,6 +90,14 @@ def test_bench_tracing_cli_reports_agreement(capsys):
     assert {"speedup", "loop_seconds", "batched_seconds", "peak_mem_mb"} <= set(out)  # speed is reported, not asserted
 
 
+def test_bench_card_cli_the_shared_pass_gives_the_same_card(capsys):
+    assert main(["bench", "card", "--json", "--n", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cards_agree"] is True and out["entities"] == 2
+    assert out["questions"] == 2 * (6 * 3 + 6 * 2 + 6 * 3 + 6)  # visual, paraphrase, swap, text (6 each)
+    assert {"speedup", "plain_seconds", "shared_seconds"} <= set(out)  # speed is reported, not asserted
+
+
 def test_regions_cli_scores_every_method(capsys):
     assert main(["regions", "--json", "--limit", "2"]) == 0
     out = json.loads(capsys.readouterr().out)

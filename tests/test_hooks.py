@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visedit.hooks import StopForward, Trace, edit_input, edit_output, hook_count, stop_after
+from visedit.hooks import StopForward, Trace, edit_input, edit_output, hook_count, live_hooks, stop_after
 from visedit.world import image_question, render
 
 
@@ -52,12 +52,14 @@ def test_hooks_are_removed_after_errors_and_nesting(tiny_random, batch):
     v = tiny_random
     v.logits(batch)  # let transformers register whatever hooks it registers on first use
     before = hook_count(v.model)
+    assert before > 0 and live_hooks(v.model) == 0  # transformers' own hooks are not ours
     with pytest.raises(RuntimeError, match="injected"):
         with Trace({"a": v.site("llm.layers.0")}, inputs=True):
             with edit_output(v.site("llm.layers.1"), lambda x: x):
                 assert hook_count(v.model) == before + 3
+                assert live_hooks(v.model) == 3 and live_hooks(v.site("llm.layers.1")) == 1
                 raise RuntimeError("injected")
-    assert hook_count(v.model) == before
+    assert hook_count(v.model) == before and live_hooks(v.model) == 0
 
     def boom(x):
         raise RuntimeError("injected inside a hook")
@@ -65,7 +67,7 @@ def test_hooks_are_removed_after_errors_and_nesting(tiny_random, batch):
     with pytest.raises(RuntimeError, match="inside a hook"):
         with edit_output(v.site("llm.layers.0.attn"), boom):
             v.logits(batch)
-    assert hook_count(v.model) == before
+    assert hook_count(v.model) == before and live_hooks(v.model) == 0
 
 
 def test_stop_after_ends_the_pass_early(tiny_random, batch):

@@ -1,4 +1,4 @@
-"""Benchmarks behind ``python -m visedit bench tracing``. (The method comparison behind ``regions``,
+"""Benchmarks behind ``python -m visedit bench tracing`` / ``scale`` / ``card``. (The method comparison behind ``regions``,
 :func:`region_scores`, lives in :mod:`visedit.attribution.regions`; it is re-exported here.)"""
 
 from __future__ import annotations
@@ -93,6 +93,25 @@ def bench_tracing(vllm, record, *, repeats: int = 3, radius: int = 1, sigma: flo
     out["peak_mem_mb"] = {"loop": out.pop("peak_mem_mb_loop"), "batched": out.pop("peak_mem_mb_batched")}
     out.update(windows=len(maps["batched"].values[0]), layers=len(maps["batched"].layers), n=n, radius=radius,
                sigma=sigma, repeats=repeats)
+    return out
+
+
+def bench_card(vllm, *, entities: int = 10, renders: int = 1, seed: int = 7) -> dict:
+    """Time the model card on the first ``entities`` creatures with the questions about one image sharing
+    its forward pass (``share_prefix``) against one full pass per question; the two cards must agree."""
+    from .models.card import model_card
+
+    if entities < 1 or renders < 1:
+        raise ValueError(f"entities and renders must be ≥ 1, got {entities} and {renders}")
+    cards, out = {}, {}
+    for name, share in (("plain", False), ("shared", True)):
+        t0 = time.perf_counter()
+        cards[name] = model_card(vllm, seed=seed, renders=renders, entities=range(entities), progress=False,
+                                 share_prefix=share).to_dict()
+        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
+    out["speedup"] = round(out["plain_seconds"] / out["shared_seconds"], 2)
+    out["cards_agree"] = cards["plain"] == cards["shared"]
+    out.update(entities=entities, renders=renders, seed=seed, questions=sum(cards["shared"]["n"].values()))
     return out
 
 

@@ -198,7 +198,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 
 def _bench(args) -> int:
-    from .bench import bench_scale, bench_tracing
+    from .bench import bench_card, bench_scale, bench_tracing
     from .models import load_vllm
 
     if args.what == "scale":
@@ -210,6 +210,9 @@ def _bench(args) -> int:
         _emit(args, out, brief=("noise_speedup", "noise_max_abs_diff", "growth_exponents", "targets"))
         return 0
     vllm = load_vllm(args.model)
+    if args.what == "card":
+        _emit(args, bench_card(vllm, entities=args.n), brief=("speedup", "cards_agree"))
+        return 0
     record = _correct_eval_records(vllm, 1, progress=False)[0]
     result = bench_tracing(vllm, record, repeats=args.repeats, radius=args.radius, n=args.n)
     print(json.dumps(result, indent=1) if args.json else json.dumps(result))
@@ -687,14 +690,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_contributions)
 
     p = sub.add_parser("bench", help="benchmarks that print ratios (speed goals live here, not in tests)")
-    p.add_argument("what", choices=["tracing", "scale"],
+    p.add_argument("what", choices=["tracing", "scale", "card"],
                    help="tracing: batched noise perturbation vs the reference loop; scale: every analysis and editor "
                         "on random models of LLaVA-1.5's shape (576 visual tokens, 32 layers) scaled in width, "
-                        "with growth exponents")
-    p.add_argument("--model", default=None, help=MODEL_HELP + " (tracing only)")
+                        "with growth exponents; card: the model card with the questions about one image sharing "
+                        "its forward pass vs one pass per question (--n creatures)")
+    p.add_argument("--model", default=None, help=MODEL_HELP + " (tracing and card)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--radius", type=int, default=1)
-    p.add_argument("--n", type=int, default=10, help="noisy copies per window")
+    p.add_argument("--n", type=int, default=10, help="tracing: noisy copies per window; card: creatures")
     p.add_argument("--tokens", default="64,144,576", help="scale: visual-token counts (square numbers)")
     p.add_argument("--layers", default="8,16,32", help="scale: decoder depths")
     p.add_argument("--hidden", type=int, default=128, help="scale: decoder width")

@@ -6,7 +6,8 @@ hooks of its own).
 - :func:`edit_output` / :func:`edit_input` — replace a module's output / first positional input.
 - :func:`stop_after` — end a forward pass early once a module has run (raises :class:`StopForward`,
   caught by the context manager).
-- :func:`hook_count` — how many hooks a model carries (for tests).
+- :func:`hook_count` — how many hooks a model carries (for tests); :func:`live_hooks` — how many of them
+  are this module's (transformers keeps hooks of its own on the layers once a model has run).
 
 On a model spread over devices by accelerate (``load_vllm(…, device_map=…)``), accelerate wraps each
 module's ``forward``; the hooks here are PyTorch's own forward (pre-)hooks, which run outside that wrapper:
@@ -18,6 +19,7 @@ that tensor's device (and dtype), and :class:`Trace` can keep what it records on
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -47,14 +49,37 @@ def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+#: How many hooks registered here are live on each module.
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def live_hooks(model: nn.Module) -> int:
+    """How many hooks registered by this module (a :class:`Trace`, an edit, a stop) are live on ``model``
+    and its submodules: 0 means a forward pass of ``model`` is its plain forward pass."""
+    return sum(_LIVE.get(m, 0) for m in model.modules())
+
+
+class _Held(list):
+    """The handles one context registered; :meth:`hold` counts each as live until it is removed."""
+
+    def hold(self, module: nn.Module, handle) -> None:
+        _LIVE[module] = _LIVE.get(module, 0) + 1
+        self.append((module, handle))
+
+
 @contextlib.contextmanager
-def _handles() -> Iterator[list]:
-    handles: list = []
+def _handles() -> Iterator[_Held]:
+    handles = _Held()
     try:
         yield handles
     finally:
-        for h in handles:
+        for module, h in handles:
             h.remove()
+            left = _LIVE.get(module, 1) - 1
+            if left:
+                _LIVE[module] = left
+            else:
+                _LIVE.pop(module, None)
 
 
 class Trace(contextlib.AbstractContextManager):
@@ -92,11 +117,11 @@ class Trace(contextlib.AbstractContextManager):
                         x = args[0] if args else kwargs.get("hidden_states")
                         self.inputs[_n] = self._keep(x)
                         self.kwargs[_n] = dict(kwargs)
-                    handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    handles.hold(module, module.register_forward_pre_hook(pre, with_kwargs=True))
                 if self.want_outputs:
                     def post(mod, args, out, _n=name):
                         self.outputs[_n] = self._keep(_main(out))
-                    handles.append(module.register_forward_hook(post))
+                    handles.hold(module, module.register_forward_hook(post))
         except BaseException:
             self._stack.close()
             raise
@@ -110,7 +135,7 @@ class Trace(contextlib.AbstractContextManager):
 def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Inside the block, ``module``'s (main) output is replaced by ``fn(output)``."""
     with _handles() as handles:
-        handles.append(module.register_forward_hook(
+        handles.hold(module, module.register_forward_hook(
             lambda mod, args, out: _replace_main(out, _like(fn(_main(out)), _main(out)))))
         yield
 
@@ -126,7 +151,7 @@ def edit_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) ->
         return args, {**kwargs, "hidden_states": _like(fn(x), x)}
 
     with _handles() as handles:
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.hold(module, module.register_forward_pre_hook(pre, with_kwargs=True))
         yield
 
 
@@ -142,7 +167,7 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         raise StopForward
 
     with _handles() as handles:
-        handles.append(module.register_forward_hook(post))
+        handles.hold(module, module.register_forward_hook(post))
         try:
             yield
         except StopForward:

@@ -178,6 +178,10 @@ class BackboneAdapter:
     frame: PromptFrame = PromptFrame()
     #: The architecture's name in messages and in the support table.
     label: str = ""
+    #: True where the decoder can run a prompt's shared head (through the end of its visual tokens) once
+    #: and its tails from the key/value cache with positions that continue plainly (not Qwen2-VL's
+    #: multimodal rotary positions, not a Q-Former model's query embeddings): ``score_batch(share_prefix=True)``.
+    prefix_cache: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -521,6 +525,7 @@ class LlavaAdapter(_VisionLanguageModel):
     (Llama / Vicuna, Mistral, Qwen2)."""
 
     label = "LLaVA"
+    prefix_cache = True
 
     def _vision_sites(self) -> dict[str, nn.Module]:
         return {"vision_tower": self.model.model.vision_tower, "projector": self.model.model.multi_modal_projector}

@@ -73,17 +73,20 @@ class ModelCard:
         return fig
 
 
-def _accuracy(vllm: VLLM, items: list[tuple], batch_size: int, progress: bool, desc: str) -> list[bool]:
+def _accuracy(vllm: VLLM, items: list[tuple], batch_size: int, progress: bool, desc: str,
+              share_prefix: bool = True) -> list[bool]:
     from tqdm.auto import tqdm
 
     out: list[bool] = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
-        out += [s.exact for s in vllm.score_batch(items[start:start + batch_size], add_eos=True)]
+        out += [s.exact for s in vllm.score_batch(items[start:start + batch_size], add_eos=True,
+                                                  share_prefix=share_prefix)]
     return out
 
 
 def model_card(vllm: VLLM, world: World | None = None, *, seed: int = 0, renders: int = 1,
-               entities: Iterable[int] | None = None, batch_size: int = 64, progress: bool = True) -> ModelCard:
+               entities: Iterable[int] | None = None, batch_size: int = 64, progress: bool = True,
+               share_prefix: bool = True) -> ModelCard:
     """Measure ``vllm`` on fresh renderings of ``world`` (default: the embedded model's world).
 
     For every entity (or the given entity indices) and fact: each training template and each held-out
@@ -93,6 +96,9 @@ def model_card(vllm: VLLM, world: World | None = None, *, seed: int = 0, renders
     and is asked with the scene templates ("… this creature …"); it is also asked, in a scene of 2–4
     creatures per entity and rendering, every fact of that creature through a selector that picks it out
     (``selector_accuracy``).
+
+    ``share_prefix``: the questions about one image share its forward pass up to the end of the visual
+    tokens (:meth:`VLLM.score_batch`); the card is the same either way (``python -m visedit bench card``).
     """
     world = world or make_world(vllm.info.get("world_seed", 0), vllm.info.get("n_entities", 70))
     idx = list(range(len(world))) if entities is None else list(entities)
@@ -126,7 +132,7 @@ def model_card(vllm: VLLM, world: World | None = None, *, seed: int = 0, renders
         for fact, templates in TEXT_TEMPLATES.items():
             for t in range(len(templates)):
                 text.append((fact, (None, text_question(entity, fact, t), entity.fact(fact))))
-    results = {name: _accuracy(vllm, [it for _, it in group], batch_size, progress, name)
+    results = {name: _accuracy(vllm, [it for _, it in group], batch_size, progress, name, share_prefix)
                for name, group in (("visual", visual), ("paraphrase", para), ("swap", swap), ("text", text))}
     facts = {name: [f for f, _ in group] for name, group in
              (("visual", visual), ("paraphrase", para), ("swap", swap), ("text", text))}
@@ -143,7 +149,7 @@ def model_card(vllm: VLLM, world: World | None = None, *, seed: int = 0, renders
     n = {k: len(v) for k, v in results.items()}
     sel_acc = per_sel = None
     if scenes:
-        ok = _accuracy(vllm, [it for _, it in selected], batch_size, progress, "selector")
+        ok = _accuracy(vllm, [it for _, it in selected], batch_size, progress, "selector", share_prefix)
         sel_acc = mean(ok)
         per_sel = {kind: mean([o for o, (k, _) in zip(ok, selected) if k == kind])
                    for kind in sorted({k for k, _ in selected})}
