@@ -234,6 +234,22 @@ def test_the_prompt_ends_where_the_frame_says_and_the_joint_route_reads_it(vllm,
     assert edited[0].logprob != clean[0].logprob, "the routed edit changed nothing"
     editor.restore()
     assert torch.equal(vllm.logits(vllm.inputs(probe)), before)
+    # question keys read at the last layer, run on with the pass's own positions and masks (M-RoPE too):
+    # the same bank's keys equal those of a plain traced pass, and edits restore
+    last = vllm.n_layers - 1
+    editor.config = dataclasses.replace(editor.config, route_layer=last)
+    editor.apply_batch([EditRequest.from_record(r) for r in records[1:3]])
+    inputs = vllm.inputs([(r.image, r.src, r.alt) for r in records[1:3]])
+    with editor._off():
+        run = vllm.run(inputs, trace=[f"llm.layers.{last}"])
+    for b, m in enumerate(editor.bank):
+        v0, v1 = inputs.visual_spans[b]
+        q = run.outputs[f"llm.layers.{last}"][b, v1:inputs.last_prompt[b] + 1].mean(0)
+        assert torch.allclose(m.question[0].float(), q.float(), atol=1e-4)
+        assert torch.allclose(m.visual[0].float(), run.outputs[f"llm.layers.{last}"][b, v0:v1].mean(0).float(), atol=1e-4)
+    assert editor.score_batch(probe)[0].logprob != clean[0].logprob and editor.last_route.shape == (2,)
+    editor.restore()
+    assert torch.equal(vllm.logits(vllm.inputs(probe)), before)
 
 
 def test_vead_gate_needs_a_grid(vllm, records, shot):

@@ -49,11 +49,17 @@ def test_answers_follow_the_image(embedded, world):
 
 
 def test_model_card_cli_json(capsys):
-    assert main(["model-card", "--json"]) == 0
+    assert main(["model-card", "--json", "--entities", "5", "--renders", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("visual_accuracy", "paraphrase_accuracy", "text_accuracy", "swap_accuracy", "per_fact", "n", "seed"):
         assert key in out
     assert set(out["per_fact"]) == {"colour", "shape", "pattern", "name", "habitat", "diet"}
+    assert out["n"]["visual"] == 5 * 2 * 6 * 3 and out["n"]["text"] == 5 * 6  # 5 creatures, 2 renderings each
+    for argv, line in ((["--entities", "0"], "--entities must be ≥ 1, got 0"),
+                       (["--entities", "71"], "--entities 71 is more than the model's world has (70)")):
+        assert main(["model-card", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert line in err and "\n" not in err
 
 
 def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from visedit.editing import EditRequest, VEAD, VEADConfig, VEADEditor, get_editor, train_vead
 from visedit.editing.base import target_loss
 from visedit.editing.vead import train as vead_train
-from visedit.hooks import hook_count
+from visedit.hooks import hook_count, live_hooks
 from visedit.world import DatasetSpec, load_world_split
 
 # seed 0: entity names come from the same world as the tiny model's vocabulary
@@ -560,6 +560,49 @@ def test_joint_routing_reads_image_and_question_and_never_the_answer(tiny_random
     held.restore()
     with pytest.raises(ValueError, match="route_weight must be a number >= 0"):
         VEADConfig(route="joint", route_weight=-1)
+
+
+def test_joint_route_reads_questions_at_a_later_layer_and_defers_below_route_min(tiny_random, records, editor):
+    """route_layer: the image and question keys are the mean VEAD-off visual and question states at that
+    layer's output (oracle: a plain traced pass); route_min: an input whose best route score, as a mean cosine, falls short is left
+    unedited — bit for bit the unedited model's — while the edits' own prompts (score 1) are still edited."""
+    last = tiny_random.n_layers - 1
+    held = _with_memory(editor, route="joint", route_layer=last, route_min=0.99)
+    reqs = [EditRequest.from_record(r) for r in records[1:4]]
+    from_end = _with_memory(editor, route="joint", route_layer=-1)  # -1: the last layer
+    from_end.apply(reqs[0])
+    first_key = from_end.bank[0].question
+    from_end.restore()
+    for req in reqs:
+        held.apply(req)
+    assert torch.equal(first_key, held.bank[0].question)
+    site = f"llm.layers.{last}"
+    for req, m in zip(reqs, held.bank):
+        inputs = tiny_random.inputs([(req.image, req.prompt, req.target)])
+        with held._off():
+            run = tiny_random.run(inputs, trace=[site])
+        v0, start = inputs.visual_spans[0]
+        assert torch.allclose(m.question[0], run.outputs[site][0, start:inputs.last_prompt[0] + 1].mean(0).float(),
+                              atol=1e-5)
+        assert torch.allclose(m.visual[0].float(), run.outputs[site][0, v0:start].mean(0).float(), atol=1e-5)
+    probe = [(records[5].image, records[5].src, records[5].alt)]
+    own = [(r.image, r.prompt, r.target) for r in reqs]
+    edited_own = [s.logprobs for s in tiny_random.score_batch(own)]
+    assert held.last_route.tolist() == [0, 1, 2]
+    got = tiny_random.logits(tiny_random.inputs(probe))
+    assert held.last_route.tolist() == [-1]
+    held.restore()
+    assert torch.equal(got, tiny_random.logits(tiny_random.inputs(probe)))
+    assert edited_own != [s.logprobs for s in tiny_random.score_batch(own)]
+    # one line for each bad setting
+    with pytest.raises(ValueError, match="route_min must be a cosine in"):
+        VEADConfig(route="joint", route_min=2)
+    with pytest.raises(ValueError, match="route_layer is a setting of the joint route"):
+        VEADConfig(route="nearest", route_layer=1)
+    early = _with_memory(editor, route="joint", route_layer=0)  # VEAD at layer 1's output: layers 2… follow
+    with pytest.raises(ValueError, match=r"route_layer 0 must be a layer after VEAD's \(2…"):
+        early.apply(reqs[0])
+    assert early.bank == [] and live_hooks(tiny_random.model) == 0
 
 
 def test_each_embedded_model_has_its_own_presets_and_trained_folder(tmp_path):

@@ -83,7 +83,17 @@ def _model_card(args) -> int:
     from .models import load_vllm
     from .models.card import model_card
 
-    card = model_card(load_vllm(args.model), seed=args.seed, renders=args.renders, progress=True)
+    for flag, value in (("--renders", args.renders), ("--entities", args.entities)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {value}")
+    vllm = load_vllm(args.model)
+    entities = None
+    if args.entities is not None:
+        n = vllm.info.get("n_entities", 70)
+        if args.entities > n:
+            raise ValueError(f"--entities {args.entities} is more than the model's world has ({n}); drop it for all")
+        entities = range(args.entities)
+    card = model_card(vllm, seed=args.seed, renders=args.renders, entities=entities, progress=True)
     if args.json:
         print(json.dumps(card.to_dict(), indent=1))
     else:
@@ -655,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--renders", type=int, default=1, help="renderings per entity")
+    p.add_argument("--entities", type=int, default=None, help="the first N entities of the world (default all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_model_card)
 

@@ -313,11 +313,13 @@ class BackboneAdapter:
         out += [(f"vision.layers.{k}", block, vision_std) for k, block in reversed(list(enumerate(vision)))]
         return out
 
-    def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Run decoder layers ``layer``…L−1 on ``hidden`` (B, S, d), the residual stream at the *input* of
-        ``layer``, with that layer's recorded keyword arguments; returns the final residual (B, S, d)."""
+    def run_from(self, layer: int, hidden: torch.Tensor, kwargs: dict, *, until: int | None = None) -> torch.Tensor:
+        """Run decoder layers ``layer``…L−1 (or …``until``) on ``hidden`` (B, S, d), the residual stream at
+        the *input* of ``layer``, with that layer's recorded keyword arguments; returns the residual after
+        the last layer run (B, S, d)."""
         kw = slice_kwargs(kwargs, hidden.shape[1])
-        for block in self.layers()[self.check_layer(layer):]:
+        stop = None if until is None else self.check_layer(until) + 1
+        for block in self.layers()[self.check_layer(layer):stop]:
             out = block(hidden, **kw)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden

@@ -60,7 +60,7 @@ class EditMemory:
 
 #: the settings of how a trained VEAD's edits are applied, not trained: a preset (or ``--set``) may change
 #: them on a loaded VEAD
-APPLY_SETTINGS = ("memory", "route", "route_weight")
+APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min")
 
 
 @register_editor
@@ -92,7 +92,7 @@ class VEADEditor(Editor):
     def from_settings(cls, vllm, settings: Mapping, *, allow_other_model: bool = False) -> "VEADEditor":
         """Load a trained VEAD: ``settings['weights']`` (a folder from ``train-vead``) or the shipped one.
         The folder's own settings define the editor, except those of how an edit is applied
-        (:data:`APPLY_SETTINGS`: ``memory``, ``route``), which ``settings`` may set; every preset value is
+        (:data:`APPLY_SETTINGS`: ``memory`` and the ``route_*`` settings), which ``settings`` may set; every preset value is
         checked like any config. (An untrained VEAD is the identity; build one with
         ``VEADEditor(vllm, VEADConfig(...))``.)"""
         settings = dict(settings)
@@ -145,12 +145,17 @@ class VEADEditor(Editor):
         """Residual stream at l_e (its output, or its input with ``at: input``) (B, S, d) for
         (image, question[, target]) items, from a forward pass stopped there (VEAD off unless an edit
         is applied)."""
+        states, inputs, _ = self._layer_run(items)
+        return states, inputs
+
+    def _layer_run(self, items) -> tuple[torch.Tensor, object, dict]:
+        """:meth:`layer_states`, and the keyword arguments layer l_e was called with (positions, masks)."""
         inputs = self.vllm.inputs(items)
         block = f"llm.layers.{self.layer}"
         with self._off():
-            run = self.vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input,
+            run = self.vllm.run(inputs, trace=[block], trace_inputs=True, trace_outputs=not self.at_input,
                                 stop_after=block)
-        return (run.inputs if self.at_input else run.outputs)[block].to(self.device), inputs
+        return (run.inputs if self.at_input else run.outputs)[block].to(self.device), inputs, run.kwargs[block]
 
     @contextlib.contextmanager
     def _off(self):
@@ -163,10 +168,11 @@ class VEADEditor(Editor):
 
     def remember(self, request: EditRequest) -> EditMemory:
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
-        states, inputs = self.layer_states([(request.image, request.prompt, request.target)])
+        states, inputs, kwargs = self._layer_run([(request.image, request.prompt, request.target)])
+        routed = self._route_states(states, kwargs)  # where the route reads its keys (l_e, or route_layer)
         return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs),
-                          self._visual_key(states, inputs.visual_spans[0]),
-                          self._question_key(states, inputs.visual_spans[0], inputs.last_prompt[0]))
+                          self._visual_key(routed, inputs.visual_spans[0]),
+                          self._question_key(routed, inputs.visual_spans[0], inputs.last_prompt[0]))
 
     @staticmethod
     def _visual_key(states: torch.Tensor, span) -> torch.Tensor:
@@ -216,16 +222,17 @@ class VEADEditor(Editor):
     def _apply_batch(self, requests: Sequence[EditRequest]) -> None:
         """Remember all edit samples in one partial forward pass (without ``memory`` only the last is held)."""
         self._before = (list(self.bank), self.memory)
-        states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
+        states, inputs, kwargs = self._layer_run([(r.image, r.prompt, r.target) for r in requests])
         mask = inputs.tensors["attention_mask"].bool()
         keys = self._im_keys(states, inputs)
+        routed = self._route_states(states, kwargs)
         memories = []
         for b in range(len(requests)):
             n = int(mask[b].sum())
             span = inputs.visual_spans[b]
             memories.append(EditMemory(states[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
-                                       keys[b:b + 1].clone(), self._visual_key(states[b:b + 1], span),
-                                       self._question_key(states[b:b + 1], span, inputs.last_prompt[b])))
+                                       keys[b:b + 1].clone(), self._visual_key(routed[b:b + 1], span),
+                                       self._question_key(routed[b:b + 1], span, inputs.last_prompt[b])))
         self._hold(memories)
 
     def _hold(self, memories: list[EditMemory]) -> None:
@@ -234,7 +241,10 @@ class VEADEditor(Editor):
         if self._stack is None:
             self._stack = contextlib.ExitStack()
             try:
-                self._top = self._stack.enter_context(Trace({"model": self.vllm.model}, inputs=True, outputs=False))
+                # the model's inputs (where the images are) and layer l_e's keyword arguments (for route_layer);
+                # registered before VEAD's own hook, so both are this pass's when it runs
+                self._top = self._stack.enter_context(Trace({"model": self.vllm.model, "layer": self.vllm.site(
+                    f"llm.layers.{self.layer}")}, inputs=True, outputs=False))
                 scope = edit_input if self.at_input else edit_output
                 self._stack.enter_context(scope(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
             except BaseException:
@@ -303,27 +313,50 @@ class VEADEditor(Editor):
         hidden[rows[:, None], cols] = new.to(hidden.device, hidden.dtype)
         return hidden
 
-    def _questions(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """(R, d): each image row's question key — the mean state from its last visual token to the end of
-        its prompt (:meth:`VLLM.question_end`: an answer being scored or generated is left out)."""
+    def _route_states(self, states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Where the joint route reads its image and question keys: ``states`` (B, S, d, VEAD off, where VEAD
+        sits), or with ``route_layer`` those states run on to the output of that layer (a partial forward
+        pass) with ``kwargs``, the keyword arguments (positions, masks) layer l_e was called with on the
+        same pass."""
+        r = self.config.route_layer
+        if r is None or self.config.route != "joint":
+            return states
+        first = self.first_layer_after
+        r = self.vllm.adapter.check_layer(r)
+        if not first <= r < self.vllm.n_layers:
+            raise ValueError(f"route_layer {self.config.route_layer} must be a layer after VEAD's ({first}…{self.vllm.n_layers - 1}): VEAD "
+                             f"sits at the {self.config.at} of layer {self.layer}; set route_layer to one of those or null")
+        with torch.no_grad(), self._off():  # the layers run as they are, VEAD's own hook included (off)
+            return self.vllm.adapter.run_from(first, states, kwargs, until=r)
+
+    def _joint_keys(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """The joint route's keys of each image row: its visual tokens (R, N, d) and its question key (R, d) —
+        the mean state from its last visual token to the end of its prompt (:meth:`VLLM.question_end`: an
+        answer being scored or generated is left out) — where VEAD sits or, with ``route_layer``, at that
+        layer's output."""
         ids = self._top.kwargs["model"]["input_ids"]
         mask = self._top.kwargs["model"].get("attention_mask")
+        states = self._route_states(hidden, self._top.kwargs["layer"])
         out = []
         for r, c in zip(rows.tolist(), cols.tolist()):
             length = int(mask[r].sum()) if mask is not None else ids.shape[1]
             start = max(c) + 1
-            out.append(hidden[r, start:self.vllm.question_end(ids[r], length, start)].float().mean(0))
-        return torch.stack(out).to(self.device)
+            out.append(states[r, start:self.vllm.question_end(ids[r], length, start)].float().mean(0))
+        rows_, cols_ = rows.to(states.device), cols.to(states.device)
+        return states[rows_[:, None], cols_].to(self.device), torch.stack(out).to(self.device)
 
     def _rewrite_routed(self, hidden, rows, cols, V) -> torch.Tensor:
         """Each row attends to the held edit :func:`.memory.route` picks, applied as a single edit is."""
         from .memory import route
 
-        chosen = route(self, V, self._questions(hidden, rows, cols) if self.config.route == "joint" else None)
+        chosen = route(self, *self._joint_keys(hidden, rows, cols)) if self.config.route == "joint" else route(self, V)
         new = torch.empty_like(V, dtype=torch.float32)
         s = V.new_empty(V.shape[:2], dtype=torch.float32)
         for k in chosen.unique().tolist():
             at = (chosen == k).nonzero()[:, 0]
+            if k < 0:  # no held edit is near enough (route_min): these rows stay as they are
+                new[at], s[at] = V[at].float(), -1e4
+                continue
             m = self.bank[k]
             new[at], s[at] = self.adapter(V[at].float(), m.states.float(), m.mask.to(V.device), m.prompt_state.float())
         self.last_gate_logits, self.last_route = s, chosen

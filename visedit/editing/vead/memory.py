@@ -13,7 +13,9 @@ each input row with an image attends to *one* of them, picked by a routing rule:
   Both keys are centred on the held edits' mean first: every image shares the background and every
   question the frame's words, and uncentred means are all alike (cosines near 1 at layer 0 of the
   first teaching model). The two kinds of miss the image route makes — two edits of one creature, and a
-  probe about another fact of an edited creature — differ in the question, not the image.
+  probe about another fact of an edited creature — differ in the question, not the image. With
+  ``route_layer`` both keys are read at a later layer's output; with ``route_min`` an input whose
+  best score (as a mean cosine, (cos_v + w · cos_q) / (1 + w)) falls short is routed to no edit (-1).
 
 The chosen edit is then applied exactly as a single edit is (so one held edit is the paper's VEAD).
 """
@@ -78,14 +80,18 @@ class JointKeys:
 
 
 def route(editor, V: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tensor:
-    """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to; ``Q`` (R, d): the
-    rows' question keys (the joint route only)."""
+    """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to (-1: none, with
+    ``route_min``); ``Q`` (R, d): the rows' question keys (the joint route only)."""
     if editor.config.route == "nearest":
         return nearest(V, editor.held_keys("visual"))
     if editor.config.route == "joint":
         if Q is None:
             raise ValueError("route: joint needs the inputs' question keys")
-        return editor.held_keys("joint").scores(V, Q, editor.config.route_weight).argmax(-1)
+        w = editor.config.route_weight
+        best, chosen = editor.held_keys("joint").scores(V, Q, w).max(-1)
+        if editor.config.route_min is not None:
+            chosen = torch.where(best / (1 + w) >= editor.config.route_min, chosen, torch.full_like(chosen, -1))
+        return chosen
     return gate_scores(editor.adapter, V, editor.held_keys("im")).argmax(-1)
 
 

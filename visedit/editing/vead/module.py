@@ -63,6 +63,14 @@ class VEADConfig(StrictConfig):
     ``"gate"`` — the edit whose influence-mapper gate opens most on the input (the largest s_j) — or
     ``"joint"`` — the edit nearest in image and question (centred cosines of the mean visual token and
     of the mean question state at l_e, the latter weighted by ``route_weight``; see :mod:`.memory`).
+    ``route_layer`` (joint route; None: where VEAD sits): read both keys at the output of this later
+    decoder layer instead (negative: counted from the end, -1 the last), running the VEAD-off states on
+    through the layers in between (a partial forward pass per routed batch) — a question's state after
+    more layers of context, where a paraphrase lies nearer its original than another question about the
+    same image, and visual tokens that have read one another. ``route_min`` (joint route;
+    None: always apply the chosen edit): apply it only where the route's score, as a mean of the two
+    cosines ((cos_v + w · cos_q) / (1 + w)), reaches this value — elsewhere the input is left as it is
+    (as GRACE defers to the unedited model outside an edit's radius).
     Settings of how an edit is *applied*, not trained: a trained VEAD is used with either.
     """
 
@@ -91,6 +99,8 @@ class VEADConfig(StrictConfig):
     memory: bool = False
     route: str = "nearest"
     route_weight: float = 1.0
+    route_layer: int | None = None
+    route_min: float | None = None
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64
@@ -104,6 +114,15 @@ class VEADConfig(StrictConfig):
         if isinstance(self.route_weight, bool) or not isinstance(self.route_weight, (int, float)) \
                 or not self.route_weight >= 0:
             raise ValueError(f"VEADConfig.route_weight must be a number >= 0, got {self.route_weight!r}")
+        if self.route_layer is not None and (isinstance(self.route_layer, bool) or not isinstance(self.route_layer, int)):
+            raise ValueError(f"VEADConfig.route_layer must be a layer index (negative: from the end) or null, "
+                             f"got {self.route_layer!r}")
+        if self.route_min is not None and (isinstance(self.route_min, bool) or not isinstance(self.route_min, (int, float))
+                                           or not -1 <= self.route_min <= 1):
+            raise ValueError(f"VEADConfig.route_min must be a cosine in [-1, 1] or null, got {self.route_min!r}")
+        for name in ("route_layer", "route_min"):
+            if getattr(self, name) is not None and self.route != "joint":
+                raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or {name}: null")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
