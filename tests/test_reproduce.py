@@ -35,7 +35,7 @@ def test_the_script_declares_every_committed_result_and_finds_it_in_place():
     declared = {os.path.normpath(p) for line in steps for p in _expand(line.split(None, 1)[1])}
     results = ROOT / "notebooks" / "results"
     committed = {str(p.relative_to(ROOT)) for pattern in ("tune/*.json", "evaluate/*", "ablations/*", "sweep/*.json",
-                                                          "sanity/*.json", "sequential/*")
+                                                          "sanity/*.json", "sequential/*", "sequential-tune/*")
                  for p in results.glob(pattern)}
     committed |= {"visedit/editing/trained/mend", "visedit/editing/trained/vead"}
     assert declared == committed
@@ -44,7 +44,7 @@ def test_the_script_declares_every_committed_result_and_finds_it_in_place():
 def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path):
     lines = _dry(MODEL="/models/retrained", STAGE=str(tmp_path))
     runs = [line for line in lines if line.startswith("run ")]
-    assert len(runs) == 3 + 2 + 6 + 1 + 5 * 2 + 4 + 6 * 4 and len(runs) == len(lines) - 1  # … + many edits
+    assert len(runs) == 3 + 2 + 6 + 1 + 5 * 2 + 4 + 7 * 4 + 3 and len(runs) == len(lines) - 1  # … + many edits
     parser = build_parser()
     verbs = []
     for line in runs:
@@ -56,7 +56,7 @@ def test_a_staged_run_passes_the_model_to_every_command_and_each_parses(tmp_path
         if args.command == "train-vead":
             assert args.layer == 0  # the preset's l_e, not one chosen from the new model's profile
         verbs.append(args.command)
-    assert verbs.count("tune") == 3 and verbs.count("evaluate") == 11 + 24 and verbs.count("sweep-vead") == 4
+    assert verbs.count("tune") == 3 and verbs.count("evaluate") == 11 + 28 + 3 and verbs.count("sweep-vead") == 4
     assert verbs.count("sanity") == 1
 
 
@@ -79,7 +79,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     lines = _dry(MODEL="visedit-llava", WORK=str(tmp_path))
     assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
     parser = build_parser()
-    sweep_layers, caption, sequential = [], set(), set()
+    sweep_layers, caption, sequential, late_tune = [], set(), set(), set()
     for line in lines[:-1]:
         out, command = line.split(None, 1)[1].strip().split(": ", 1)
         assert "visedit-llava" in out, out
@@ -98,12 +98,17 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
         if args.command == "evaluate" and args.sequential is not None:
             tag = {"route=joint": "-joint", "route=nearest": "-memory"}
             route = next((tag[s] for s in args.set if s in tag), "") if "memory=true" in args.set else ""
+            route = "-late" if "route_layer=-1" in args.set else route
+            if args.split == "train":  # the late route's threshold, chosen on the train split
+                late_tune.add(next(s for s in args.set if s.startswith("route_min=")))
+                continue
             sequential.add((args.editor + route, args.sequential))
     # E-IC: every editor evaluated on the caption split, MEND and VEAD trained on it
     assert {e for c, e in caption if c == "evaluate"} == {"none", "ft_l", "ft_v", "ike", "mend", "vead"}
     assert {c for c, _ in caption} == {"evaluate", "train-vead", "train-mend"}
-    # many edits: five editors (VEAD also with its memory, routed by image or by image and question) at T = 1,
-    # 10, 100, 500
-    editors = ("vead-memory", "vead-joint", "vead", "ike", "ft_l", "mend")
+    # many edits: five editors (VEAD also with its memory, routed by image, by image and question, or by both
+    # read at the last layer with a threshold tuned on the train split) at T = 1, 10, 100, 500
+    editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend")
     assert sequential == {(e, t) for e in editors for t in (1, 10, 100, 500)}
+    assert late_tune == {"route_min=0.7", "route_min=0.8", "route_min=0.9"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0

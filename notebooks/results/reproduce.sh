@@ -114,10 +114,36 @@ step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --l
 # T/10 edits are scored again after every T/10 (retention). VEAD as the paper has it holds the last edit;
 # with a memory it holds every edit and routes each input to the nearest image (vead-memory) or to the
 # nearest image and question (vead-joint)
+# The late route (vead-late) reads both keys at the last layer and leaves an input unedited when its best
+# score, as a mean cosine, is below route_min: the smallest of 0.7, 0.8, 0.9 whose M-locality on the
+# unrelated probes reaches 0.90 after 100 edits of the *train* split (the eval split never chooses it)
+LATE=(--set memory=true --set route=joint --set route_layer=-1)
+late_tune() {
+  for m in 0.7 0.8 0.9; do
+    step "$R/sequential-tune/vead-late-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
+      --weights "$T/vead" --sequential 100 --every 10 "${LATE[@]}" --set route_min=$m --json --fresh \
+      --out "$R/sequential-tune/vead-late-min$m-T100"
+  done
+}
+late_min() {  # the tuned route_min (DRY: a placeholder)
+  if [[ -n "${DRY:-}" ]]; then echo TUNED; return; fi
+  $PY - "$R/sequential-tune" <<'PY'
+import json, sys
+from pathlib import Path
+for m in ("0.7", "0.8", "0.9"):
+    s = json.loads((Path(sys.argv[1]) / f"vead-late-min{m}-T100" / "summary.json").read_text())
+    if s["unrelated"]["m_locality"]["token"] >= 0.90:
+        print(m)
+        break
+else:
+    print("0.9")
+PY
+}
 many() {  # many EDITOR-TAG: every T for one editor
   local tag=$1 editor=${1%%-*} extra=()
   [[ $tag == vead-memory ]] && extra=(--set memory=true --set route=nearest)
   [[ $tag == vead-joint ]] && extra=(--set memory=true --set route=joint)
+  [[ $tag == vead-late ]] && extra=("${LATE[@]}" --set route_min="$(late_min)")
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$editor")
   for n in 1 10 100 500; do
     local every=(); (( n >= 10 )) && every=(--every $((n / 10)))
@@ -125,7 +151,7 @@ many() {  # many EDITOR-TAG: every T for one editor
       "${every[@]}" "${extra[@]}" --json --fresh --out "$R/sequential/$tag-T$n"
   done
 }
-many_a() { many vead-memory; many vead-joint; many vead; many ike; }
+many_a() { many vead-memory; many vead-joint; late_tune; many vead-late; many vead; many ike; }
 many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------
