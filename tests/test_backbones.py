@@ -252,6 +252,28 @@ def test_the_prompt_ends_where_the_frame_says_and_the_joint_route_reads_it(vllm,
     assert torch.equal(vllm.logits(vllm.inputs(probe)), before)
 
 
+def test_vead_training_runs_the_layers_after_l_e_as_the_model_does(vllm, records):
+    """VEAD's training runs the layers after l_e on cached states with the keyword arguments of a real
+    input's pass (positions that depend on the image, as Qwen2-VL's, and a model that needs its pixels, as
+    BLIP-2): oracle, the model's own logits at every unpadded position; and a few steps train."""
+    from visedit.editing import train_vead
+    from visedit.editing.vead.train import Cache, _items
+    from visedit.models.backbones import unembed
+
+    config = VEADConfig(layer=1, use_im=False, steps=2, batch=2, val_every=2, val_edits=2)
+    cache = Cache(vllm, 1, config)
+    rec = cache.record(records[0])
+    with torch.no_grad():
+        hidden = vllm.adapter.run_from(cache.first, rec.states, cache.kwargs(rec.states.shape[1]))
+        got = unembed(vllm.adapter, hidden).float()
+        inputs = vllm.inputs(_items(records[0]))
+        want = vllm.logits(inputs)
+    mask = inputs.tensors["attention_mask"].bool()
+    assert torch.allclose(got[mask], want[mask], atol=1e-4), float((got[mask] - want[mask]).abs().max())
+    editor, info = train_vead(vllm, records[:6], config, progress=False)
+    assert info["best_val_mean"] >= 0 and editor.layer == 1
+
+
 def test_vead_gate_needs_a_grid(vllm, records, shot):
     editor = _editor("vead", vllm, records)
     with editor.edit(EditRequest.from_record(records[1])):

@@ -84,10 +84,16 @@ class Cache:
             after = after[: config.it_layers]
         self.im_layers = after
         self._kwargs = None
+        self._longest: tuple[int, tuple] | None = None  # (length, item): the longest input cached so far
 
     def record(self, record) -> CachedRecord:
         vllm = self.vllm
-        inputs = vllm.inputs(_items(record), add_eos=self.config.eos)
+        items = _items(record)
+        inputs = vllm.inputs(items, add_eos=self.config.eos)
+        lengths = inputs.tensors["attention_mask"].sum(1).tolist()
+        k = max(range(len(items)), key=lambda i: lengths[i])
+        if self._longest is None or lengths[k] > self._longest[0]:
+            self._longest = (int(lengths[k]), items[k])
         block = f"llm.layers.{self.layer}"
         run = vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input)
         logits = run.logits
@@ -118,13 +124,20 @@ class Cache:
                             edit_logprobs, group=str(record.extra.get("entity", record.image)))
 
     def kwargs(self, length: int) -> dict:
-        """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens."""
+        """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens: those of
+        a pass of the longest cached input (its image laid out like every training input's, so that
+        positions that depend on the image — Qwen2-VL's — are the inputs' own, and a model that needs its
+        pixels — BLIP-2 — gets them), cut to ``length``; before any record is cached, a text-only pass."""
         if self._kwargs is None or self._kwargs[0] < length:
-            width = max(length, 256)
-            ids = torch.full((1, width), self.vllm.tokenizer.bos_token_id, device=self.vllm.device)
             nxt = f"llm.layers.{min(self.first, self.vllm.n_layers - 1)}"
-            run = self.vllm.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, trace=[nxt],
-                                trace_inputs=True, trace_outputs=False, stop_after=nxt)
+            if self._longest is not None and self._longest[0] >= length:
+                tensors = self.vllm.inputs([self._longest[1]], add_eos=self.config.eos).tensors
+                width = self._longest[0]
+            else:
+                width = max(length, 256)
+                ids = torch.full((1, width), self.vllm.tokenizer.bos_token_id, device=self.vllm.device)
+                tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            run = self.vllm.run(tensors, trace=[nxt], trace_inputs=True, trace_outputs=False, stop_after=nxt)
             self._kwargs = (width, run.kwargs[nxt])
         from ...models.backbones import slice_kwargs
 
