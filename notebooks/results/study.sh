@@ -24,7 +24,7 @@ source notebooks/results/steps.sh
 step "$R/first.json" $PY -m visedit reading --model visedit-tiny --out "$R/first.json"
 # the recipe and its one-ingredient changes, at the study budget (the last two: further ingredients, a deeper
 # and narrower decoder and a masked-patch encoder)
-for recipe in llava joint-encoder one-creature shallow deep-narrow masked-encoder; do
+for recipe in llava joint-encoder one-creature shallow deep-narrow masked-encoder selector-last; do
   [[ -e $R/study-$recipe.json ]] || step "$W/$recipe" $PY -m visedit train-tiny --recipe "$recipe" --budget study --set attention=sdpa --out "$W/$recipe" --no-progress "${DEV[@]}"
   step "$R/study-$recipe.json" $PY -m visedit reading --model "$W/$recipe" --out "$R/study-$recipe.json"
 done

@@ -150,6 +150,10 @@ class RecipeConfig(StrictConfig):
     batch_images: int = 24
     batch_text: int = 8
     qa_per_image: int = 3
+    #: where an instruction question names its creature: "any" (every training template) or "last" (only
+    #: the templates that end with the selector — "tell me the diet of the striped creature ." — so the
+    #: fact word always comes before the creature it is asked of)
+    selector_position: str = "any"
     lr: float = 5e-4
     warmup: int = 100
     weight_decay: float = 0.01
@@ -201,6 +205,8 @@ class RecipeConfig(StrictConfig):
         if self.frozen_encoder and self.encoder_steps == 0:
             raise ValueError("a frozen encoder needs encoder_steps > 0 (set frozen_encoder: false to train it "
                              "jointly with the decoder)")
+        if self.selector_position not in ("any", "last"):
+            raise ValueError(f"RecipeConfig.selector_position must be 'any' or 'last', got {self.selector_position!r}")
         if not 1 <= self.qa_per_image <= 6:
             raise ValueError(f"qa_per_image must be 1…6, got {self.qa_per_image}")
         for name in ("region_weight", "position_weight"):
@@ -231,6 +237,8 @@ RECIPES: dict[str, dict] = {
     # learns from a masked-patch objective instead of captions (no text, so no region term)
     "deep-narrow": {"layers": 20, "hidden": 128, "intermediate": 384},
     "masked-encoder": {"encoder_objective": "masked", "region_weight": 0.0},
+    # and questions that name their creature last, after the fact word
+    "selector-last": {"selector_position": "last"},
     # a fresh Q-Former needs more alignment than a projector (a guess, not tuned; lr halved for a transformer)
     "blip2": {"architecture": "blip2", "align_steps": 1500, "align_lr": 1e-3},
 }
@@ -634,9 +642,16 @@ class _Batcher:
         return out
 
 
-def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
+def selector_last_templates() -> dict[str, tuple[str, ...]]:
+    """The training templates that end with their selector (``{x} ?`` or ``{x} .``), per fact."""
+    return {f: tuple(t for t in ts if t.rstrip(" ?.").endswith("{x}")) for f, ts in SCENE_TEMPLATES.items()}
+
+
+def scene_turns(scene, rng: random.Random, n: int, *, templates: dict | None = None) -> list[tuple[str, str]]:
     """``n`` (question, answer) turns about creatures of ``scene``, each with a selector that picks its
-    creature out and does not give the answer away (training templates only)."""
+    creature out and does not give the answer away (training templates only; ``templates``: a subset of
+    them per fact, e.g. :func:`selector_last_templates`)."""
+    templates = templates or SCENE_TEMPLATES
     if not any(selectors(scene, j) for j in range(len(scene))):
         # no creature can be picked out (same colour and pattern, none far enough to one side): the
         # scene is described instead of asked about (rare; every other scene's stream is unchanged)
@@ -650,7 +665,7 @@ def scene_turns(scene, rng: random.Random, n: int) -> list[tuple[str, str]]:
             k, fact = rng.randrange(len(scene)), rng.choice(FACTS)
             options = askable(scene, k, fact)
         phrase = options[rng.choice(sorted(options))]
-        turns.append((rng.choice(SCENE_TEMPLATES[fact]).format(x=phrase), scene.entities[k].fact(fact)))
+        turns.append((rng.choice(templates[fact]).format(x=phrase), scene.entities[k].fact(fact)))
     return turns
 
 
@@ -991,10 +1006,12 @@ def train_recipe(out: str | Path, cfg: RecipeConfig = RecipeConfig(), *, progres
                                 image_step(3, cfg.align_batch, lambda s, py: [(DESCRIBE, caption(s, rng=py))], 0))
 
     # ---- stage 4: visual instruction tuning ------------------------------------------------------------
+    asked = selector_last_templates() if cfg.selector_position == "last" else None
     instruct_params = parts.bridge_params() + params(decoder, head) + ([] if cfg.frozen_encoder else params(tower))
     if stages_done:
         stages_done = run_stage(3, "instruct", cfg.steps, instruct_params, cfg.lr, cfg.warmup,
-                                image_step(4, cfg.batch_images, lambda s, py: scene_turns(s, py, cfg.qa_per_image),
+                                image_step(4, cfg.batch_images,
+                                           lambda s, py: scene_turns(s, py, cfg.qa_per_image, templates=asked),
                                            cfg.batch_text))
     if not stages_done:
         record["stopped"] = True
