@@ -1,5 +1,5 @@
-"""Benchmarks behind ``python -m visedit bench tracing`` / ``scale`` / ``card``. (The method comparison behind ``regions``,
-:func:`region_scores`, lives in :mod:`visedit.attribution.regions`; it is re-exported here.)"""
+"""Benchmarks behind ``python -m visedit bench tracing`` / ``scale`` / ``card``. (The method comparison behind
+``regions``, :func:`region_scores`, lives in :mod:`visedit.attribution.regions`; it is re-exported here.)"""
 
 from __future__ import annotations
 

@@ -644,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a train-tiny folder with the same settings but context_steps 0: run stage 3 only")
     p.add_argument("--recipe", default=None,
                    help="train a model made LLaVA's way instead: llava (the second teaching model), a study "
-                   "recipe (joint-encoder, one-creature, shallow, deep-narrow, masked-encoder, selector-last), or blip2 (a "
+                   "recipe (joint-encoder, one-creature, shallow, deep-narrow, masked-encoder, selector-last), or "
+                   "blip2 (a "
                    "Q-Former on the llava recipe's frozen encoder); resumes from OUT.ckpt")
     p.add_argument("--budget", choices=("full", "study"), default="full", help="with --recipe: the step budget")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -92,8 +92,8 @@ class VEADEditor(Editor):
     def from_settings(cls, vllm, settings: Mapping, *, allow_other_model: bool = False) -> "VEADEditor":
         """Load a trained VEAD: ``settings['weights']`` (a folder from ``train-vead``) or the shipped one.
         The folder's own settings define the editor, except those of how an edit is applied
-        (:data:`APPLY_SETTINGS`: ``memory`` and the ``route_*`` settings), which ``settings`` may set; every preset value is
-        checked like any config. (An untrained VEAD is the identity; build one with
+        (:data:`APPLY_SETTINGS`: ``memory`` and the ``route_*`` settings), which ``settings`` may set; every
+        preset value is checked like any config. (An untrained VEAD is the identity; build one with
         ``VEADEditor(vllm, VEADConfig(...))``.)"""
         settings = dict(settings)
         folder = Path(settings.pop("weights", None) or trained_dir("vead", vllm))
@@ -324,8 +324,9 @@ class VEADEditor(Editor):
         first = self.first_layer_after
         r = self.vllm.adapter.check_layer(r)
         if not first <= r < self.vllm.n_layers:
-            raise ValueError(f"route_layer {self.config.route_layer} must be a layer after VEAD's ({first}…{self.vllm.n_layers - 1}): VEAD "
-                             f"sits at the {self.config.at} of layer {self.layer}; set route_layer to one of those or null")
+            raise ValueError(f"route_layer {self.config.route_layer} must be a layer after VEAD's "
+                             f"({first}…{self.vllm.n_layers - 1}): VEAD sits at the {self.config.at} of layer "
+                             f"{self.layer}; set route_layer to one of those or null")
         with torch.no_grad(), self._off():  # the layers run as they are, VEAD's own hook included (off)
             return self.vllm.adapter.run_from(first, states, kwargs, until=r)
 
@@ -349,7 +350,8 @@ class VEADEditor(Editor):
         """Each row attends to the held edit :func:`.memory.route` picks, applied as a single edit is."""
         from .memory import route
 
-        chosen = route(self, *self._joint_keys(hidden, rows, cols)) if self.config.route == "joint" else route(self, V)
+        joint = self.config.route == "joint"
+        chosen = route(self, *self._joint_keys(hidden, rows, cols)) if joint else route(self, V)
         new = torch.empty_like(V, dtype=torch.float32)
         s = V.new_empty(V.shape[:2], dtype=torch.float32)
         for k in chosen.unique().tolist():

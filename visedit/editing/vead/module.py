@@ -114,15 +114,18 @@ class VEADConfig(StrictConfig):
         if isinstance(self.route_weight, bool) or not isinstance(self.route_weight, (int, float)) \
                 or not self.route_weight >= 0:
             raise ValueError(f"VEADConfig.route_weight must be a number >= 0, got {self.route_weight!r}")
-        if self.route_layer is not None and (isinstance(self.route_layer, bool) or not isinstance(self.route_layer, int)):
+        if self.route_layer is not None and (isinstance(self.route_layer, bool)
+                                             or not isinstance(self.route_layer, int)):
             raise ValueError(f"VEADConfig.route_layer must be a layer index (negative: from the end) or null, "
                              f"got {self.route_layer!r}")
-        if self.route_min is not None and (isinstance(self.route_min, bool) or not isinstance(self.route_min, (int, float))
+        if self.route_min is not None and (isinstance(self.route_min, bool)
+                                           or not isinstance(self.route_min, (int, float))
                                            or not -1 <= self.route_min <= 1):
             raise ValueError(f"VEADConfig.route_min must be a cosine in [-1, 1] or null, got {self.route_min!r}")
         for name in ("route_layer", "route_min"):
             if getattr(self, name) is not None and self.route != "joint":
-                raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or {name}: null")
+                raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or "
+                                 f"{name}: null")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):
