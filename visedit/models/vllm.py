@@ -32,8 +32,8 @@ EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__)
 #: How each embedded model is rebuilt when its folder is missing.
 _REBUILD = {"visedit-tiny": "python -m visedit train-tiny --out {path}",
             "visedit-llava": "python -m visedit train-tiny --recipe llava --out {path}",
-            "visedit-blip2": "python -m visedit train-tiny --recipe blip2 --encoder-from <the visedit-llava folder> "
-                             "--out {path}"}
+            "visedit-blip2": "python -m visedit train-tiny --recipe blip2 --encoder-from "
+                             "visedit/models/embedded_encoder --out {path}"}
 #: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
 DEFAULT_TEMPLATE = PromptFrame().template
 
