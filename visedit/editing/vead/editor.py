@@ -241,10 +241,12 @@ class VEADEditor(Editor):
         if self._stack is None:
             self._stack = contextlib.ExitStack()
             try:
-                # the model's inputs (where the images are) and layer l_e's keyword arguments (for route_layer);
-                # registered before VEAD's own hook, so both are this pass's when it runs
-                self._top = self._stack.enter_context(Trace({"model": self.vllm.model, "layer": self.vllm.site(
-                    f"llm.layers.{self.layer}")}, inputs=True, outputs=False))
+                # the model's inputs (where the images are) and, for route_layer only, layer l_e's keyword
+                # arguments; registered before VEAD's own hook, so both are this pass's when it runs
+                sites = {"model": self.vllm.model}
+                if self.config.route_layer is not None:
+                    sites["layer"] = self.vllm.site(f"llm.layers.{self.layer}")
+                self._top = self._stack.enter_context(Trace(sites, inputs=True, outputs=False))
                 scope = edit_input if self.at_input else edit_output
                 self._stack.enter_context(scope(self.vllm.site(f"llm.layers.{self.layer}"), self._rewrite))
             except BaseException:
@@ -337,7 +339,7 @@ class VEADEditor(Editor):
         layer's output."""
         ids = self._top.kwargs["model"]["input_ids"]
         mask = self._top.kwargs["model"].get("attention_mask")
-        states = self._route_states(hidden, self._top.kwargs["layer"])
+        states = self._route_states(hidden, self._top.kwargs.get("layer", {}))
         out = []
         for r, c in zip(rows.tolist(), cols.tolist()):
             length = int(mask[r].sum()) if mask is not None else ids.shape[1]
