@@ -100,3 +100,14 @@ def test_many_edits_figure_draws_each_metric_against_t_with_unrelated_locality()
     assert list(fig.data[0].x) == [2, 4] and list(fig.data[0].y) == [0.8, 0.5]
     with pytest.raises(ValueError, match="B: the run has no retention checks"):
         retention_figure({"B": _seq(1, 1.0, 1.0)})
+
+
+def test_training_curve_draws_one_panel_per_stage_of_a_recipe_record():
+    log = [{"stage": s, "step": k, "loss": 1.0 / k} for s in ("encoder", "language", "align", "instruct")
+           for k in (100, 200)]
+    fig = viz.training_curve({"log": log})
+    assert [t.name for t in fig.data] == ["encoder", "language", "align", "instruct"]
+    assert all(list(t.x) == [100, 200] for t in fig.data)
+    assert fig.layout.annotations[0].text.startswith("1. encoder")
+    plain = viz.training_curve({"log": [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0}]})
+    assert len(plain.data) == 1 and list(plain.data[0].y) == [2.0, 1.0]

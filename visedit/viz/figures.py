@@ -60,11 +60,31 @@ def reflowing(fig, n: int, *, cols: int, cell: int):
     return fig
 
 
+STAGE_TITLES = {"encoder": "1. encoder (contrastive, alone)", "language": "2. decoder on text",
+                "align": "3. alignment (projector only)", "instruct": "4. instruction tuning"}
+
+
 def training_curve(record: dict):
-    """Loss over training steps from a ``training.json`` record."""
+    """Loss over training steps from a ``training.json`` record: one line for the first model's record, one
+    panel per stage for a recipe model's (whose log entries name their ``stage``)."""
     import plotly.graph_objects as go
 
     log = record["log"]
+    stages = list(dict.fromkeys(r["stage"] for r in log if "stage" in r))
+    if stages:
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=len(stages), subplot_titles=[STAGE_TITLES.get(s, s) for s in stages],
+                            horizontal_spacing=0.06)
+        for k, stage in enumerate(stages):
+            rows = [r for r in log if r.get("stage") == stage]
+            fig.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r["loss"] for r in rows], mode="lines",
+                                     name=stage, showlegend=False), row=1, col=k + 1)
+            fig.update_xaxes(title_text="step", row=1, col=k + 1)
+            fig.update_yaxes(type="log", row=1, col=k + 1)
+        fig.update_yaxes(title_text="training loss", row=1, col=1)
+        fig.update_layout(height=300, margin=dict(l=40, r=10, t=40, b=40))
+        return fig
     fig = go.Figure(go.Scatter(x=[r["step"] for r in log], y=[r["loss"] for r in log], mode="lines"))
     fig.update_layout(xaxis_title="instruction-tuning step", yaxis_title="answer-token loss (smoothed)",
                       yaxis_type="log", height=300, margin=dict(l=40, r=10, t=30, b=40),
