@@ -197,3 +197,16 @@ def test_source_profile_averages_the_exact_split_and_keeps_only_correct_answers(
     assert [t.name for t in prof.plot().data] == ["visual tokens", "text tokens"]
     with pytest.raises(ValueError, match="no records given"):
         source_profile(tiny_random, [], progress=False)
+
+
+def test_mean_depth_by_hand_and_is_the_profile_s():
+    from visedit.attribution.contributions import ContributionProfile, mean_depth
+
+    # 5 layers at depths 0, .25, .5, .75, 1; the negative layer counts 0: (1·0.25 + 3·1) / 4
+    assert mean_depth([0.0, 1.0, -2.0, 0.0, 3.0]) == pytest.approx((0.25 + 3.0) / 4)
+    assert mean_depth([0.2] * 12) == pytest.approx(0.5)  # flat: the middle, whatever the argmax says
+    assert mean_depth([5.0, 0.0, 0.0]) == 0.0 and mean_depth([0.0, 0.0, 5.0]) == 1.0
+    assert mean_depth([-1.0, -2.0]) == 0.0 and mean_depth([3.0]) == 0.0
+    mean = {"attn": [0.1, -0.2, 0.5, 0.4]}
+    profile = ContributionProfile(mean=mean, low=mean, high=mean, n=1, n_total=1, only_correct=True)
+    assert profile.mean_depth() == pytest.approx((0.5 * 2 / 3 + 0.4) / 1.0)

@@ -105,6 +105,17 @@ def early_share(per_layer) -> float:
     return float(early.sum() / pos.sum()) if pos.sum() > 0 else 0.0
 
 
+def mean_depth(per_layer) -> float:
+    """Where the positive contribution of ``per_layer`` lies on average, in relative depth: Σ_l c_l⁺ ·
+    l/(L − 1) ÷ Σ_l c_l⁺ (0: all at the first layer, 1: all at the last, 0.5 for a flat profile). Unlike
+    the peak's depth it does not jump between far-apart layers when a profile is nearly flat. 0 when no
+    layer contributes."""
+    pos = np.clip(np.asarray(per_layer, dtype=float), 0, None)
+    if pos.sum() <= 0 or len(pos) < 2:
+        return 0.0
+    return float((pos * np.arange(len(pos))).sum() / pos.sum() / (len(pos) - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class ContributionProfile:
     """Mean per-layer contributions over a dataset with bootstrap 95% intervals.
@@ -136,6 +147,10 @@ class ContributionProfile:
     def early_share(self, key: str = "attn") -> float:
         """The first third of the layers' (l < L/3) share of the total positive mean contribution."""
         return early_share(self.mean[key])
+
+    def mean_depth(self, key: str = "attn") -> float:
+        """The contribution-weighted mean relative depth of the positive mean contribution (:func:`mean_depth`)."""
+        return mean_depth(self.mean[key])
 
     def plot(self, *, method: str = "paper"):
         """Bars per layer: attention and MLP by the paper's formula (``method="paper"``) or by DLA
