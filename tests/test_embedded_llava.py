@@ -72,4 +72,5 @@ def test_the_committed_reports_are_of_the_shipped_model():
     assert "--model visedit-llava" in contrib["command"] and "--model visedit-llava" in regions["command"]
     # the two commands measure what the reading report measures, on the same model
     assert contrib["attention_peak_relative_depth"] == pytest.approx(rep["attention_peak_relative_depth"], abs=0.2)
-    assert 0 <= contrib["choose_edit_layer"] < 12
+    # the rule places l_e just before the late block of high-contribution layers: in the middle third or later
+    assert 4 <= contrib["choose_edit_layer"] < 12

@@ -281,6 +281,32 @@ def test_vead_config_errors(tiny_random):
         get_editor("vead", tiny_random, weights="/nonexistent/vead")
 
 
+def test_edit_layer_is_just_before_the_high_contribution_block():
+    from visedit.editing.vead.editor import edit_layer_from_profile, high_block
+
+    # a late block 8-10 behind a lone spike at layer 2 (the second model's train profile, rounded): the
+    # smoothed peak is the block's, l_e the output of layer 7 (the bare argmax would say layer 1)
+    profile = [0.070, 0.056, 0.197, 0.025, 0.070, 0.097, 0.075, 0.040, 0.117, 0.118, 0.118, 0.034]
+    assert high_block(profile) == (8, 10)
+    assert edit_layer_from_profile(profile) == 7
+    assert edit_layer_from_profile(profile, at="input") == 8
+    assert edit_layer_from_profile(profile, window=1) == 1  # no smoothing: the spike alone
+    # a model that reads most from layer 0: the block starts there, and "just before" it is clipped at 0
+    assert high_block([0.34, 0.25, 0.24, 0.19, 0.17, 0.22, 0.20, 0.25]) == (0, 2)
+    assert edit_layer_from_profile([0.34, 0.25, 0.24, 0.19, 0.17, 0.22, 0.20, 0.25]) == 0
+    # the paper's shape: nothing for 18 of 32 layers, then the block
+    assert edit_layer_from_profile([0.01] * 18 + [0.3] * 14) == 17
+    # a flat profile is one block: l_e is the first layer
+    assert high_block([0.1] * 6) == (0, 5)
+    for bad in ([], [0.1, float("nan")], [[0.1, 0.2]]):
+        with pytest.raises(ValueError, match="one finite value per layer"):
+            high_block(bad)
+    with pytest.raises(ValueError, match="positive odd number"):
+        high_block(profile, window=2)
+    with pytest.raises(ValueError, match="at must be 'output' or 'input'"):
+        edit_layer_from_profile(profile, at="middle")
+
+
 def test_vead_of_another_model_is_refused(tiny_random, embedded, records, tmp_path):
     VEADEditor(tiny_random, VEADConfig(layer=1)).save(tmp_path / "vead")
     with pytest.raises(ValueError, match="trained for another model"):

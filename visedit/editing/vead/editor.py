@@ -28,21 +28,55 @@ from .module import VEAD, VEADConfig
 TRAINED_DIR = trained_dir("vead")  # the first model's; see trained_dir for the others
 
 
-def choose_edit_layer(vllm, records: Sequence, *, at: str = "output", limit: int = 64) -> int:
-    """The default l_e: VEAD rewrites the visual tokens just before the layer that reads them most — the
-    attention contribution peak of the model's contribution profile (paper formula, on correctly
-    answered records — pass train-split records). Attention is where the answer position reads the
-    visual tokens. With ``at="input"`` that is the peak layer's input (l_e = peak); with ``at="output"``
-    the output of the layer before it (l_e = peak − 1, clipped at 0: a model that reads its visual tokens
-    most at layer 0 has no such layer, which is why the embedded model's preset uses ``at: input``). The
-    paper puts l_e "just before the high-contribution layers" (LLaVA-1.5: 18)."""
+def high_block(values: Sequence[float], *, window: int = 3) -> tuple[int, int]:
+    """The high-contribution layers of a per-layer profile, as ``(first, last)``: the contiguous run of
+    layers whose contribution is at least the profile's mean, around the peak of the profile smoothed by a
+    moving mean over ``window`` layers (shorter at the two ends). Smoothing makes the block, not a lone
+    layer, decide: on a nearly flat profile one spiking layer among low ones need not be where the model
+    reads most."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or len(v) == 0 or not np.isfinite(v).all():
+        raise ValueError(f"a profile is one finite value per layer, got {values!r}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd number of layers, got {window}")
+    half = window // 2
+    smooth = np.array([v[max(0, i - half):i + half + 1].mean() for i in range(len(v))])
+    peak = int(np.argmax(smooth))
+    if v[peak] < v.mean():  # the smoothed peak sits in a dip between two high layers: take the higher one
+        near = [i for i in (peak - 1, peak + 1) if 0 <= i < len(v)]
+        peak = max(near, key=lambda i: v[i])
+    first = last = peak
+    while first > 0 and v[first - 1] >= v.mean():
+        first -= 1
+    while last < len(v) - 1 and v[last + 1] >= v.mean():
+        last += 1
+    return first, last
+
+
+def edit_layer_from_profile(values: Sequence[float], *, at: str = "output", window: int = 3) -> int:
+    """l_e from a per-layer contribution profile, as the paper places it: just before the high-contribution
+    layers (:func:`high_block`). ``at="output"``: the output of the layer before the block's first layer
+    (clipped at 0); ``at="input"``: the input of the block's first layer (the same stream)."""
+    if at not in ("output", "input"):
+        raise ValueError(f"at must be 'output' or 'input', got {at!r}")
+    first, _ = high_block(values, window=window)
+    return first if at == "input" else max(0, first - 1)
+
+
+def choose_edit_layer(vllm, records: Sequence, *, at: str = "output", limit: int = 64, window: int = 3) -> int:
+    """The default l_e: VEAD rewrites the visual tokens just before the layers that read them most — the
+    high-contribution block of the attention modules' contribution profile (paper formula, on correctly
+    answered records — pass train-split records; see :func:`high_block`). Attention is where the answer
+    position reads the visual tokens. With ``at="input"`` l_e is the block's first layer, at its input;
+    with ``at="output"`` the output of the layer before it (clipped at 0: a model that reads its visual
+    tokens most from layer 0 has no such layer, which is why the first embedded model's preset uses
+    ``at: input``). The paper puts l_e "just before the high-contribution layers" (LLaVA-1.5: 18)."""
     from ...attribution import contribution_profile
 
     if at not in ("output", "input"):
         raise ValueError(f"at must be 'output' or 'input', got {at!r}")
     profile = contribution_profile(vllm, list(records)[:limit], only_correct=True, progress=False)
-    peak = profile.peak("attn")
-    return peak if at == "input" else max(0, peak - 1)
+    return edit_layer_from_profile(profile.mean["attn"], at=at, window=window)
 
 
 @dataclasses.dataclass
