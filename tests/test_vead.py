@@ -355,6 +355,24 @@ def test_reachability_bounds_visual_slice_edits(tiny_random, records):
     assert set(result.reached()) == {0, 2}
 
 
+def test_reachability_cli_reports_each_layer_and_refuses_a_bad_one(tiny_random_dir, tmp_path, capsys):
+    import json
+
+    from visedit.cli import main
+
+    out = tmp_path / "reach.json"
+    code = main(["reachability", "--model", str(tiny_random_dir), "--layers", "0", "2", "--limit", "2", "--steps", "3",
+                 "--json", "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed == json.loads(out.read_text())
+    assert printed["layers"] == [0, 2] and printed["n"] == 2 and len(printed["loss"][0]) == 2
+    assert set(printed["reached"]) == {"0", "2"} and printed["command"].startswith("python -m visedit reachability")
+    assert main(["reachability", "--model", str(tiny_random_dir), "--layers", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["reachability", "--model", str(tiny_random_dir), "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
 def test_note_reading_writes_notes_and_cleans_up(tiny_random, records):
     from visedit.editing.vead.analysis import note_reading
 

@@ -251,6 +251,34 @@ def _regions(args) -> int:
     return 0
 
 
+def _reachability(args) -> int:
+    from .editing.vead.analysis import reachability
+    from .models import load_vllm
+    from .world import load_world_split, spread
+
+    _check_limit(args.limit)
+    if args.steps < 1 or not args.lr > 0:
+        raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
+    vllm = load_vllm(args.model)
+    layers = args.layers if args.layers is not None else list(range(vllm.n_layers))
+    for layer in layers:
+        vllm.adapter.check_layer(layer)
+    records = spread(load_world_split("eval", vllm.dataset_spec, progress=True), args.limit)
+    result = reachability(vllm, records, layers=layers, steps=args.steps, lr=args.lr, progress=True)
+    out = {**result.to_dict(), "n": len(records), "steps": args.steps, "lr": args.lr, "model": vllm.name,
+           "model_fingerprint": vllm.fingerprint, "command": "python -m visedit " + " ".join(args.argv)}
+    if args.out:
+        from .io import write_json
+
+        write_json(args.out, out)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        for layer, share in out["reached"].items():
+            print(f"layer {layer:>2}: new answer reached on {share:.0%} of {len(records)} edits")
+    return 0
+
+
 def _sanity(args) -> int:
     from .attribution.sanity import METHODS, sanity_checks
     from .models import load_vllm
@@ -751,6 +779,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="also write the result (JSON) here, atomically")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sanity)
+
+    p = sub.add_parser("reachability", help="the upper bound of any visual-slice editor at each layer: a free "
+                       "change of the visual tokens, optimised per edit, and the share of new answers it reaches")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers (default: every layer)")
+    p.add_argument("--limit", type=int, default=16, help="eval edits, spread over the split")
+    p.add_argument("--steps", type=int, default=60, help="Adam steps per edit and layer")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate")
+    p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_reachability)
 
     p = sub.add_parser("evaluate", help="run the MMEdit single-edit protocol for one editor (or the sequential "
                        "one: --sequential T)")

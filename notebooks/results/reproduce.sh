@@ -177,6 +177,8 @@ if [[ $KEY == visedit-llava ]]; then
   sweep_a() { sweep_out "${lane_a[@]}"; }
   sweep_b() { sweep_out 2 6 10; }
   lanes sweep_a sweep_b
+  # the sweep's ceiling: at each layer, a free change of the visual tokens optimised per edit (16 edits)
+  step "$R/reachability.json" $PY -m visedit reachability "${M[@]}" --limit 16 --json --out "$R/reachability.json"
   ablation() {  # ablation NAME TRAIN-OPTIONS...
     local name=$1; shift
     if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi

@@ -78,13 +78,15 @@ class Reachability:
         return {**dataclasses.asdict(self), "reached": self.reached()}
 
 
-def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int = 60, lr: float = 0.05) -> Reachability:
+def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int = 60, lr: float = 0.05,
+                 progress: bool = False) -> Reachability:
     """An upper bound for any visual-slice editor: for each record's edit (image + src → alt) and each
     layer, optimise a free additive change of the visual tokens at the layer's output (Adam, ``steps``)
     and report the target loss it reaches. If even this cannot reach the new answer at a layer, no VEAD
     placed there can."""
     import torch
     import torch.nn.functional as F
+    from tqdm.auto import tqdm
 
     from ...models.backbones import unembed
 
@@ -93,7 +95,7 @@ def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int =
         layer = vllm.adapter.check_layer(layer)
         block, after = f"llm.layers.{layer}", f"llm.layers.{min(layer + 1, vllm.n_layers - 1)}"
         losses, norms = [], []
-        for rec in records:
+        for rec in tqdm(records, desc=f"reachability, layer {layer}", disable=not progress):
             inputs = vllm.inputs([(rec.image, rec.src, rec.alt)])
             run = vllm.run(inputs, trace=[block, after], trace_inputs=True)
             h = run.outputs[block]
