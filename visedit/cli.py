@@ -780,13 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sanity)
 
-    p = sub.add_parser("reachability", help="the upper bound of any visual-slice editor at each layer: a free "
+    p = sub.add_parser("reachability", help="what a visual-token editor could reach at each layer: a free "
                        "change of the visual tokens, optimised per edit, and the share of new answers it reaches")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--layers", type=int, nargs="+", default=None, help="decoder layers (default: every layer)")
-    p.add_argument("--limit", type=int, default=16, help="eval edits, spread over the split")
-    p.add_argument("--steps", type=int, default=60, help="Adam steps per edit and layer")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate")
+    p.add_argument("--limit", type=int, default=8, help="eval edits, spread over the split")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per edit and layer")
+    p.add_argument("--lr", type=float, default=0.2, help="Adam's learning rate")
     p.add_argument("--out", type=Path, default=None, help="also write the result (JSON, with its command) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_reachability)
