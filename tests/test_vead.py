@@ -370,7 +370,7 @@ def test_reachability_cli_reports_each_layer_and_refuses_a_bad_one(tiny_random_d
     assert main(["reachability", "--model", str(tiny_random_dir), "--layers", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
     assert main(["reachability", "--model", str(tiny_random_dir), "--steps", "0"]) == 2
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert "steps must be an int >= 1" in capsys.readouterr().err
 
 
 def test_note_reading_writes_notes_and_cleans_up(tiny_random, records):

@@ -257,8 +257,6 @@ def _reachability(args) -> int:
     from .world import load_world_split, spread
 
     _check_limit(args.limit)
-    if args.steps < 1 or not args.lr > 0:
-        raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
     vllm = load_vllm(args.model)
     layers = args.layers if args.layers is not None else list(range(vllm.n_layers))
     for layer in layers:

@@ -92,6 +92,9 @@ def reachability(vllm, records: Sequence, *, layers: Sequence[int], steps: int =
 
     from ...models.backbones import unembed
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or not lr > 0:
+        raise ValueError(f"steps must be an int >= 1 and lr > 0, got {steps!r} and {lr!r}")
+
     out_loss, out_norm = [], []
     for layer in layers:
         layer = vllm.adapter.check_layer(layer)
