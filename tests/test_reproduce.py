@@ -84,6 +84,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
         verb, rest = line.split(None, 1)
         if verb == "done":  # a committed result: its path, no command
             assert "visedit-llava" in rest, rest
+            row = re.fullmatch(r".*/sweep/layer(\d+)\.json", rest.strip())
+            sweep_layers += [int(row.group(1))] if row else []  # a committed sweep row counts as run
             continue
         out, command = rest.strip().split(": ", 1)
         assert "visedit-llava" in out, out
