@@ -440,6 +440,39 @@ def test_im_reading_the_edit_image_takes_each_tokens_best_match(tiny_random, rec
     assert plain != pytest.approx(own, rel=1e-3)  # the edit changed the loss
 
 
+def test_answer_memory_reads_the_new_answers_embeddings_in_both_paths(tiny_random, records):
+    """``memory_reads: answer``: the edit memory is the new answer's input embeddings (oracle: the embedding
+    table), so without the IM two edits with the same answer rewrite alike whatever their image and prompt;
+    the editor and the cached training path agree on the loss, also with the end token (left out of the
+    memory in both)."""
+    torch.manual_seed(0)
+    ed = VEADEditor(tiny_random, VEADConfig(layer=1, memory_reads="answer", use_im=False))
+    torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+    req = EditRequest.from_record(records[1])
+    ids = tiny_random.encode_target(req.target)
+    embed = tiny_random.model.get_input_embeddings().weight.detach().float()
+    x = tiny_random.inputs([(records[3].image, records[3].src)])
+    with ed.edit(req):
+        assert torch.equal(ed.memory.states[0], embed[torch.tensor(ids)]) and bool(ed.memory.mask.all())
+        first = tiny_random.logits(x)
+    assert records[5].image != req.image and records[5].src != req.prompt
+    with ed.edit(EditRequest(records[5].image, records[5].src, req.target)):
+        assert torch.equal(tiny_random.logits(x), first)
+    for eos in (False, True):
+        config = dataclasses.replace(ed.config, w_im=0.0, eos=eos)
+        ed_eos = VEADEditor(tiny_random, config, adapter=ed.adapter)
+        with ed_eos.edit(req), torch.no_grad():
+            own = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)],
+                                                                     add_eos=eos)))
+        cache = vead_train.Cache(tiny_random, 1, config)
+        cached = cache.record(records[1])
+        assert torch.equal(cached.answer, embed[torch.tensor(ids)])
+        _, parts = vead_train.step_loss(ed.adapter, cache, [cached], config, np.random.default_rng(0))
+        assert parts["rel"] == pytest.approx(own, rel=1e-4)
+    with pytest.raises(ValueError, match="memory_reads must be 'sample' or 'answer'"):
+        VEADConfig(memory_reads="answers")
+
+
 def test_shipped_vead_was_trained_with_the_preset():
     """`python -m visedit train-vead` trains with the preset: the shipped adapter's card must say it was
     trained with exactly those settings, or the command does not reproduce it."""

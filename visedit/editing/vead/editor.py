@@ -97,6 +97,24 @@ class EditMemory:
 APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min")
 
 
+def answer_rows(vllm, target_ids: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new answers' tokens as the decoder's input embeddings, right-padded: (B, n, d) float and the
+    (B, n) mask of real tokens — VEAD's memory with ``memory_reads: answer``."""
+    if any(len(t) == 0 for t in target_ids):
+        raise ValueError("memory_reads: answer needs every edit sample to have a new answer (a target)")
+    n = max(len(t) for t in target_ids)
+    embed = vllm.site("llm.embed")
+    weight = embed.weight
+    ids = torch.zeros(len(target_ids), n, dtype=torch.long, device=weight.device)
+    mask = torch.zeros(len(target_ids), n, dtype=torch.bool)
+    for b, t in enumerate(target_ids):
+        ids[b, :len(t)] = torch.as_tensor(list(t))
+        mask[b, :len(t)] = True
+    with torch.no_grad():
+        rows = embed(ids).float()
+    return rows.to(device or weight.device), mask.to(device or weight.device)
+
+
 @register_editor
 class VEADEditor(Editor):
     """VisEdit. ``adapter``: a trained :class:`VEAD` (``get_editor("vead", vllm, weights=DIR)`` loads one
@@ -204,7 +222,7 @@ class VEADEditor(Editor):
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs, kwargs = self._layer_run([(request.image, request.prompt, request.target)])
         routed = self._route_states(states, kwargs)  # where the route reads its keys (l_e, or route_layer)
-        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs),
+        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs),
                           self._visual_key(routed, inputs.visual_spans[0]),
                           self._question_key(routed, inputs.visual_spans[0], inputs.last_prompt[0]))
 
@@ -224,7 +242,14 @@ class VEADEditor(Editor):
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
         states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
-        return EditMemory(states, inputs.tensors["attention_mask"].bool(), self._im_keys(states, inputs))
+        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs))
+
+    def _memory_rows(self, states: torch.Tensor, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """What VEAD's cross-attention reads of edit samples (right-padded rows and their mask): their
+        layer-l_e ``states``, or with ``memory_reads: answer`` their new answers' token embeddings."""
+        if self.config.memory_reads == "answer":
+            return answer_rows(self.vllm, inputs.target_ids, self.device)
+        return states, inputs.tensors["attention_mask"].bool()
 
     def _im_keys(self, states: torch.Tensor, inputs) -> torch.Tensor:
         """What the IM compares visual tokens with: the last prompt token's state (B, d), or with
@@ -257,14 +282,14 @@ class VEADEditor(Editor):
         """Remember all edit samples in one partial forward pass (without ``memory`` only the last is held)."""
         self._before = (list(self.bank), self.memory)
         states, inputs, kwargs = self._layer_run([(r.image, r.prompt, r.target) for r in requests])
-        mask = inputs.tensors["attention_mask"].bool()
+        rows, mask = self._memory_rows(states, inputs)
         keys = self._im_keys(states, inputs)
         routed = self._route_states(states, kwargs)
         memories = []
         for b in range(len(requests)):
             n = int(mask[b].sum())
             span = inputs.visual_spans[b]
-            memories.append(EditMemory(states[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
+            memories.append(EditMemory(rows[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
                                        keys[b:b + 1].clone(), self._visual_key(routed[b:b + 1], span),
                                        self._question_key(routed[b:b + 1], span, inputs.last_prompt[b])))
         self._hold(memories)

@@ -57,6 +57,11 @@ class VEADConfig(StrictConfig):
     ``eos`` (ours; the release: False): the training targets end with the end-of-sequence token — the edit
     and generality cross-entropies include it, and the locality KL covers its position — so the edited
     model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
+    ``memory_reads`` (what VEAD's cross-attention reads as the edit): ``"sample"`` (the paper) — the edit
+    sample's layer-l_e states (image + prompt + new answer); ``"answer"`` (ours) — only the new answer's
+    tokens, as the decoder's input embeddings of them, so that the rewrite is conditioned on *which*
+    answer to write even where the layer-l_e states of different answers have grown alike (the IM still
+    reads its keys from the edit sample's states).
     ``memory`` (ours; the paper: False): hold every applied edit (its cached layer-l_e rows) instead of the
     last one only, and let each input attend to the one edit that ``route`` picks: ``"nearest"`` — the
     edit whose image is nearest in the visual-token space at l_e (cosine of the mean visual tokens),
@@ -96,6 +101,7 @@ class VEADConfig(StrictConfig):
     decay_share: float = 0.0
     hard_loc: int = 0
     eos: bool = False
+    memory_reads: str = "sample"
     memory: bool = False
     route: str = "nearest"
     route_weight: float = 1.0
@@ -126,6 +132,8 @@ class VEADConfig(StrictConfig):
             if getattr(self, name) is not None and self.route != "joint":
                 raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or "
                                  f"{name}: null")
+        if self.memory_reads not in ("sample", "answer"):
+            raise ValueError(f"VEADConfig.memory_reads must be 'sample' or 'answer', got {self.memory_reads!r}")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ...fit import Every, FitState, fit
 from ...models.backbones import unembed
 from ..base import holdout_split, pair_key
-from .editor import VEADEditor
+from .editor import VEADEditor, answer_rows
 from .module import VEAD, VEADConfig
 
 ROLES = ("edit", "t_gen", "m_gen", "m_loc")
@@ -52,7 +52,8 @@ class CachedRecord:
     positions/ids per role, the edit's last prompt position, IM targets (3, N) for the first three
     roles, and the frozen model's log-probs at M-Loc's answer positions; with ``hard_loc``, also at the
     edit row's target positions (for when it is another record's hard negative) and the record's entity
-    (``group``: ``extra["entity"]``, else the image path)."""
+    (``group``: ``extra["entity"]``, else the image path); with ``memory_reads: answer``, the new answer's
+    token embeddings (n, d) — the edit memory, the end token left out as an applied edit leaves it."""
 
     states: torch.Tensor
     mask: torch.Tensor
@@ -64,6 +65,7 @@ class CachedRecord:
     loc_logprobs: torch.Tensor
     edit_logprobs: torch.Tensor | None = None
     group: str = ""
+    answer: torch.Tensor | None = None
 
 
 def _items(record):
@@ -119,9 +121,13 @@ class Cache:
         mask = inputs.tensors["attention_mask"].bool()
         if self.config.eos:  # the edit row is also the memory: image + prompt + answer, as an applied edit
             mask[0, inputs.target_positions[0][-1]] = False  # remembers it — without the end token
+        answer = None
+        if self.config.memory_reads == "answer":
+            ids = inputs.target_ids[0][:-1] if self.config.eos else inputs.target_ids[0]
+            answer = answer_rows(vllm, [ids], states.device)[0][0]
         return CachedRecord(states, mask, span, inputs.target_positions,
                             inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs,
-                            edit_logprobs, group=str(record.extra.get("entity", record.image)))
+                            edit_logprobs, group=str(record.extra.get("entity", record.image)), answer=answer)
 
     def kwargs(self, length: int) -> dict:
         """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens: those of
@@ -186,6 +192,12 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     mask = _pad(row_masks, width)[..., 0].bool()
     edit_rows = torch.arange(len(batch)).repeat_interleave(n_rows) * n_rows
     memory, memory_mask = states[edit_rows], mask[edit_rows]
+    if config.memory_reads == "answer":  # each record's new answer, as token embeddings, for all its rows
+        answers = [r.answer for r in batch]
+        n = max(a.shape[0] for a in answers)
+        per = torch.arange(len(batch)).repeat_interleave(n_rows)
+        memory = _pad(answers, n)[per]
+        memory_mask = (torch.arange(n)[None] < torch.tensor([a.shape[0] for a in answers])[:, None])[per]
     start, stop = batch[0].span
     # the IM's keys come from each record's edit row (every record of a batch has the same span)
     prompt = config.im_keys(states[::n_rows], [r.last_prompt for r in batch], (start, stop))
