@@ -156,27 +156,34 @@ many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------
 if [[ $KEY == visedit-llava ]]; then
-  sweep_out() {  # sweep_out LAYER...: one reduced-budget row per layer at the paper's placement
-    local layer tag
+  sweep_out() {  # sweep_out [answer] LAYER...: one reduced-budget row per layer at the paper's placement
+    local layer tag prefix= suffix= extra=()  # answer: VEAD's memory reads the new answer (ours)
+    if [[ $1 == answer ]]; then prefix=answer-; suffix=-memory_readsanswer; extra=(--set memory_reads=answer); shift; fi
     for layer in "$@"; do
       tag=layer$layer
-      if [[ -e $R/sweep/$tag.json ]]; then echo "done    $R/sweep/$tag.json"; continue; fi
-      step "$W/sweep/$tag-w_loc3-w_im0.1.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
+      if [[ -e $R/sweep/$prefix$tag.json ]]; then echo "done    $R/sweep/$prefix$tag.json"; continue; fi
+      step "$W/sweep/$tag-w_loc3-w_im0.1$suffix.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
         --im-reads prompt --limit 600 --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 \
-        --set w_im=0.1 --out "$W/sweep" --layers "$layer"
+        --set w_im=0.1 "${extra[@]}" --out "$W/sweep" --layers "$layer"
       [[ -n "${DRY:-}" ]] && continue
       mkdir -p "$R/sweep"
-      cp "$W/sweep/$tag-w_loc3-w_im0.1.json" "$R/sweep/$tag.json"
+      cp "$W/sweep/$tag-w_loc3-w_im0.1$suffix.json" "$R/sweep/$prefix$tag.json"
     done
   }
-  # the rule's l_e is the shipped VEAD's layer; the sweep adds it to six layers spread over the twelve
+  # the rule's l_e is the shipped VEAD's layer (before it is trained: the rule's choice in the committed
+  # contributions of the study); the sweep adds it to six layers spread over the twelve
   rule=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["layer"])' "$T/vead/vead.json" \
-    2>/dev/null || echo 0)
+    2>/dev/null || $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["choose_edit_layer"])' \
+    "$STAGE/notebooks/results/study/llava-contributions.json" 2>/dev/null || echo 0)
   lane_a=(0 4 8)
   [[ " 0 2 4 6 8 10 " == *" $rule "* ]] || lane_a+=("$rule")
   sweep_a() { sweep_out "${lane_a[@]}"; }
   sweep_b() { sweep_out 2 6 10; }
   lanes sweep_a sweep_b
+  # the same rows with VEAD's memory reading the new answer's token embeddings (memory_reads: answer, ours)
+  answer_a() { sweep_out answer "${lane_a[@]}"; }
+  answer_b() { sweep_out answer 2 6 10; }
+  lanes answer_a answer_b
   # what a visual-token editor could do at each of six layers: a free change of the visual tokens, optimised
   # per edit (8 edits, 200 Adam steps at lr 0.2; 60 steps at lr 0.05 reached layer 7's new answers on 7 of
   # 16 edits, these settings on all 8)
