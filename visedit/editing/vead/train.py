@@ -191,13 +191,14 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     states = _pad(rows, width)  # (rows, S, d)
     mask = _pad(row_masks, width)[..., 0].bool()
     edit_rows = torch.arange(len(batch)).repeat_interleave(n_rows) * n_rows
-    memory, memory_mask = states[edit_rows], mask[edit_rows]
     if config.memory_reads == "answer":  # each record's new answer, as token embeddings, for all its rows
         answers = [r.answer for r in batch]
-        n = max(a.shape[0] for a in answers)
-        per = torch.arange(len(batch)).repeat_interleave(n_rows)
-        memory = _pad(answers, n)[per]
-        memory_mask = (torch.arange(n)[None] < torch.tensor([a.shape[0] for a in answers])[:, None])[per]
+        lengths = torch.tensor([a.shape[0] for a in answers])
+        per = edit_rows // n_rows
+        memory = _pad(answers, int(lengths.max()))[per]
+        memory_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None])[per]
+    else:
+        memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
     # the IM's keys come from each record's edit row (every record of a batch has the same span)
     prompt = config.im_keys(states[::n_rows], [r.last_prompt for r in batch], (start, stop))
