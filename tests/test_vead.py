@@ -721,3 +721,48 @@ def test_a_loaded_vead_takes_its_apply_settings_from_the_preset(tiny_random, rec
     loaded.restore()
     plain = get_editor("vead", tiny_random, weights=str(tmp_path / "v"))
     assert not plain.config.memory
+
+
+def test_in_image_locality_term_is_the_kl_on_the_edit_image_asked_about_another_creature(tiny_random,
+                                                                                        tmp_path):
+    """``w_iloc``: each cached record gets a fifth row, the edit image asked about another of its creatures;
+    its visual tokens are the edit row's (the image comes before any question), its pre-edit log-probs are
+    the frozen model's (oracle: a plain pass), and its loss is the KL (pre ‖ post) the editor's own edited
+    pass gives; it is 0 for an untrained VEAD. A record without the probe is refused in one line."""
+    recs = load_world_split("train", DatasetSpec(seed=0, n_entities=6, edits_per_pair=1, image_size=48,
+                                                 edition=2), root=tmp_path)
+    rec = recs[0]
+    config = VEADConfig(layer=1, w_iloc=2.0, w_im=0.0)
+    cache = vead_train.Cache(tiny_random, 1, config)
+    cached = cache.record(rec)
+    probe = (rec.image, rec.extra["i_loc_q"], rec.extra["i_loc_a"])
+    assert cached.states.shape[0] == 5
+    start, stop = cached.span
+    assert torch.equal(cached.states[4, start:stop], cached.states[0, start:stop])
+    x = tiny_random.inputs([probe])
+    pre = tiny_random.logits(x)[0, torch.tensor(x.target_positions[0]) - 1].float().log_softmax(-1)
+    assert torch.allclose(cached.iloc_logprobs, pre, atol=1e-5)
+    torch.manual_seed(0)
+    ed = VEADEditor(tiny_random, config)
+    _, parts = vead_train.step_loss(ed.adapter, cache, [cached], config, np.random.default_rng(0))
+    assert parts["iloc"] == pytest.approx(0.0, abs=1e-6)
+    torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+    total, parts = vead_train.step_loss(ed.adapter, cache, [cached], config, np.random.default_rng(0))
+    with ed.edit(EditRequest.from_record(rec)), torch.no_grad():
+        post = tiny_random.logits(x)[0, torch.tensor(x.target_positions[0]) - 1].float().log_softmax(-1)
+    own = float((pre.exp() * (pre - post)).sum(-1).mean())
+    assert own > 1e-3 and parts["iloc"] == pytest.approx(own, rel=1e-3)
+    assert float(total.detach()) == pytest.approx(parts["rel"] + parts["gen"] + parts["loc"] + 2.0 * parts["iloc"],
+                                                  rel=1e-5)
+    # with a hard negative after it (a sixth row) the in-image term is the same
+    hard = dataclasses.replace(config, hard_loc=2)
+    hard_cache = vead_train.Cache(tiny_random, 1, hard)
+    other = hard_cache.record(next(r for r in recs if r.extra["entity"] != rec.extra["entity"]))
+    own_row = hard_cache.record(rec)
+    _, with_neg = vead_train.step_loss(ed.adapter, hard_cache, [own_row], hard, np.random.default_rng(0),
+                                       pool=[own_row, other])
+    assert with_neg["iloc"] == pytest.approx(parts["iloc"], rel=1e-4) and with_neg["loc"] != parts["loc"]
+    with pytest.raises(ValueError, match=r"w_iloc > 0 needs records with an in-image locality probe"):
+        cache.record(load_world_split("train", SPEC, root=tmp_path / "first")[0])
+    with pytest.raises(ValueError, match="w_iloc must be a number >= 0"):
+        VEADConfig(w_iloc=-1)

@@ -54,6 +54,10 @@ class VEADConfig(StrictConfig):
     ``hard_loc`` (ours; the release and 0: off): besides each record's own M-Loc input, train locality on
     a *hard negative* — of ``hard_loc`` other records' edit inputs (another entity), the one whose image
     the current gate opens on most — with the same KL and gate-down losses.
+    ``w_iloc`` (ours; the release and 0: off): weight of an *in-image* locality term — the KL (pre ‖ post)
+    on the edit image asked about another creature in it (the record's ``i_loc_q`` / ``i_loc_a``, the
+    world's second edition). The edit image's visual tokens come before any question, so this input's
+    rewrite is the edit's own: only a rewrite confined to the asked creature's tokens leaves its answer.
     ``eos`` (ours; the release: False): the training targets end with the end-of-sequence token — the edit
     and generality cross-entropies include it, and the locality KL covers its position — so the edited
     model learns to *stop* after the new answer (exact match), not only to start it (token accuracy).
@@ -100,6 +104,7 @@ class VEADConfig(StrictConfig):
     lr: float = 1e-3
     decay_share: float = 0.0
     hard_loc: int = 0
+    w_iloc: float = 0.0
     eos: bool = False
     memory_reads: str = "sample"
     memory: bool = False
@@ -146,6 +151,8 @@ class VEADConfig(StrictConfig):
                 raise ValueError(f"VEADConfig.{name} must be a positive int, got {v!r}")
         if not isinstance(self.hard_loc, int) or self.hard_loc < 0:
             raise ValueError(f"VEADConfig.hard_loc must be an int >= 0 (0: off), got {self.hard_loc!r}")
+        if isinstance(self.w_iloc, bool) or not isinstance(self.w_iloc, (int, float)) or not self.w_iloc >= 0:
+            raise ValueError(f"VEADConfig.w_iloc must be a number >= 0 (0: off), got {self.w_iloc!r}")
         if not self.lr > 0 or not self.sigma > 0:
             raise ValueError("VEADConfig.lr and sigma must be > 0")
         if not 0 <= self.decay_share < 1:

@@ -18,6 +18,9 @@ edit inputs (another entity), the one whose visual tokens the current gate opens
 KL (against the frozen model's log-probs on its own edit answer positions) joins the locality term and its
 gate joins L_down. A look-alike creature is where the gate — each token's best match among the edit
 image's tokens — opens by mistake; the record's own M-Loc creature is random and rarely one.
+With ``w_iloc`` > 0 each record gets one more cached input, its in-image locality probe (the edit image,
+another creature of it asked about), and w_iloc·KL(pre ‖ post) on it joins the loss. Its visual tokens are
+the edit input's own, so it adds no IM loss: the gate it sees is the edit's.
 
 Seeded (batches and token samples are a function of (seed, step)), resumable (a checkpoint beside the
 output folder every ``val_every`` steps), validated on a held-out part of the train split.
@@ -66,11 +69,19 @@ class CachedRecord:
     edit_logprobs: torch.Tensor | None = None
     group: str = ""
     answer: torch.Tensor | None = None
+    iloc_logprobs: torch.Tensor | None = None
 
 
-def _items(record):
-    return [(record.image, record.src, record.alt), (record.image, record.rephrase, record.alt),
-            (record.image_rephrase, record.src, record.alt), (record.m_loc, record.m_loc_q, record.m_loc_a)]
+def _items(record, iloc: bool = False):
+    items = [(record.image, record.src, record.alt), (record.image, record.rephrase, record.alt),
+             (record.image_rephrase, record.src, record.alt), (record.m_loc, record.m_loc_q, record.m_loc_a)]
+    if iloc:
+        extra = getattr(record, "extra", None) or {}
+        if "i_loc_q" not in extra or "i_loc_a" not in extra:
+            raise ValueError("VEADConfig.w_iloc > 0 needs records with an in-image locality probe "
+                             "(extra['i_loc_q'] and ['i_loc_a']: the world's second edition); set w_iloc: 0")
+        items.append((record.image, extra["i_loc_q"], extra["i_loc_a"]))
+    return items
 
 
 class Cache:
@@ -90,7 +101,7 @@ class Cache:
 
     def record(self, record) -> CachedRecord:
         vllm = self.vllm
-        items = _items(record)
+        items = _items(record, self.config.w_iloc > 0)
         inputs = vllm.inputs(items, add_eos=self.config.eos)
         lengths = inputs.tensors["attention_mask"].sum(1).tolist()
         k = max(range(len(items)), key=lambda i: lengths[i])
@@ -108,6 +119,9 @@ class Cache:
         edit_logprobs = None
         if self.config.hard_loc:
             edit_logprobs = logits[0, torch.tensor(inputs.target_positions[0]) - 1].log_softmax(-1)
+        iloc_logprobs = None
+        if self.config.w_iloc > 0:
+            iloc_logprobs = logits[4, torch.tensor(inputs.target_positions[4]) - 1].log_softmax(-1)
         from ...attribution import noise_perturbation
 
         targets = []
@@ -127,7 +141,8 @@ class Cache:
             answer = answer_rows(vllm, [ids], states.device)[0][0]
         return CachedRecord(states, mask, span, inputs.target_positions,
                             inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs,
-                            edit_logprobs, group=str(record.extra.get("entity", record.image)), answer=answer)
+                            edit_logprobs, group=str(record.extra.get("entity", record.image)), answer=answer,
+                            iloc_logprobs=iloc_logprobs)
 
     def kwargs(self, length: int) -> dict:
         """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens: those of
@@ -182,7 +197,9 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     ``config.hard_loc`` each record's hard negative is mined from ``pool`` (default: the batch)."""
     vllm = cache.vllm
     negatives = hard_negatives(vead, batch, pool or batch, config, rng) if config.hard_loc else []
-    n_rows = len(ROLES) + bool(negatives)  # rows per record: its four roles, then its hard negative
+    iloc = config.w_iloc > 0
+    n_own = len(ROLES) + iloc  # rows per record: its four roles, its in-image probe, then its hard negative
+    n_rows = n_own + bool(negatives)
     rows, row_masks = [], []
     for i, r in enumerate(batch):
         rows += list(r.states) + ([negatives[i].states[0]] if negatives else [])
@@ -212,7 +229,7 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
         post = unembed(vllm.adapter, hidden[row, torch.tensor(positions) - 1]).float().log_softmax(-1)
         return (pre.exp() * (pre - post)).sum(-1).mean()
 
-    losses = {"rel": [], "gen": [], "loc": []}
+    losses = {"rel": [], "gen": [], "loc": [], "iloc": []}
     for i, r in enumerate(batch):
         for k, role in enumerate(ROLES):
             if role == "m_loc":
@@ -222,20 +239,28 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
                 logits = unembed(vllm.adapter, hidden[i * n_rows + k, pos]).float()
                 ce = F.cross_entropy(logits, torch.tensor(r.target_ids[k], device=logits.device))
                 losses["rel" if role == "edit" else "gen"].append(ce)
+        if iloc:
+            losses["iloc"].append(kl(i * n_rows + len(ROLES), r.positions[len(ROLES)], r.iloc_logprobs))
         if negatives:
             neg = negatives[i]
-            losses["loc"].append(kl(i * n_rows + len(ROLES), neg.positions[0], neg.edit_logprobs))
+            losses["loc"].append(kl(i * n_rows + n_own, neg.positions[0], neg.edit_logprobs))
     l_rel = torch.stack(losses["rel"]).mean()
     l_gen = torch.stack(losses["gen"]).mean() * 2  # CE(T-Gen) + CE(M-Gen), averaged over the batch
     l_loc = torch.stack(losses["loc"]).mean()
     total = config.w_rel * l_rel + config.w_gen * l_gen + config.w_loc * l_loc
     parts = {"rel": float(l_rel.detach()), "gen": float(l_gen.detach()), "loc": float(l_loc.detach())}
+    if iloc:
+        l_iloc = torch.stack(losses["iloc"]).mean()
+        total = total + config.w_iloc * l_iloc
+        parts["iloc"] = float(l_iloc.detach())
     if config.use_im and config.w_im > 0:
         n_vis = stop - start
         k = min(config.sampled_tokens, n_vis)
         l_a, l_up, l_down = [], [], []
         for i, r in enumerate(batch):
             for j in range(n_rows):
+                if iloc and j == len(ROLES):  # the in-image probe: the edit's own visual tokens and gate
+                    continue
                 idx = torch.from_numpy(rng.choice(n_vis, size=k, replace=False))
                 row = s[i * n_rows + j, idx.to(s.device)]
                 if j < 3:
