@@ -766,3 +766,36 @@ def test_in_image_locality_term_is_the_kl_on_the_edit_image_asked_about_another_
         cache.record(load_world_split("train", SPEC, root=tmp_path / "first")[0])
     with pytest.raises(ValueError, match="w_iloc must be a number >= 0"):
         VEADConfig(w_iloc=-1)
+
+
+def test_im_layer_reads_the_edit_prompts_state_at_a_later_layer_in_both_paths(tiny_random, records):
+    """``im_layer``: the IM's key is the edit sample's last-prompt state at that layer's output with VEAD off
+    (oracle: a plain traced pass), in the editor and in the cached training path, which then agree on the
+    loss; a layer VEAD's rewrite does not reach is refused in one line."""
+    last = tiny_random.n_layers - 1
+    torch.manual_seed(0)
+    ed = VEADEditor(tiny_random, VEADConfig(layer=0, im_layer=-1, w_im=0.0))
+    torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+    req = EditRequest.from_record(records[1])
+    x = tiny_random.inputs([(req.image, req.prompt, req.target)])
+    site = f"llm.layers.{last}"
+    oracle = tiny_random.run(x, trace=[site]).outputs[site][0, x.last_prompt[0]].float()
+    at_le = tiny_random.run(x, trace=["llm.layers.0"]).outputs["llm.layers.0"][0, x.last_prompt[0]].float()
+    assert not torch.allclose(oracle, at_le, atol=1e-3)
+    with ed.edit(req), torch.no_grad():
+        assert torch.allclose(ed.memory.prompt_state[0], oracle, atol=1e-4)
+        own = float(target_loss(tiny_random, x))
+        late_gate = ed.last_gate_logits.clone()
+    cache = vead_train.Cache(tiny_random, 0, ed.config)
+    cached = cache.record(records[1])
+    assert torch.allclose(cached.im_key, oracle, atol=1e-4)
+    _, parts = vead_train.step_loss(ed.adapter, cache, [cached], ed.config, np.random.default_rng(0))
+    assert parts["rel"] == pytest.approx(own, rel=1e-4)
+    plain = VEADEditor(tiny_random, VEADConfig(layer=0, w_im=0.0), adapter=ed.adapter)
+    with plain.edit(req), torch.no_grad():
+        target_loss(tiny_random, x)
+        assert (plain.last_gate_logits - late_gate).abs().max() > 1e-2  # the key is not l_e's
+    with pytest.raises(ValueError, match=r"im_layer 0 must be a layer after VEAD's \(1…"):
+        VEADEditor(tiny_random, VEADConfig(layer=0, im_layer=0))
+    with pytest.raises(ValueError, match="im_layer must be a layer index"):
+        VEADConfig(im_layer="last")

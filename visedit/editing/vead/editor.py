@@ -130,6 +130,7 @@ class VEADEditor(Editor):
             raise ValueError("VEADConfig.layer is not set: pick l_e with choose_edit_layer(vllm, train_records) "
                              "or set `layer:` in the preset")
         self.layer = vllm.adapter.check_layer(self.config.layer)
+        self.im_layer = None if self.config.im_layer is None else self.later_layer(self.config.im_layer, "im_layer")
         d = vllm.d_model
         self.adapter = adapter if adapter is not None else VEAD(**self.config.resolved(d), use_im=self.config.use_im)
         self.adapter.to(self.device).eval()  # VEAD and its influence mapper sit beside the layer they wrap
@@ -193,6 +194,24 @@ class VEADEditor(Editor):
         """The first layer that reads VEAD's rewrite (l_e with ``at: input``, else l_e + 1)."""
         return self.config.first_layer_after(self.layer)
 
+    def later_layer(self, setting: int, name: str) -> int:
+        """The layer a setting (``im_layer``, ``route_layer``; negative: from the end) names, which must be
+        one that runs after VEAD; refused in one line otherwise."""
+        first, r = self.first_layer_after, self.vllm.adapter.check_layer(setting)
+        if not first <= r < self.vllm.n_layers:
+            raise ValueError(f"{name} {setting} must be a layer after VEAD's ({first}…{self.vllm.n_layers - 1}): "
+                             f"VEAD sits at the {self.config.at} of layer {self.layer}; set {name} to one of those "
+                             "or null")
+        return r
+
+    def _run_on(self, states: torch.Tensor, kwargs: dict, until: int | None) -> torch.Tensor:
+        """VEAD-off ``states`` where VEAD sits run on to the output of layer ``until`` (a partial forward pass
+        with ``kwargs``, the keyword arguments layer l_e was called with on the same pass); None: as they are."""
+        if until is None:
+            return states
+        with torch.no_grad(), self._off():  # the layers run as they are, VEAD's own hook included (off)
+            return self.vllm.adapter.run_from(self.first_layer_after, states, kwargs, until=until)
+
     def layer_states(self, items) -> tuple[torch.Tensor, object]:
         """Residual stream at l_e (its output, or its input with ``at: input``) (B, S, d) for
         (image, question[, target]) items, from a forward pass stopped there (VEAD off unless an edit
@@ -222,7 +241,7 @@ class VEADEditor(Editor):
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs, kwargs = self._layer_run([(request.image, request.prompt, request.target)])
         routed = self._route_states(states, kwargs)  # where the route reads its keys (l_e, or route_layer)
-        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs),
+        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs, kwargs),
                           self._visual_key(routed, inputs.visual_spans[0]),
                           self._question_key(routed, inputs.visual_spans[0], inputs.last_prompt[0]))
 
@@ -241,8 +260,8 @@ class VEADEditor(Editor):
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
-        states, inputs = self.layer_states([(r.image, r.prompt, r.target) for r in requests])
-        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs))
+        states, inputs, kwargs = self._layer_run([(r.image, r.prompt, r.target) for r in requests])
+        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs, kwargs))
 
     def _memory_rows(self, states: torch.Tensor, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """What VEAD's cross-attention reads of edit samples (right-padded rows and their mask): their
@@ -251,13 +270,15 @@ class VEADEditor(Editor):
             return answer_rows(self.vllm, inputs.target_ids, self.device)
         return states, inputs.tensors["attention_mask"].bool()
 
-    def _im_keys(self, states: torch.Tensor, inputs) -> torch.Tensor:
+    def _im_keys(self, states: torch.Tensor, inputs, kwargs: dict | None = None) -> torch.Tensor:
         """What the IM compares visual tokens with: the last prompt token's state (B, d), or with
-        ``im_reads: image`` the edit sample's visual tokens (B, N, d)."""
+        ``im_reads: image`` the edit sample's visual tokens (B, N, d) — where VEAD sits or, with
+        ``im_layer``, at that layer's output (``states`` run on with ``kwargs``)."""
         spans = set(inputs.visual_spans)
         if self.config.im_reads == "image" and (len(spans) != 1 or None in spans):
             raise ValueError("im_reads: image needs every edit sample to have an image, with the same "
                              f"visual-token span (got {sorted(map(str, spans))})")
+        states = self._run_on(states, kwargs, self.im_layer)
         return self.config.im_keys(states, inputs.last_prompt, inputs.visual_spans[0])
 
     @contextlib.contextmanager
@@ -283,7 +304,7 @@ class VEADEditor(Editor):
         self._before = (list(self.bank), self.memory)
         states, inputs, kwargs = self._layer_run([(r.image, r.prompt, r.target) for r in requests])
         rows, mask = self._memory_rows(states, inputs)
-        keys = self._im_keys(states, inputs)
+        keys = self._im_keys(states, inputs, kwargs)
         routed = self._route_states(states, kwargs)
         memories = []
         for b in range(len(requests)):
@@ -379,17 +400,9 @@ class VEADEditor(Editor):
         sits), or with ``route_layer`` those states run on to the output of that layer (a partial forward
         pass) with ``kwargs``, the keyword arguments (positions, masks) layer l_e was called with on the
         same pass."""
-        r = self.config.route_layer
-        if r is None or self.config.route != "joint":
+        if self.config.route_layer is None or self.config.route != "joint":
             return states
-        first = self.first_layer_after
-        r = self.vllm.adapter.check_layer(r)
-        if not first <= r < self.vllm.n_layers:
-            raise ValueError(f"route_layer {self.config.route_layer} must be a layer after VEAD's "
-                             f"({first}…{self.vllm.n_layers - 1}): VEAD sits at the {self.config.at} of layer "
-                             f"{self.layer}; set route_layer to one of those or null")
-        with torch.no_grad(), self._off():  # the layers run as they are, VEAD's own hook included (off)
-            return self.vllm.adapter.run_from(first, states, kwargs, until=r)
+        return self._run_on(states, kwargs, self.later_layer(self.config.route_layer, "route_layer"))
 
     def _joint_keys(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         """The joint route's keys of each image row: its visual tokens (R, N, d) and its question key (R, d) —

@@ -66,6 +66,9 @@ class VEADConfig(StrictConfig):
     tokens, as the decoder's input embeddings of them, so that the rewrite is conditioned on *which*
     answer to write even where the layer-l_e states of different answers have grown alike (the IM still
     reads its keys from the edit sample's states).
+    ``im_layer`` (ours; None: where VEAD sits, as the paper): read the IM's keys from the edit sample's
+    VEAD-off states at the output of this later layer (negative: counted from the end) — the last prompt
+    token's state after the question has read the image, not before it (a partial forward pass on).
     ``memory`` (ours; the paper: False): hold every applied edit (its cached layer-l_e rows) instead of the
     last one only, and let each input attend to the one edit that ``route`` picks: ``"nearest"`` — the
     edit whose image is nearest in the visual-token space at l_e (cosine of the mean visual tokens),
@@ -92,6 +95,7 @@ class VEADConfig(StrictConfig):
     it_layers: int | None = None
     use_im: bool = True
     im_reads: str = "prompt"
+    im_layer: int | None = None
     sigma: float = 0.7
     noise_copies: int = 4
     sampled_tokens: int = 16
@@ -133,6 +137,9 @@ class VEADConfig(StrictConfig):
                                            or not isinstance(self.route_min, (int, float))
                                            or not -1 <= self.route_min <= 1):
             raise ValueError(f"VEADConfig.route_min must be a cosine in [-1, 1] or null, got {self.route_min!r}")
+        if self.im_layer is not None and (isinstance(self.im_layer, bool) or not isinstance(self.im_layer, int)):
+            raise ValueError(f"VEADConfig.im_layer must be a layer index (negative: from the end) or null, "
+                             f"got {self.im_layer!r}")
         for name in ("route_layer", "route_min"):
             if getattr(self, name) is not None and self.route != "joint":
                 raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or "

@@ -20,7 +20,8 @@ gate joins L_down. A look-alike creature is where the gate — each token's best
 image's tokens — opens by mistake; the record's own M-Loc creature is random and rarely one.
 With ``w_iloc`` > 0 each record gets one more cached input, its in-image locality probe (the edit image,
 another creature of it asked about), and w_iloc·KL(pre ‖ post) on it joins the loss. Its visual tokens are
-the edit input's own, so it adds no IM loss: the gate it sees is the edit's.
+the edit input's own, so it adds no IM loss: the gate it sees is the edit's. With ``im_layer`` the IM's
+keys are cached from the same pass at that later layer's output (VEAD off), where the editor reads them.
 
 Seeded (batches and token samples are a function of (seed, step)), resumable (a checkpoint beside the
 output folder every ``val_every`` steps), validated on a held-out part of the train split.
@@ -70,6 +71,14 @@ class CachedRecord:
     group: str = ""
     answer: torch.Tensor | None = None
     iloc_logprobs: torch.Tensor | None = None
+    im_key: torch.Tensor | None = None
+
+    def keys(self, config: VEADConfig) -> torch.Tensor:
+        """The IM's keys of this record's edit (1, d) or (1, N, d): read at l_e from its edit row, or the
+        ones cached at ``im_layer``."""
+        if self.im_key is not None:
+            return self.im_key[None]
+        return config.im_keys(self.states[:1], [self.last_prompt], self.span)
 
 
 def _items(record, iloc: bool = False):
@@ -96,6 +105,7 @@ class Cache:
         if config.it_layers is not None:
             after = after[: config.it_layers]
         self.im_layers = after
+        self.im_layer = None if config.im_layer is None else vllm.adapter.check_layer(config.im_layer)
         self._kwargs = None
         self._longest: tuple[int, tuple] | None = None  # (length, item): the longest input cached so far
 
@@ -108,10 +118,16 @@ class Cache:
         if self._longest is None or lengths[k] > self._longest[0]:
             self._longest = (int(lengths[k]), items[k])
         block = f"llm.layers.{self.layer}"
-        run = vllm.run(inputs, trace=[block], trace_inputs=self.at_input, trace_outputs=not self.at_input)
+        late = None if self.im_layer is None else f"llm.layers.{self.im_layer}"
+        trace = [block] + ([late] if late is not None and late != block else [])
+        run = vllm.run(inputs, trace=trace, trace_inputs=self.at_input,
+                       trace_outputs=not self.at_input or late is not None)
         logits = run.logits
         states = (run.inputs if self.at_input else run.outputs)[block].float()
         span = inputs.visual_spans[0]
+        im_key = None
+        if late is not None:  # the IM's keys at im_layer's output, VEAD off (as the editor reads them)
+            im_key = self.config.im_keys(run.outputs[late][:1].float(), [inputs.last_prompt[0]], span)[0]
         if any(s != span for s in inputs.visual_spans):
             raise ValueError("VEAD training needs the same visual-token span in every input of a record")
         loc_pos = torch.tensor(inputs.target_positions[3]) - 1
@@ -142,7 +158,7 @@ class Cache:
         return CachedRecord(states, mask, span, inputs.target_positions,
                             inputs.target_ids, inputs.last_prompt[0], im_target, loc_logprobs,
                             edit_logprobs, group=str(record.extra.get("entity", record.image)), answer=answer,
-                            iloc_logprobs=iloc_logprobs)
+                            iloc_logprobs=iloc_logprobs, im_key=im_key)
 
     def kwargs(self, length: int) -> dict:
         """Keyword arguments of the layers after l_e for right-padded inputs of ``length`` tokens: those of
@@ -184,7 +200,7 @@ def hard_negatives(vead: VEAD, batch: Sequence[CachedRecord], pool: Sequence[Cac
             if not cands:
                 raise ValueError("hard_loc needs training records of more than one entity "
                                  "(records are grouped by extra['entity'], else by image path)")
-            keys = config.im_keys(r.states[:1], [r.last_prompt], (start, stop))
+            keys = r.keys(config)
             V = torch.stack([c.states[0, start:stop] for c in cands])
             opens = torch.sigmoid(vead.gate_logits(V, keys)).mean(-1)
             chosen.append(cands[int(opens.argmax())])
@@ -218,8 +234,7 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
         memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
     # the IM's keys come from each record's edit row (every record of a batch has the same span)
-    prompt = config.im_keys(states[::n_rows], [r.last_prompt for r in batch], (start, stop))
-    prompt = prompt.repeat_interleave(n_rows, 0)
+    prompt = torch.cat([r.keys(config) for r in batch]).repeat_interleave(n_rows, 0)
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
     if cache.first < vllm.n_layers:
