@@ -799,3 +799,42 @@ def test_im_layer_reads_the_edit_prompts_state_at_a_later_layer_in_both_paths(ti
         VEADEditor(tiny_random, VEADConfig(layer=0, im_layer=0))
     with pytest.raises(ValueError, match="im_layer must be a layer index"):
         VEADConfig(im_layer="last")
+
+
+def test_slots_give_each_token_its_own_direction_and_round_trip(tiny_random, records, tmp_path):
+    """``slots``: with a one-token answer as the memory, the paper's cross-attention adds one direction to
+    every visual token (the change divided by the gate has rank 1); with K slots each token gets its own mix
+    (rank > 1). The editor and the cached training path agree on the loss, and a saved VEAD loads with its
+    slots and edits identically."""
+    req = next(EditRequest.from_record(r) for r in records if len(tiny_random.encode_target(r.alt)) == 1)
+    x = tiny_random.inputs([(req.image, req.prompt)])
+    start, stop = x.visual_spans[0]
+    ranks = {}
+    for slots in (0, 4):
+        torch.manual_seed(0)
+        config = VEADConfig(layer=1, memory_reads="answer", slots=slots, w_im=0.0)
+        ed = VEADEditor(tiny_random, config)
+        torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
+        with ed.edit(req), torch.no_grad():
+            tiny_random.logits(x)
+            V, new = ed.last_visual
+            gate = torch.sigmoid(ed.last_gate_logits)
+            change = ((new - V.float()) / gate[..., None])[0]
+            edited = tiny_random.logits(x)
+            own = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
+        sv = torch.linalg.svdvals(change)
+        ranks[slots] = int((sv > 1e-4 * sv[0]).sum())
+        cache = vead_train.Cache(tiny_random, 1, config)
+        rec = next(r for r in records if r.alt == req.target and r.src == req.prompt and r.image == req.image)
+        _, parts = vead_train.step_loss(ed.adapter, cache, [cache.record(rec)], config, np.random.default_rng(0))
+        assert parts["rel"] == pytest.approx(own, rel=1e-4)
+    assert ranks[0] == 1 and ranks[4] > 1
+    assert ed.adapter.sizes["slots"] == 4
+    ed.save(tmp_path / "slots")
+    loaded = VEADEditor.load(tiny_random, tmp_path / "slots")
+    assert loaded.config.slots == 4 and torch.equal(loaded.adapter.slot_scale, ed.adapter.slot_scale)
+    with loaded.edit(req), torch.no_grad():
+        assert torch.equal(tiny_random.logits(x), edited)
+    assert "slots" not in VEADEditor(tiny_random, VEADConfig(layer=1)).adapter.sizes  # old cards unchanged
+    with pytest.raises(ValueError, match="slots must be an int >= 0"):
+        VEADConfig(slots=-2)
