@@ -838,3 +838,32 @@ def test_slots_give_each_token_its_own_direction_and_round_trip(tiny_random, rec
     assert "slots" not in VEADEditor(tiny_random, VEADConfig(layer=1)).adapter.sizes  # old cards unchanged
     with pytest.raises(ValueError, match="slots must be an int >= 0"):
         VEADConfig(slots=-2)
+
+
+def test_im_up_influence_opens_the_gate_where_the_influence_is_above_the_mean(tiny_random, records):
+    """``im_up: influence`` replaces L_up's "open everywhere" by a binary cross-entropy towards 1 on tokens
+    whose influence target is above the mean and 0 elsewhere (oracle: the terms recomputed from the gate
+    logits by hand, every visual token sampled); L_a and L_down are unchanged."""
+    torch.manual_seed(0)
+    base = VEADConfig(layer=1, w_rel=0.0, w_gen=0.0, w_loc=0.0, w_im=1.0, sampled_tokens=10_000, noise_copies=1)
+    ed = VEADEditor(tiny_random, base)
+    for prm in ed.adapter.influence_mapper().parameters():
+        torch.nn.init.normal_(prm, std=0.3)
+    cache = vead_train.Cache(tiny_random, 1, base)
+    cached = cache.record(records[2])
+    start, stop = cached.span
+    n = stop - start
+    keys = cached.keys(base)
+    with torch.no_grad():
+        s = ed.adapter.gate_logits(cached.states[:, start:stop], keys.expand(4, *keys.shape[1:]))
+    above = (cached.im_target * n > 1).float()
+    assert 0 < above.sum() < above.numel()
+    up_all = torch.stack([-F.logsigmoid(s[j]).mean() for j in range(3)]).mean()
+    up_infl = torch.stack([F.binary_cross_entropy_with_logits(s[j], above[j]) for j in range(3)]).mean()
+    parts = {}
+    for mode in ("all", "influence"):
+        config = dataclasses.replace(base, im_up=mode)
+        _, parts[mode] = vead_train.step_loss(ed.adapter, cache, [cached], config, np.random.default_rng(0))
+    assert parts["influence"]["im"] - parts["all"]["im"] == pytest.approx(float(up_infl - up_all), abs=1e-5)
+    with pytest.raises(ValueError, match="im_up must be 'all' or 'influence'"):
+        VEADConfig(im_up="some")

@@ -66,6 +66,10 @@ class VEADConfig(StrictConfig):
     tokens, as the decoder's input embeddings of them, so that the rewrite is conditioned on *which*
     answer to write even where the layer-l_e states of different answers have grown alike (the IM still
     reads its keys from the edit sample's states).
+    ``im_up`` (what L_up asks of the gate on edit and generality inputs): ``"all"`` (the paper) — open on
+    every sampled token; ``"influence"`` (ours) — open where the token's influence target is above the
+    mean (1/N) and closed elsewhere (a binary cross-entropy), so that the gate learns the region, not only
+    the image.
     ``slots`` (ours; 0: the paper's cross-attention): read every memory row through K = ``slots`` learned
     elementwise scalings (K rows per row, each its own linear key and value map), so that a token's
     rewrite is its own mix of K edit-dependent directions. A memory of one row (a one-token answer with
@@ -100,6 +104,7 @@ class VEADConfig(StrictConfig):
     im_width: int | None = None
     im_heads: int | None = None
     slots: int = 0
+    im_up: str = "all"
     it_layers: int | None = None
     use_im: bool = True
     im_reads: str = "prompt"
@@ -154,6 +159,8 @@ class VEADConfig(StrictConfig):
                                  f"{name}: null")
         if self.memory_reads not in ("sample", "answer"):
             raise ValueError(f"VEADConfig.memory_reads must be 'sample' or 'answer', got {self.memory_reads!r}")
+        if self.im_up not in ("all", "influence"):
+            raise ValueError(f"VEADConfig.im_up must be 'all' or 'influence', got {self.im_up!r}")
         if self.im_reads not in ("prompt", "image"):
             raise ValueError(f"VEADConfig.im_reads must be 'prompt' or 'image', got {self.im_reads!r}")
         for name in ("width", "heads", "im_width", "im_heads", "it_layers"):

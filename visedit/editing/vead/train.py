@@ -11,7 +11,8 @@ image; we do not).
 
 Loss = w_rel·CE(edit) + w_gen·[CE(T-Gen) + CE(M-Gen)] + w_loc·KL(pre ‖ post on M-Loc)
        + w_im·(L_a + L_up + L_down),
-L_a = −Σ_j c_j log softmax(s)_j and L_up = −mean log σ(s_j) on edit/generality inputs,
+L_a = −Σ_j c_j log softmax(s)_j and L_up = −mean log σ(s_j) on edit/generality inputs (``im_up:
+influence``: a binary cross-entropy towards 1 where c_j is above the mean, 0 elsewhere),
 L_down = −mean log(1 − σ(s_j)) on locality inputs, over ``sampled_tokens`` random visual tokens.
 With ``hard_loc`` = P > 0 each record gets a fifth input, a hard negative: of P random other records'
 edit inputs (another entity), the one whose visual tokens the current gate opens on most (mean σ(s)). Its
@@ -282,7 +283,11 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
                     c = r.im_target[j, idx].to(row.device)
                     c = c / c.sum() if c.sum() > 0 else torch.full_like(c, 1 / k)
                     l_a.append(-(c * row.log_softmax(-1)).sum())
-                    l_up.append(-F.logsigmoid(row).mean())
+                    if config.im_up == "all":
+                        l_up.append(-F.logsigmoid(row).mean())
+                    else:  # open where the influence is above the mean (targets sum to 1 over the tokens)
+                        above = (r.im_target[j, idx] * n_vis > 1).float().to(row.device)
+                        l_up.append(F.binary_cross_entropy_with_logits(row, above))
                 else:  # M-Loc and the hard negative
                     l_down.append(-F.logsigmoid(-row).mean())
         l_im = torch.stack(l_a).mean() + torch.stack(l_up).mean() + torch.stack(l_down).mean()
