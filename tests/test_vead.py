@@ -696,7 +696,8 @@ def test_each_embedded_model_has_its_own_presets_and_trained_folder(tmp_path):
     assert second != first and second["layer"] is None and second["at"] == "output"
     assert second["im_reads"] == "prompt"
     assert VEADConfig.from_dict(second).layer is None  # checked like any preset
-    assert load_preset("ft_l", model="visedit-llava") == load_preset("ft_l")  # no own preset: the default
+    assert load_preset("mend", model="visedit-llava") == load_preset("mend")  # no own preset: the default
+    assert load_preset("ft_l", model="visedit-llava")["layer"] == 9 != load_preset("ft_l")["layer"]  # its own
     own = tmp_path / "mine.yaml"
     own.write_text("w_loc: 2.0\n")
     assert load_preset("vead", own, model="visedit-llava") == {"w_loc": 2.0}
