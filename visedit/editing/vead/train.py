@@ -234,7 +234,7 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     else:
         memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
-    # the IM's keys come from each record's edit row (every record of a batch has the same span)
+    # the IM's keys: each record's edit row's (every record of a batch has the same span), or cached at im_layer
     prompt = torch.cat([r.keys(config) for r in batch]).repeat_interleave(n_rows, 0)
     new_visual, s = vead(states[:, start:stop], memory, memory_mask, prompt)
     hidden = torch.cat([states[:, :start], new_visual, states[:, stop:]], 1)
