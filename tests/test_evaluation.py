@@ -183,3 +183,31 @@ def test_paired_difference_against_hand_computed_means(tmp_path):
         paired_difference(a, other)
     with pytest.raises(FileNotFoundError, match="evaluate --out"):
         load_results(tmp_path / "missing")
+
+
+def test_paired_difference_in_one_metric_against_hand_computed_values(tmp_path):
+    """``metric``: the paired difference in one token metric (here in-image locality) instead of the
+    five-metric mean; a metric one run lacks, or an unknown name, is refused in one line."""
+    from visedit.evaluation import EditResult, paired_difference
+
+    def run(name, five, iloc):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [json.dumps(EditResult(i, {**dict(zip(METRICS, t)), "i_locality": v}, {}, 0.0, {}).to_dict())
+                 for i, (t, v) in enumerate(zip(five, iloc))]
+        (folder / "edits.jsonl").write_text("\n".join(lines) + "\n")
+        return folder
+
+    a = run("a", [(1, 1, 1, 1, 1)] * 4, [1.0, 0.5, 0.0, 1.0])
+    b = run("b", [(1, 1, 1, 1, 0)] * 4, [0.0, 0.5, 1.0, 0.0])
+    d = paired_difference(a, b, metric="i_locality", n_boot=200)
+    # per edit: +1, 0, -1, +1 → mean 0.25; two better, one worse
+    assert (d.mean, d.better, d.worse, d.metric) == (pytest.approx(0.25), 2, 1, "i_locality")
+    assert "i_locality, paired by edit: +0.2500" in str(d)
+    whole = paired_difference(a, b, n_boot=200)
+    assert (whole.mean, whole.metric) == (pytest.approx(0.2), "mean") and "five-metric mean" in str(whole)
+    with pytest.raises(ValueError, match="unknown metric 'iloc'"):
+        paired_difference(a, b, metric="iloc")
+    plain = _write_run(tmp_path / "c", [(1, 1, 1, 1, 1)] * 4)
+    with pytest.raises(ValueError, match="i_locality is not scored in both runs"):
+        paired_difference(a, plain, metric="i_locality")

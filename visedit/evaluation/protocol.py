@@ -200,8 +200,8 @@ def load_results(folder: str | os.PathLike) -> list[EditResult]:
 
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
-    """A − B in the five-metric token mean, paired by edit: its mean, 95 % bootstrap interval, and on how
-    many edits A is better or worse."""
+    """A − B in the five-metric token mean (or in one ``metric``), paired by edit: its mean, 95 % bootstrap
+    interval, and on how many edits A is better or worse."""
 
     a: str
     b: str
@@ -211,31 +211,44 @@ class PairedDifference:
     hi: float
     better: int
     worse: int
+    metric: str = "mean"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.a} − {self.b}, five-metric mean, paired by edit: {self.mean:+.4f} (95 % bootstrap "
+        what = "five-metric mean" if self.metric == "mean" else self.metric
+        return (f"{self.a} − {self.b}, {what}, paired by edit: {self.mean:+.4f} (95 % bootstrap "
                 f"interval {self.lo:+.4f} to {self.hi:+.4f}); {self.a} better on {self.better} edits, "
                 f"worse on {self.worse}")
 
 
 def paired_difference(a: str | os.PathLike, b: str | os.PathLike, *, names: tuple[str, str] | None = None,
-                      n_boot: int = 2000, seed: int = 0) -> PairedDifference:
+                      metric: str = "mean", n_boot: int = 2000, seed: int = 0) -> PairedDifference:
     """Compare two evaluation runs (folders written by ``evaluate --out``) edit by edit: A − B in each edit's
-    mean over the five token metrics, with a percentile bootstrap interval over edits. Both runs must
-    hold the same edits in the same order. ``names`` labels A and B (default: the folders' names)."""
+    mean over the five token metrics (``metric="mean"``) or in one token metric (e.g. ``"i_locality"``),
+    with a percentile bootstrap interval over edits. Both runs must hold the same edits in the same order.
+    ``names`` labels A and B (default: the folders' names)."""
     ra, rb = load_results(a), load_results(b)
     if [r.index for r in ra] != [r.index for r in rb]:
         raise ValueError(f"{a} and {b} do not hold the same edits in the same order: evaluate both editors "
                          f"on the same records")
-    diff = np.array([np.mean([x.token[m] for m in METRICS]) - np.mean([y.token[m] for m in METRICS])
-                     for x, y in zip(ra, rb)])
+    if metric != "mean":
+        known = METRICS + REGION_METRICS
+        if metric not in known:
+            raise ValueError(f"unknown metric {metric!r}: use 'mean' (the five-metric mean) or one of {known}")
+        if not all(metric in r.token for r in ra + rb):
+            raise ValueError(f"{metric} is not scored in both runs (records of the world's second edition have "
+                             f"it); compare by 'mean' instead")
+
+    def score(r) -> float:
+        return float(np.mean([r.token[m] for m in METRICS])) if metric == "mean" else float(r.token[metric])
+
+    diff = np.array([score(x) - score(y) for x, y in zip(ra, rb)])
     mean, lo, hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
     name_a, name_b = names or (Path(a).name, Path(b).name)
     return PairedDifference(name_a, name_b, len(diff), round(float(mean), 6), round(float(lo), 6),
-                            round(float(hi), 6), int((diff > 0).sum()), int((diff < 0).sum()))
+                            round(float(hi), 6), int((diff > 0).sum()), int((diff < 0).sum()), metric)
 
 
 def evaluate(editor: Editor, records: Sequence, *, out: str | os.PathLike | None = None, resume: bool = True,
