@@ -142,17 +142,14 @@ class VEADConfig(StrictConfig):
         if isinstance(self.route_weight, bool) or not isinstance(self.route_weight, (int, float)) \
                 or not self.route_weight >= 0:
             raise ValueError(f"VEADConfig.route_weight must be a number >= 0, got {self.route_weight!r}")
-        if self.route_layer is not None and (isinstance(self.route_layer, bool)
-                                             or not isinstance(self.route_layer, int)):
-            raise ValueError(f"VEADConfig.route_layer must be a layer index (negative: from the end) or null, "
-                             f"got {self.route_layer!r}")
+        for name in ("route_layer", "im_layer"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"VEADConfig.{name} must be a layer index (negative: from the end) or null, got {v!r}")
         if self.route_min is not None and (isinstance(self.route_min, bool)
                                            or not isinstance(self.route_min, (int, float))
                                            or not -1 <= self.route_min <= 1):
             raise ValueError(f"VEADConfig.route_min must be a cosine in [-1, 1] or null, got {self.route_min!r}")
-        if self.im_layer is not None and (isinstance(self.im_layer, bool) or not isinstance(self.im_layer, int)):
-            raise ValueError(f"VEADConfig.im_layer must be a layer index (negative: from the end) or null, "
-                             f"got {self.im_layer!r}")
         for name in ("route_layer", "route_min"):
             if getattr(self, name) is not None and self.route != "joint":
                 raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or "
