@@ -211,3 +211,23 @@ def test_paired_difference_in_one_metric_against_hand_computed_values(tmp_path):
     plain = _write_run(tmp_path / "c", [(1, 1, 1, 1, 1)] * 4)
     with pytest.raises(ValueError, match="i_locality is not scored in both runs"):
         paired_difference(a, plain, metric="i_locality")
+
+
+def test_results_table_shows_region_probes_only_when_every_run_scored_them():
+    """The table's mean stays the five MMEdit metrics; in-image and look-alike locality follow it as their
+    own columns when every summary has them, and are left out when one does not."""
+    from visedit.evaluation import EditResult, EvalSummary, results_table
+
+    def summary(name, five, region):
+        scores = [{**dict(zip(METRICS, t)), **r} for t, r in zip(five, region)]
+        return EvalSummary.from_results(name, [EditResult(i, s, s, 0.0, {}) for i, s in enumerate(scores)])
+
+    a = summary("a", [(1, 1, 1, 1, 0), (1, 1, 0, 1, 1)], [{"i_locality": 1.0, "la_locality": 0.5}] * 2)
+    b = summary("b", [(0, 0, 0, 1, 1)] * 2, [{"i_locality": 0.0, "la_locality": 1.0}] * 2)
+    table = results_table([a, b])
+    assert list(table.columns) == ["n", *METRICS, "mean", "i_locality", "la_locality", "edit s"]
+    assert table.loc["a", "mean"] == pytest.approx(0.8) and table.loc["b", "mean"] == pytest.approx(0.4)
+    assert (table.loc["a", "i_locality"], table.loc["b", "la_locality"]) == (1.0, 1.0)
+    plain = summary("c", [(1, 1, 1, 1, 1)] * 2, [{}] * 2)
+    assert "i_locality" not in results_table([a, plain]).columns
+    assert list(results_table([a, b], score="exact").columns) == list(table.columns)

@@ -360,15 +360,17 @@ def _rewrite(path: Path, rows: Sequence[EditResult]) -> None:
 
 
 def results_table(summaries: Sequence[EvalSummary], *, score: str = "token"):
-    """One row per editor, the five metrics and their mean (``score``: ``"token"`` or ``"exact"``)."""
+    """One row per editor, the five metrics and their mean (``score``: ``"token"`` or ``"exact"``), then the
+    region probes (in-image and look-alike locality, outside the mean) when every run scored them."""
     import pandas as pd
 
     if score not in ("token", "exact"):
         raise ValueError(f"score must be 'token' or 'exact', got {score!r}")
+    region = [m for m in REGION_METRICS if all(m in getattr(s, score) for s in summaries)]
     rows = []
     for s in summaries:
         values = getattr(s, score)
         rows.append({"editor": s.editor, "n": s.n, **{m: values[m] for m in METRICS},
                      "mean": round(s.mean if score == "token" else s.exact_mean, 4),
-                     "edit s": s.edit_seconds_mean})
+                     **{m: values[m] for m in region}, "edit s": s.edit_seconds_mean})
     return pd.DataFrame(rows).set_index("editor")
