@@ -151,6 +151,9 @@ def test_layer_sweep_plot_puts_each_row_on_the_stream_it_edits():
     heights = sorted(round(p.get_height(), 6) for p in fig.axes[1].patches if p.get_height() > 0)
     assert heights == [0.05, 0.1, 0.2, 0.5]
     assert len(plot_layer_sweep(rows).axes) == 1
+    answer = {**row(0, "output", True, 0.6), "settings": {"config": {"memory_reads": "answer"}}}
+    labels = {t.get_text() for t in plot_layer_sweep(rows + [answer]).axes[0].get_legend().get_texts()}
+    assert {"IM reads the prompt", "IM reads the prompt, memory: the new answer", "no IM"} <= labels
     with pytest.raises(ValueError, match="no sweep rows"):
         plot_layer_sweep([])
 

@@ -232,7 +232,7 @@ def plot_results(summaries: Sequence, *, score: str = "token"):
 
 def plot_layer_sweep(rows: Sequence[dict], profile=None):
     """The layer sweep of an editor that sits at one layer (``sweep-vead`` rows: ``layer``, ``at`` and the
-    token-accuracy metrics), drawn against a :class:`~visedit.attribution.ContributionProfile` (attention
+    token-accuracy metrics; rows of different IMs or memories are told apart by line style), drawn against a :class:`~visedit.attribution.ContributionProfile` (attention
     and MLP contribution per layer) when given. Rows at the output of layer l are drawn at the input of
     l + 1 (the same stream). Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
@@ -241,9 +241,13 @@ def plot_layer_sweep(rows: Sequence[dict], profile=None):
 
     if not rows:
         raise ValueError("no sweep rows given: pass the JSON rows written by `python -m visedit sweep-vead`")
-    df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1),
-                        "IM": ("no IM" if not r.get("use_im", True) else "IM reads the edit image"
-                               if r.get("im_reads") == "image" else "IM reads the prompt"),
+    def variant(r: dict) -> str:
+        im = ("no IM" if not r.get("use_im", True) else "IM reads the edit image"
+              if r.get("im_reads") == "image" else "IM reads the prompt")
+        answer = r.get("settings", {}).get("config", {}).get("memory_reads") == "answer"
+        return im + (", memory: the new answer" if answer else "")
+
+    df = pd.DataFrame([{"into layer": r["layer"] + (0 if r.get("at", "output") == "input" else 1), "IM": variant(r),
                         **{m: r[m] for m in SWEEP_METRICS}} for r in rows])
     long = df.melt(id_vars=["into layer", "IM"], value_vars=list(SWEEP_METRICS),
                    var_name="metric", value_name="token accuracy")
