@@ -232,9 +232,10 @@ def plot_results(summaries: Sequence, *, score: str = "token"):
 
 def plot_layer_sweep(rows: Sequence[dict], profile=None):
     """The layer sweep of an editor that sits at one layer (``sweep-vead`` rows: ``layer``, ``at`` and the
-    token-accuracy metrics; rows of different IMs or memories are told apart by line style), drawn against a :class:`~visedit.attribution.ContributionProfile` (attention
-    and MLP contribution per layer) when given. Rows at the output of layer l are drawn at the input of
-    l + 1 (the same stream). Returns the matplotlib figure."""
+    token-accuracy metrics; rows of different IMs or memories are told apart by line style), drawn against a
+    :class:`~visedit.attribution.ContributionProfile` (attention and MLP contribution per layer) when given.
+    Rows at the output of layer l are drawn at the input of l + 1 (the same stream). Returns the matplotlib
+    figure."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
