@@ -802,18 +802,19 @@ def test_im_layer_reads_the_edit_prompts_state_at_a_later_layer_in_both_paths(ti
         VEADConfig(im_layer="last")
 
 
-def test_slots_give_each_token_its_own_direction_and_round_trip(tiny_random, records, tmp_path):
-    """``slots``: with a one-token answer as the memory, the paper's cross-attention adds one direction to
-    every visual token (the change divided by the gate has rank 1); with K slots each token gets its own mix
-    (rank > 1). The editor and the cached training path agree on the loss, and a saved VEAD loads with its
-    slots and edits identically."""
+@pytest.mark.parametrize("option, size", [("slots", 4), ("token_mlp", 32)])
+def test_per_token_rewrites_give_each_token_its_own_direction_and_round_trip(tiny_random, records, tmp_path,
+                                                                             option, size):
+    """``slots`` and ``token_mlp``: with a one-token answer as the memory, the paper's cross-attention adds
+    one direction to every visual token (the change divided by the gate has rank 1); with K slots, or an MLP
+    of each token and what it read, each token gets its own change (rank > 1). The editor and the cached
+    training path agree on the loss, and a saved VEAD loads with its sizes and edits identically."""
     req = next(EditRequest.from_record(r) for r in records if len(tiny_random.encode_target(r.alt)) == 1)
     x = tiny_random.inputs([(req.image, req.prompt)])
-    start, stop = x.visual_spans[0]
     ranks = {}
-    for slots in (0, 4):
+    for value in (0, size):
         torch.manual_seed(0)
-        config = VEADConfig(layer=1, memory_reads="answer", slots=slots, w_im=0.0)
+        config = VEADConfig(layer=1, memory_reads="answer", w_im=0.0, **{option: value})
         ed = VEADEditor(tiny_random, config)
         torch.nn.init.normal_(ed.adapter.w_end.weight, std=0.5)
         with ed.edit(req), torch.no_grad():
@@ -824,21 +825,23 @@ def test_slots_give_each_token_its_own_direction_and_round_trip(tiny_random, rec
             edited = tiny_random.logits(x)
             own = float(target_loss(tiny_random, tiny_random.inputs([(req.image, req.prompt, req.target)])))
         sv = torch.linalg.svdvals(change)
-        ranks[slots] = int((sv > 1e-4 * sv[0]).sum())
+        ranks[value] = int((sv > 1e-4 * sv[0]).sum())
         cache = vead_train.Cache(tiny_random, 1, config)
         rec = next(r for r in records if r.alt == req.target and r.src == req.prompt and r.image == req.image)
         _, parts = vead_train.step_loss(ed.adapter, cache, [cache.record(rec)], config, np.random.default_rng(0))
         assert parts["rel"] == pytest.approx(own, rel=1e-4)
-    assert ranks[0] == 1 and ranks[4] > 1
-    assert ed.adapter.sizes["slots"] == 4
-    ed.save(tmp_path / "slots")
-    loaded = VEADEditor.load(tiny_random, tmp_path / "slots")
-    assert loaded.config.slots == 4 and torch.equal(loaded.adapter.slot_scale, ed.adapter.slot_scale)
+    assert ranks[0] == 1 and ranks[size] > 1
+    assert ed.adapter.sizes[option] == size
+    ed.save(tmp_path / option)
+    loaded = VEADEditor.load(tiny_random, tmp_path / option)
+    assert getattr(loaded.config, option) == size and loaded.adapter.sizes == ed.adapter.sizes
+    for name, tensor in ed.adapter.state_dict().items():
+        assert torch.equal(loaded.adapter.state_dict()[name], tensor), name
     with loaded.edit(req), torch.no_grad():
         assert torch.equal(tiny_random.logits(x), edited)
-    assert "slots" not in VEADEditor(tiny_random, VEADConfig(layer=1)).adapter.sizes  # old cards unchanged
-    with pytest.raises(ValueError, match="slots must be an int >= 0"):
-        VEADConfig(slots=-2)
+    assert option not in VEADEditor(tiny_random, VEADConfig(layer=1)).adapter.sizes  # old cards unchanged
+    with pytest.raises(ValueError, match=f"{option} must be an int >= 0"):
+        VEADConfig(**{option: -2})
 
 
 def test_im_up_influence_opens_the_gate_where_the_influence_is_above_the_mean(tiny_random, records):

@@ -77,6 +77,11 @@ class VEADConfig(StrictConfig):
     a form that, optimised for each edit alone, leaves most of the second model's name and colour edits at
     layer 7 unreached (new-answer loss 0.7–5.4 on 6 of 8), while a per-token mix of 4–16 directions reaches
     nearly all (below 0.5 on 7 of 8 with 16).
+    ``token_mlp`` (ours; 0: the paper's linear output map): the rewrite of each visual token is a one-hidden-
+    layer MLP of width ``token_mlp`` over the token itself and what it read from the memory (GELU of their
+    summed linear maps), instead of a linear map of what it read alone — so that the change a token gets
+    depends on what that token shows, as the per-edit optimum does (a free change per token reaches every
+    probed edit at layer 7, one shared direction does not; see ``slots``).
     ``im_layer`` (ours; None: where VEAD sits, as the paper): read the IM's keys from the edit sample's
     VEAD-off states at the output of this later layer (negative: counted from the end) — the last prompt
     token's state after the question has read the image, not before it (a partial forward pass on).
@@ -104,6 +109,7 @@ class VEADConfig(StrictConfig):
     im_width: int | None = None
     im_heads: int | None = None
     slots: int = 0
+    token_mlp: int = 0
     im_up: str = "all"
     it_layers: int | None = None
     use_im: bool = True
@@ -168,8 +174,10 @@ class VEADConfig(StrictConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"VEADConfig.{name} must be a positive int, got {v!r}")
-        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 0:
-            raise ValueError(f"VEADConfig.slots must be an int >= 0 (0: the paper's attention), got {self.slots!r}")
+        for name, paper in (("slots", "the paper's attention"), ("token_mlp", "the paper's linear output map")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"VEADConfig.{name} must be an int >= 0 (0: {paper}), got {v!r}")
         if not isinstance(self.hard_loc, int) or self.hard_loc < 0:
             raise ValueError(f"VEADConfig.hard_loc must be an int >= 0 (0: off), got {self.hard_loc!r}")
         if isinstance(self.w_iloc, bool) or not isinstance(self.w_iloc, (int, float)) or not self.w_iloc >= 0:
@@ -210,7 +218,7 @@ class VEADConfig(StrictConfig):
                              f"{self.im_heads or heads}; set width/heads/im_heads in the preset")
         sizes = {"d": d, "width": width, "heads": heads, "im_width": self.im_width or d,
                  "im_heads": self.im_heads or heads}
-        return {**sizes, "slots": self.slots} if self.slots else sizes
+        return {**sizes, **{k: getattr(self, k) for k in ("slots", "token_mlp") if getattr(self, k)}}
 
 
 class _Residual(nn.Module):
@@ -226,16 +234,17 @@ class VEAD(nn.Module):
     """The adapter. ``forward(V, H, mask, p)`` → (V', s) with s (B, N) the IM's gate logits."""
 
     def __init__(self, d: int, width: int, heads: int, im_width: int, im_heads: int, *, slots: int = 0,
-                 use_im: bool = True):
+                 token_mlp: int = 0, use_im: bool = True):
         super().__init__()
         self.sizes = {"d": d, "width": width, "heads": heads, "im_width": im_width, "im_heads": im_heads}
-        if slots:
-            self.sizes["slots"] = slots
+        self.sizes.update({k: v for k, v in (("slots", slots), ("token_mlp", token_mlp)) if v})
         self.heads, self.im_heads, self.use_im = heads, im_heads, use_im
         self.ln1, self.ln2, self.ln3, self.ln4 = (nn.LayerNorm(d) for _ in range(4))
         self.w_b, self.w_q = nn.Linear(d, width), nn.Linear(width, width)
         self.w_k, self.w_v = nn.Linear(d, width), nn.Linear(d, width)
-        self.w_end = nn.Linear(width, d)
+        # token_mlp: the rewrite is an MLP of the token (w_tok) and what it read (w_mix); else linear in the latter
+        self.w_tok, self.w_mix = (nn.Linear(d, token_mlp), nn.Linear(width, token_mlp)) if token_mlp else (None, None)
+        self.w_end = nn.Linear(token_mlp or width, d)
         nn.init.zeros_(self.w_end.weight)
         nn.init.zeros_(self.w_end.bias)
         self.r1, self.r2 = _Residual(d, im_width), _Residual(d, im_width)
@@ -273,6 +282,8 @@ class VEAD(nn.Module):
             k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         attn_mask = mask.bool()[:, None, None, :].expand(B, 1, 1, -1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, m)
+        if self.w_tok is not None:
+            o = F.gelu(self.w_mix(o) + self.w_tok(self.ln1(V)))
         out = self.w_end(o)
         s = self.gate_logits(V, p)
         gate = torch.sigmoid(s) if self.use_im else torch.ones_like(s)
