@@ -162,12 +162,12 @@ if [[ $KEY == visedit-llava ]]; then
     for layer in "$@"; do
       tag=layer$layer
       if [[ -e $R/sweep/$prefix$tag.json ]]; then echo "done    $R/sweep/$prefix$tag.json"; continue; fi
-      step "$W/sweep/$tag-w_loc3-w_im0.1$suffix.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
+      step "$W/sweep/$tag-w_loc3-w_im0.1-lr0.003-eosFalse$suffix.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
         --im-reads prompt --limit 600 --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 \
-        --set w_im=0.1 "${extra[@]}" --out "$W/sweep" --layers "$layer"
+        --set w_im=0.1 --set lr=0.003 --set eos=false "${extra[@]}" --out "$W/sweep" --layers "$layer"
       [[ -n "${DRY:-}" ]] && continue
       mkdir -p "$R/sweep"
-      cp "$W/sweep/$tag-w_loc3-w_im0.1$suffix.json" "$R/sweep/$prefix$tag.json"
+      cp "$W/sweep/$tag-w_loc3-w_im0.1-lr0.003-eosFalse$suffix.json" "$R/sweep/$prefix$tag.json"
     done
   }
   # the rule's l_e is the shipped VEAD's layer (before it is trained: the rule's choice in the committed
