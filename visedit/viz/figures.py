@@ -253,12 +253,12 @@ def plot_layer_sweep(rows: Sequence[dict], profile=None):
     long = df.melt(id_vars=["into layer", "IM"], value_vars=list(SWEEP_METRICS),
                    var_name="metric", value_name="token accuracy")
     panels = 2 if profile is not None else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.0 * panels), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 3.0 * panels), sharex=True, squeeze=False)
     ax = axes[0, 0]
     sns.lineplot(long, x="into layer", y="token accuracy", hue="metric", style="IM", markers=True, ax=ax)
     ax.set_ylim(0, 1.05)
     ax.set_title("editor trained at the stream entering layer l")
-    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, not on them
     if profile is not None:
         attn, mlp = list(profile.mean["attn"]), list(profile.mean["mlp"])
         contrib = pd.DataFrame({"layer": list(range(len(attn))) + list(range(len(mlp))),
