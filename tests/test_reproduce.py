@@ -76,11 +76,12 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     """MODEL=visedit-llava: results under results/visedit-llava/, trained editors under
     trained/visedit-llava/, every command on that model, VEAD's layer left to the rule, FT-L's grid over
     its twelve layers, and a sweep of at least five layers at the paper's placement, with the paper's memory and
-    with the answer memory."""
+    with the answer memory, plus the image-reading IM at the rule's layer (l_e = 7)."""
     lines = _dry(MODEL="visedit-llava", WORK=str(tmp_path))
     assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
     parser = build_parser()
     sweep_layers, answer_layers, caption, sequential, late_tune = [], [], set(), set(), set()
+    im_image = False
     for line in lines[:-1]:
         verb, rest = line.split(None, 1)
         if verb == "done":  # a committed result: its path, no command
@@ -88,6 +89,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             row = re.fullmatch(r".*/sweep/(answer-)?layer(\d+)\.json", rest.strip())
             if row:  # a committed sweep row counts as run
                 (answer_layers if row.group(1) else sweep_layers).append(int(row.group(2)))
+            im_image |= bool(re.fullmatch(r".*/sweep/im-image-answer-layer7\.json", rest.strip()))
             continue
         out, command = rest.strip().split(": ", 1)
         assert "visedit-llava" in out, out
@@ -99,9 +101,14 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
         if args.command == "tune" and args.editor == "ft_l":
             assert json.loads(args.grid)["layer"] == [0, 3, 6, 9, 11]
         if args.command == "sweep-vead":
-            assert args.at == "output" and args.im_reads == "prompt"
+            assert args.at == "output"
             answer = "memory_reads=answer" in args.set
             assert ("-memory_readsanswer.json" in out) == answer, out
+            if args.im_reads == "image":  # ours, beside the paper's IM: at the rule's layer, answer memory
+                assert answer and args.layers == [7] and "/sweep/layer7-im-image-" in out, out
+                im_image = True
+                continue
+            assert args.im_reads == "prompt"
             (answer_layers if answer else sweep_layers).extend(args.layers)
         if args.command in ("evaluate", "train-vead", "train-mend") and args.task == "caption":
             caption.add((args.command, getattr(args, "editor", None)))
@@ -123,6 +130,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert late_tune == {"route_min=0.7", "route_min=0.8", "route_min=0.9"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
     assert sorted(set(answer_layers)) == sorted(set(sweep_layers))  # the same layers with the answer memory
+    assert im_image
     committed = {f"./{p.relative_to(ROOT)}" for p in (ROOT / "notebooks/results/visedit-llava/sweep").glob("*.json")}
     assert committed <= {line.split(None, 1)[1].strip() for line in lines if line.startswith("done ")}
     assert 7 in sweep_layers and 7 in answer_layers  # the rule's l_e (the study's contributions) is swept

@@ -184,6 +184,15 @@ if [[ $KEY == visedit-llava ]]; then
   answer_a() { sweep_out answer "${lane_a[@]}"; }
   answer_b() { sweep_out answer 2 6 10; }
   lanes answer_a answer_b
+  # at the rule's layer, the IM reading the edit image's visual tokens instead of the prompt (ours, the option
+  # the first model's preset uses), with the same answer memory
+  imi=layer$rule-im-image-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer
+  if [[ ! -e $R/sweep/im-image-answer-layer$rule.json ]]; then
+    step "$W/sweep/$imi.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads image --limit 600 \
+      --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
+      --set eos=false --set memory_reads=answer --out "$W/sweep" --layers "$rule"
+    [[ -n "${DRY:-}" ]] || cp "$W/sweep/$imi.json" "$R/sweep/im-image-answer-layer$rule.json"
+  fi
   # what a visual-token editor could do at each of six layers: a free change of the visual tokens, optimised
   # per edit (8 edits, 200 Adam steps at lr 0.2; 60 steps at lr 0.05 reached layer 7's new answers on 7 of
   # 16 edits, these settings on all 8)
