@@ -192,6 +192,8 @@ if [[ $KEY == visedit-llava ]]; then
       --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
       --set eos=false --set memory_reads=answer --out "$W/sweep" --layers "$rule"
     [[ -n "${DRY:-}" ]] || cp "$W/sweep/$imi.json" "$R/sweep/im-image-answer-layer$rule.json"
+  else
+    echo "done    $R/sweep/im-image-answer-layer$rule.json"
   fi
   # what a visual-token editor could do at each of six layers: a free change of the visual tokens, optimised
   # per edit (8 edits, 200 Adam steps at lr 0.2; 60 steps at lr 0.05 reached layer 7's new answers on 7 of
