@@ -276,3 +276,28 @@ def test_the_embedded_blip2_name_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setitem(vllm_module.EMBEDDED_MODELS, "visedit-blip2", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="--recipe blip2 --encoder-from"):
         load_vllm("visedit-blip2")
+
+
+def test_layer_selectivity_spreads_query_maps_onto_the_patches(runs, tmp_path):
+    """Query tokens have no grid: each layer's noise map (windows of one query) is spread through the
+    Q-Former's cross-attention and scored against the masks — the oracle recomputes one record by hand."""
+    import numpy as np
+
+    from visedit.attribution import noise_perturbation, query_to_patches, score_heatmap
+    from visedit.attribution.selectivity import layer_selectivity
+    from visedit.world import DatasetSpec, load_world_split
+
+    root, _ = runs
+    vllm = load_vllm(root / "shared")
+    rec = load_world_split("eval", DatasetSpec(seed=0, n_entities=12, edits_per_pair=1, image_size=80, edition=2),
+                           root=tmp_path / "d")[0]
+    sel = layer_selectivity(vllm, [rec], only_correct=False, n=2, progress=False)
+    assert sel.radius == 0 and sel.n == 1 and len(sel.pointing) == vllm.n_layers
+    scored = []
+    for question, mask in ((rec.src, rec.mask("image")), (rec.extra["i_loc_q"], rec.mask("i_loc"))):
+        influence = noise_perturbation(vllm, rec.image, question, radius=0, n=2, seed=0)
+        scored.append([score_heatmap(query_to_patches(vllm, rec.image, question, row).heatmap(), mask)
+                       for row in influence.array()])
+    assert np.allclose(sel.lift, [round(s.lift, 4) for s in scored[0]], atol=1e-4)
+    assert sel.pointing == [float(s.pointing_game) for s in scored[0]]
+    assert sel.pair == [float(a.pointing_game and b.pointing_game) for a, b in zip(*scored)]

@@ -6,6 +6,11 @@ is scored against the mask of the creature the question asks about: the pointing
 window on it?) and the lift (positive influence on it ÷ its area share). The *pair* score asks, for the
 same image asked about two creatures, whether both maps point at their own creature. A model that reads
 its image late has unselective maps early and maps on the asked-about creature later.
+
+A backbone whose visual tokens are Q-Former queries (no patch grid) has its maps spread onto the patches
+through the Q-Former's cross-attention (:func:`~visedit.attribution.qformer.query_to_patches`) before they
+are scored; its windows are single queries (``radius`` 0), as neighbours in query order are not neighbours
+in the image.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..models import VLLM
+from .qformer import query_patch_weights
 from .regions import score_heatmap
 from .tracing import noise_perturbation
 
@@ -59,12 +65,22 @@ class LayerSelectivity:
         return selectivity_figure(self)
 
 
-def layer_selectivity(vllm: VLLM, records: Sequence, *, radius: int = 1, n: int = 10, seed: int = 0,
+def _layer_heatmaps(vllm: VLLM, image, question: str, influence) -> list[np.ndarray]:
+    """Every layer's noise map of ``influence`` on the patch grid: the map itself on a grid, or spread
+    from the query tokens through the Q-Former's cross-attention (refused in one line by other backbones)."""
+    if influence.grid is not None:
+        return [influence.heatmap(l) for l in influence.layers]
+    weights = query_patch_weights(vllm, image, question).astype(float)
+    return [np.einsum("q,qrc->rc", row, weights) for row in influence.array()]
+
+
+def layer_selectivity(vllm: VLLM, records: Sequence, *, radius: int | None = None, n: int = 10, seed: int = 0,
                       only_correct: bool = True, progress: bool = True) -> LayerSelectivity:
     """Score noise maps of every layer on scene records (with ``i_loc_q`` and an ``i_loc`` mask).
 
     With ``only_correct`` a record counts only if the model answers both its questions correctly
-    (``pred`` and ``i_loc_a``, exact match)."""
+    (``pred`` and ``i_loc_a``, exact match). ``radius``: the windows' radius on the patch grid (default 1;
+    query tokens: 0, each query alone)."""
     from tqdm.auto import tqdm
 
     records = list(records)
@@ -74,7 +90,8 @@ def layer_selectivity(vllm: VLLM, records: Sequence, *, radius: int = 1, n: int 
     if missing:
         raise ValueError(f"record(s) {missing[:5]} have no in-image probe (i_loc_q, i_loc_mask): layer "
                          "selectivity needs scene records of the world's second edition")
-    L = vllm.n_layers
+    if radius is None:
+        radius = 1 if vllm.inputs([(records[0].image, records[0].src)]).layout(0).map_grid is not None else 0
     point, lift, pair = [], [], []
     for rec in tqdm(records, desc="selectivity", disable=not progress):
         q2, a2 = rec.extra["i_loc_q"], rec.extra["i_loc_a"]
@@ -84,8 +101,8 @@ def layer_selectivity(vllm: VLLM, records: Sequence, *, radius: int = 1, n: int 
         m1, m2 = rec.mask("image"), rec.mask("i_loc")
         a = noise_perturbation(vllm, rec.image, rec.src, radius=radius, n=n, seed=seed)
         b = noise_perturbation(vllm, rec.image, q2, radius=radius, n=n, seed=seed)
-        s1 = [score_heatmap(a.heatmap(l), m1) for l in range(L)]
-        s2 = [score_heatmap(b.heatmap(l), m2) for l in range(L)]
+        s1 = [score_heatmap(h, m1) for h in _layer_heatmaps(vllm, rec.image, rec.src, a)]
+        s2 = [score_heatmap(h, m2) for h in _layer_heatmaps(vllm, rec.image, q2, b)]
         point.append([s.pointing_game for s in s1])
         lift.append([s.lift for s in s1])
         pair.append([float(x.pointing_game and y.pointing_game) for x, y in zip(s1, s2)])
