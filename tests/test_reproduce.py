@@ -90,6 +90,15 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             if row:  # a committed sweep row counts as run
                 (answer_layers if row.group(1) else sweep_layers).append(int(row.group(2)))
             im_image |= bool(re.fullmatch(r".*/sweep/im-image-answer-layer7\.json", rest.strip()))
+            done = rest.strip()
+            if m := re.fullmatch(r".*/evaluate-caption/(\w+)", done):
+                caption.add(("evaluate", m.group(1)))
+            if m := re.fullmatch(r".*/trained/visedit-llava/(mend|vead)-caption", done):
+                caption.add((f"train-{m.group(1)}", None))
+            if m := re.fullmatch(r".*/sequential/([\w-]+)-T(\d+)", done):
+                sequential.add((m.group(1), int(m.group(2))))
+            if m := re.fullmatch(r".*/sequential-tune/vead-late-min([\d.]+)-T100", done):
+                late_tune.add(f"route_min={m.group(1)}")
             continue
         out, command = rest.strip().split(": ", 1)
         assert "visedit-llava" in out, out
@@ -134,3 +143,28 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     committed = {f"./{p.relative_to(ROOT)}" for p in (ROOT / "notebooks/results/visedit-llava/sweep").glob("*.json")}
     assert committed <= {line.split(None, 1)[1].strip() for line in lines if line.startswith("done ")}
     assert 7 in sweep_layers and 7 in answer_layers  # the rule's l_e (the study's contributions) is swept
+
+
+def test_the_blip2_models_run_stops_after_its_evaluations(tmp_path):
+    """MODEL=visedit-blip2: its own tree, the six 504-edit evaluations with tuned baselines and trained MEND
+    and VEAD (the layer left to the rule), and nothing that needs a patch grid (sanity checks, sweeps)."""
+    lines = _dry(MODEL="visedit-blip2", WORK=str(tmp_path))
+    assert lines[-1] == "all results are in place under ./notebooks/results/visedit-blip2"
+    parser = build_parser()
+    verbs = []
+    for line in lines[:-1]:
+        verb, rest = line.split(None, 1)
+        if verb == "done":
+            assert "visedit-blip2" in rest, rest
+            verbs.append(None)
+            continue
+        out, command = rest.strip().split(": ", 1)
+        assert "visedit-blip2" in out, out
+        argv = shlex.split(command)
+        args = parser.parse_args(argv[argv.index("visedit") + 1:])
+        assert args.model == "visedit-blip2"
+        if args.command == "train-vead":
+            assert args.layer is None
+        verbs.append(args.command)
+    assert len(verbs) == 3 + 6 + 2
+    assert not {"sanity", "sweep-vead", "reachability"} & set(verbs)
