@@ -27,6 +27,19 @@ def _expand(path: str) -> list[str]:
     return [path] if m is None else [m[1] + tag + m[3] for tag in m[2].split()]
 
 
+def _parsed(rest: str, parser, model: str):
+    """A dry run's ``run`` line (after the verb) on embedded ``model``: its output and parsed arguments,
+    both checked to be the model's; VEAD's layer is left to the rule."""
+    out, command = rest.strip().split(": ", 1)
+    assert model in out, out
+    argv = shlex.split(command)
+    args = parser.parse_args(argv[argv.index("visedit") + 1:])
+    assert args.model == model
+    if args.command == "train-vead":
+        assert args.layer is None
+    return out, args
+
+
 def test_the_script_declares_every_committed_result_and_finds_it_in_place():
     lines = _dry()
     assert lines[-1].startswith("all results are in place")
@@ -100,13 +113,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             if m := re.fullmatch(r".*/sequential-tune/vead-late-min([\d.]+)-T100", done):
                 late_tune.add(f"route_min={m.group(1)}")
             continue
-        out, command = rest.strip().split(": ", 1)
-        assert "visedit-llava" in out, out
-        argv = shlex.split(command)
-        args = parser.parse_args(argv[argv.index("visedit") + 1:])
-        assert args.model == "visedit-llava"
-        if args.command == "train-vead":
-            assert args.layer is None
+        out, args = _parsed(rest, parser, "visedit-llava")
         if args.command == "tune" and args.editor == "ft_l":
             assert json.loads(args.grid)["layer"] == [0, 3, 6, 9, 11]
         if args.command == "sweep-vead":
@@ -158,13 +165,6 @@ def test_the_blip2_models_run_stops_after_its_evaluations(tmp_path):
             assert "visedit-blip2" in rest, rest
             verbs.append(None)
             continue
-        out, command = rest.strip().split(": ", 1)
-        assert "visedit-blip2" in out, out
-        argv = shlex.split(command)
-        args = parser.parse_args(argv[argv.index("visedit") + 1:])
-        assert args.model == "visedit-blip2"
-        if args.command == "train-vead":
-            assert args.layer is None
-        verbs.append(args.command)
+        verbs.append(_parsed(rest, parser, "visedit-blip2")[1].command)
     assert len(verbs) == 3 + 6 + 2
     assert not {"sanity", "sweep-vead", "reachability"} & set(verbs)
