@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from visedit.attribution import (attention_map, integrated_gradients, module_contributions, noise_perturbation,
-                                 region_scores, restoration_tracing, sanity_checks, token_allocation,
-                                 attention_sources)
+from visedit.attribution import (attention_map, attention_sources, integrated_gradients, module_contributions,
+                                 noise_perturbation, pixel_ig_refusal, region_scores, restoration_tracing,
+                                 sanity_checks, token_allocation)
 from visedit.editing import (EditRequest, IKEConfig, InContextEditor, MENDConfig, MENDEditor, VEADConfig,
                              VEADEditor, get_editor)
 from visedit.evaluation import evaluate
@@ -167,9 +167,14 @@ def test_region_scores_need_one_grid_for_every_token(vllm, records):
 def test_integrated_gradients(vllm, shot):
     res = integrated_gradients(vllm, shot, image_question("name"), layer=1, n_steps=32)
     assert res.relative_delta <= 0.05
+    reason = pixel_ig_refusal(vllm, shot, image_question("name"))
     if vllm.kind in NO_PIXEL_IG:
         refused(vllm, "pixels", lambda: integrated_gradients(vllm, shot, image_question("name"), n_steps=4))
+        with pytest.raises(ValueError) as err:
+            integrated_gradients(vllm, shot, image_question("name"), n_steps=4)
+        assert reason == str(err.value), "the refusal the contributions command records is the one IG raises"
     else:
+        assert reason is None
         assert integrated_gradients(vllm, shot, image_question("name"), n_steps=32).relative_delta <= 0.05
 
 

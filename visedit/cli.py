@@ -119,7 +119,8 @@ def _contributions(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .attribution import contribution_profile, integrated_gradients, source_profile, token_allocation
+    from .attribution import (contribution_profile, integrated_gradients, pixel_ig_refusal, source_profile,
+                              token_allocation)
     from .editing.vead.editor import choose_edit_layer
     from .models import load_vllm
     from .world import load_world_split, spread
@@ -140,9 +141,11 @@ def _contributions(args) -> int:
     sources = source_profile(vllm, records, only_correct=not args.all_records, progress=True)
     layer = vllm.adapter.check_layer(args.layer) if args.layer is not None else profile.peak("attn")
     alloc_err, ig_delta, ig_steps, ig_unconverged = 0.0, 0.0, {"pixels": [], "layer": []}, 0
+    # IG on pixels where the backbone has one image grid to sum onto; else on the layer's visual tokens only
+    pixels_refused = pixel_ig_refusal(vllm, records[0].image, records[0].src) if records[: args.ig_limit] else None
     for k, rec in enumerate(tqdm(records[: args.ig_limit], desc="allocation + IG")):
         alloc_err = max(alloc_err, token_allocation(vllm, rec.image, rec.src, layer=layer).max_error)
-        for where in (None, layer):
+        for where in (layer,) if pixels_refused else (None, layer):
             ig = integrated_gradients(vllm, rec.image, rec.src, layer=where, n_steps=args.ig_steps,
                                       tolerance=args.ig_tolerance, max_steps=args.ig_max_steps)
             ig_delta = max(ig_delta, ig.relative_delta)
@@ -157,7 +160,7 @@ def _contributions(args) -> int:
            "visual_early_share": round(sources.early_share("visual"), 4), "allocation_max_error": float(np.format_float_scientific(alloc_err, 3)),
            "ig_max_delta": round(ig_delta, 6), "ig_examples": min(args.ig_limit, len(records)),
            "ig_steps": {where: _steps_summary(steps) for where, steps in ig_steps.items()},
-           "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance,
+           "ig_unconverged": ig_unconverged, "ig_tolerance": args.ig_tolerance, "ig_pixels_refused": pixels_refused,
            "choose_edit_layer": choose_edit_layer(vllm, load_world_split("train", vllm.dataset_spec, progress=False))}
     _emit(args, out)
     return 0

@@ -53,7 +53,7 @@ step "$R/llava-regions.json" $PY -m visedit regions --model visedit-llava --meth
   --out "$R/llava-regions.json"
 # the BLIP-2 teaching model (the same world and frozen encoder; a Q-Former of 32 queries between them): its
 # maps are spread from the query tokens onto the patches through the Q-Former's cross-attention
-step "$R/blip2.json" $PY -m visedit reading --model visedit-blip2 --out "$R/blip2.json"
+step "$R/blip2.json" $PY -m visedit reading --model visedit-blip2 --out "$R/blip2.json" --json
 step "$R/blip2-contributions.json" $PY -m visedit contributions --model visedit-blip2 --json --limit 96 --spread \
   --ig-limit 8 --out "$R/blip2-contributions.json"
 echo "all results are in place"

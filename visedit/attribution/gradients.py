@@ -26,6 +26,25 @@ from ..models import VLLM
 from .allocation import VisualTokenMap, prepare
 
 
+def _pixel_grid(vllm: VLLM, inputs) -> tuple[int, int]:
+    """The patch grid pixel IG sums onto, or a one-line refusal for a backbone without one."""
+    shape = tuple(inputs.tensors["pixel_values"].shape)
+    if len(shape) != 4:
+        raise vllm.adapter.unsupported("integrated gradients on pixels", f"its pixel values {shape} are not one "
+                                       "image per item (B, 3, H, W); attribute a layer's visual tokens (layer=…)")
+    return inputs.layout(0).require_grid("integrated gradients on pixels (summed per patch)", vllm.backbone)
+
+
+def pixel_ig_refusal(vllm: VLLM, image, question: str) -> str | None:
+    """Why :func:`integrated_gradients` on pixels (``layer=None``) is refused for ``vllm``, in one line, or
+    None when it runs (e.g. query tokens or flattened patches have no one image grid to sum onto)."""
+    try:
+        _pixel_grid(vllm, prepare(vllm, image, question)[0])
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def token_baseline(input_ids: torch.Tensor, image_token_id: int, fill_id: int, *,
                    keep: tuple[int, ...] = ()) -> torch.Tensor:
     """Baseline ids for token-space attribution: every token becomes ``fill_id`` except the image
@@ -119,11 +138,7 @@ def integrated_gradients(vllm: VLLM, image, question: str, *, layer: int | None 
     layout = inputs.layout(0)
     grid, cells = layout.map_grid, layout.map_cells
     if layer is None:
-        shape = tuple(inputs.tensors["pixel_values"].shape)
-        if len(shape) != 4:
-            raise vllm.adapter.unsupported("integrated gradients on pixels", f"its pixel values {shape} are not one "
-                                           "image per item (B, 3, H, W); attribute a layer's visual tokens (layer=…)")
-        grid, cells = layout.require_grid("integrated gradients on pixels (summed per patch)", vllm.backbone), None
+        grid, cells = _pixel_grid(vllm, inputs), None
     with torch.no_grad():
         logits = vllm.logits(inputs)[0, T]
     y = int(logits.argmax()) if target is None else vllm.encode_target(target)[0]
