@@ -168,3 +168,23 @@ def test_the_blip2_models_run_stops_after_its_evaluations(tmp_path):
         verbs.append(_parsed(rest, parser, "visedit-blip2")[1].command)
     assert len(verbs) == 3 + 6 + 2
     assert not {"sanity", "sweep-vead", "reachability"} & set(verbs)
+
+
+def test_an_interrupted_evaluation_is_resumed_not_taken_as_done(tmp_path):
+    """An evaluate folder with per-edit lines and no summary.json was cut off: the step resumes it (the same
+    command without --fresh); with its summary it is done; a missing output runs the command as given."""
+    steps = ROOT / "notebooks" / "results" / "steps.sh"
+    partial, finished = tmp_path / "partial", tmp_path / "finished"
+    for folder in (partial, finished):
+        folder.mkdir()
+        (folder / "edits.jsonl").write_text("{}\n")
+    (finished / "summary.json").write_text("{}")
+
+    def run(out):
+        script = f"source {shlex.quote(str(steps))}; step {shlex.quote(str(out))} echo evaluate --fresh --out X"
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+
+    assert run(partial) == [f"resume  {partial}: echo evaluate --out X ", "evaluate --out X"]
+    assert run(finished) == [f"done    {finished}"]
+    fresh = run(tmp_path / "missing")
+    assert fresh[:2] == [f"run     {tmp_path / 'missing'}: echo evaluate --fresh --out X ", "evaluate --fresh --out X"]

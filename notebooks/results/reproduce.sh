@@ -25,8 +25,9 @@
 # trains on one thread (no slower than on two); everything else ran on two threads. Each VEAD card
 # records its thread count.
 # Resumable: a step whose output exists is skipped (delete it to redo it), and the long trainings
-# resume from their own checkpoints. Every step writes atomically, so an interrupted step leaves nothing
-# half-written under its final name. Run it alone: the machine has two cores.
+# resume from their own checkpoints. Trainings and reports write atomically, so an interrupted one leaves
+# nothing half-written under its final name; an evaluation writes its summary.json last, and one cut off
+# before it is resumed where it stopped (steps.sh). Run it alone: the machine has two cores.
 # Tuning does not change the presets: when a tune step's best setting differs from its preset, the
 # script stops and says so; edit the preset (visedit/editing/presets/) and run it again.
 set -euo pipefail
