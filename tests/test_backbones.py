@@ -280,12 +280,19 @@ def test_vead_training_runs_the_layers_after_l_e_as_the_model_does(vllm, records
 
 
 def test_vead_gate_needs_a_grid(vllm, records, shot):
+    """The gate map needs a grid; the gate per visual token exists on every backbone, and on a grid the map
+    is that gate laid out on it."""
     editor = _editor("vead", vllm, records)
     with editor.edit(EditRequest.from_record(records[1])):
+        tokens = editor.token_gate(shot, image_question("colour"))
+        n_visual = vllm.inputs([(shot, image_question("colour"))]).layout(0).n_tokens
+        assert tokens.shape == (n_visual,) and ((tokens > 0) & (tokens < 1)).all()
         if GRID[vllm.kind] is None:
             refused(vllm, "gate map", lambda: editor.gate(shot, image_question("colour")))
         else:
-            assert editor.gate(shot, image_question("colour")).shape == GRID[vllm.kind]
+            layout = vllm.inputs([(shot, image_question("colour"))]).layout(0)
+            gate = editor.gate(shot, image_question("colour"))
+            assert gate.shape == GRID[vllm.kind] and np.array_equal(gate, layout.on_map(tokens))
 
 
 def test_a_three_edit_evaluation(vllm, records):

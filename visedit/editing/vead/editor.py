@@ -450,15 +450,27 @@ class VEADEditor(Editor):
 
     def gate(self, image, question: str) -> np.ndarray:
         """The IM's gate σ(s) over the visual-token grid (rows, cols) for (image, question) under the
-        applied edit (1 everywhere when the IM is ablated); LLaVA-NeXT: on its base image's grid."""
+        applied edit (1 everywhere when the IM is ablated); LLaVA-NeXT: on its base image's grid. Without a
+        grid (query tokens) it is refused in one line: use :meth:`token_gate`."""
+        inputs = self._gate_inputs(image, question)
+        layout = inputs.layout(0)
+        layout.require_map("the gate map of VEAD's influence mapper", self.vllm.backbone)
+        return layout.on_map(self._token_gate(inputs))
+
+    def token_gate(self, image, question: str) -> np.ndarray:
+        """The IM's gate σ(s), one value per visual token (n_visual,), for (image, question) under the
+        applied edit — on any backbone, query tokens included."""
+        return self._token_gate(self._gate_inputs(image, question))
+
+    def _gate_inputs(self, image, question: str):
         if not self.applied:
             raise RuntimeError("gate() needs an applied edit: use `with editor.edit(request):`")
         inputs = self.vllm.inputs([(image, question)])
         if inputs.visual_spans[0] is None:
             raise ValueError("gate() needs an image: VEAD is off on text-only inputs")
-        layout = inputs.layout(0)
-        layout.require_map("the gate map of VEAD's influence mapper", self.vllm.backbone)
+        return inputs
+
+    def _token_gate(self, inputs) -> np.ndarray:
         self.vllm.run(inputs, stop_after=f"llm.layers.{self.layer}")
         s = self.last_gate_logits[0]
-        gate = torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)
-        return layout.on_map(gate.cpu().numpy())
+        return (torch.sigmoid(s) if self.config.use_im else torch.ones_like(s)).cpu().numpy()
