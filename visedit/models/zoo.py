@@ -65,7 +65,9 @@ SUPPORT = (
             "one patch grid", "everything", "—"),
     Support("BLIP-2 OPT (the paper's)", ("blip2-opt",), "OPT", "query tokens, no grid",
             "answers, contributions (paper, DLA), allocation, noise perturbation (1-D windows in token order; "
-            "batched and loop), restoration, IG on a layer's visual tokens, every editor, `evaluate`",
+            "batched and loop), restoration, IG on a layer's visual tokens, maps spread onto the patches through "
+            "the Q-Former (`query_to_patches`, layer selectivity), every editor (VEAD's gate per token: "
+            "`token_gate`), `evaluate`",
             "IG on pixels, heatmaps, `attention_map`, region scores, VEAD's gate map (the query tokens have no grid)"),
     Support("BLIP-2 with a Llama decoder (MiniGPT-4's design: ViT + Q-Former + linear → Vicuna)", ("blip2-llama",),
             "Llama", "query tokens, no grid", f"as {_BLIP2}", f"as {_BLIP2}"),
