@@ -118,6 +118,9 @@ fi
 
 # ---- sanity checks of every heatmap method and the shipped VEAD's gate (12 records, 7 min), chapter 4 -------
 step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --limit 12 --out "$R/sanity/first.json"
+if [[ $KEY == visedit-llava ]]; then  # every heatmap method on the masks of 12 answered records (9 min), chapter 4
+  step "$R/regions.json" $PY -m visedit regions "${M[@]}" --methods masks --limit 12 --json --out "$R/regions.json"
+fi
 
 # ---- many edits: T edits of the eval split in one seeded order, applied without restoring; the first
 # T/10 edits are scored again after every T/10 (retention). VEAD as the paper has it holds the last edit;
