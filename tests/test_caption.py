@@ -137,3 +137,29 @@ def test_cli_task_option_reads_a_file_as_captions_and_makes_the_caption_set(capt
     assert main(["make-dataset", "--task", "caption", "--out", str(tmp_path / "made")]) == 0
     made = load_mmedit(tmp_path / "made" / "eval.json")
     assert made and {m.task for m in made} == {"caption"} and all(m.src == CAPTION_PROMPT for m in made)
+
+
+def test_train_vead_on_captions_places_vead_by_the_models_questions(caption_model_dir, monkeypatch, tmp_path):
+    """l_e is chosen from the attribution profile on the model's questions (E-VQA records), not on the
+    caption records VEAD trains on (whole captions are rarely answered exactly, so no record would count)."""
+    import visedit.editing.vead as vead_module
+    from visedit import cli
+
+    seen = {}
+
+    def rule(vllm, records, **kw):
+        seen["tasks"] = {r.task for r in records}
+        return 0
+
+    def train(vllm, records, config, **kw):
+        seen["trained_on"] = {r.task for r in records}
+        seen["layer"] = config.layer
+        return None, {"wall_seconds": 0.0, "best_val_mean": 0.0}
+
+    monkeypatch.setattr(vead_module, "choose_edit_layer", rule)
+    monkeypatch.setattr(vead_module, "train_vead", train)
+    monkeypatch.setattr("visedit.models.vllm.VLLM.dataset_spec",
+                        property(lambda self: DatasetSpec(seed=0, n_entities=10, edits_per_pair=1, image_size=32)))
+    assert cli.main(["train-vead", "--model", str(caption_model_dir), "--task", "caption", "--limit", "4",
+                     "--out", str(tmp_path / "v")]) == 0
+    assert seen == {"tasks": {"vqa"}, "trained_on": {"caption"}, "layer": 0}

@@ -592,7 +592,11 @@ def _train_vead(args) -> int:
     if args.limit is not None:
         records = spread(records, args.limit)
     if settings.get("layer") is None or args.model is not None and args.layer is None:
-        settings["layer"] = choose_edit_layer(vllm, records, at=settings.get("at", "output"))
+        # the rule reads the model's attribution profile on its questions (E-VQA), whichever task VEAD edits:
+        # l_e is a property of the model, and a whole caption is rarely answered exactly
+        questions = records if vllm.dataset_spec.task == _spec(vllm.dataset_spec, args).task else \
+            load_world_split("train", vllm.dataset_spec, progress=False)
+        settings["layer"] = choose_edit_layer(vllm, questions, at=settings.get("at", "output"))
     _, info = train_vead(vllm, records, VEADConfig.from_dict(settings), out=args.out, progress=True)
     print(json.dumps({"out": str(args.out), "layer": settings["layer"], "wall_seconds": info["wall_seconds"],
                       "best_val_mean": info["best_val_mean"]}, indent=1))
