@@ -166,7 +166,7 @@ many() {  # many EDITOR-TAG: every T for one editor
 many_a() { many vead-memory; many vead-joint; late_tune; many vead-late; many vead; many ike; }
 many_b() { many ft_l; many mend; }
 
-# ---- the second model: VEAD where the paper puts it, swept over the decoder; two ablations ---------------
+# ---- the second model: VEAD where the paper puts it, swept over the decoder (its ablations are sweep rows) ---
 if [[ $KEY == visedit-llava ]]; then
   sweep_out() {  # sweep_out [answer] LAYER...: one reduced-budget row per layer at the paper's placement
     local layer tag prefix= suffix= extra=()  # answer: VEAD's memory reads the new answer (ours)
@@ -212,17 +212,6 @@ if [[ $KEY == visedit-llava ]]; then
   # 16 edits, these settings on all 8)
   step "$R/reachability.json" $PY -m visedit reachability "${M[@]}" --layers 0 3 5 7 9 11 --json \
     --out "$R/reachability.json"
-  ablation() {  # ablation NAME TRAIN-OPTIONS...
-    local name=$1; shift
-    if [[ -e $R/ablations/$name ]]; then echo "done    $R/ablations/$name"; return; fi
-    step "$W/$name" $PY -m visedit train-vead "${M[@]}" --json --out "$W/$name" "$@"
-    step "$R/ablations/$name" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$W/$name" --json --fresh \
-      --out "$R/ablations/$name"
-    [[ -n "${DRY:-}" ]] || cp "$W/$name/vead.json" "$R/ablations/$name/vead.json"
-  }
-  ablations_a() { ablation vead-im-image --im-reads image; }  # the IM on the edit image's tokens (ours)
-  ablations_b() { ablation vead-eos --set eos=true; }         # targets end with the end token
-  lanes ablations_a ablations_b
   # ---- E-IC, the caption edits (186 eval edits; the first model's words cannot say a caption): the
   # baselines with their E-VQA settings; MEND and VEAD trained on the caption train split, as the paper
   # trains one editor per dataset
