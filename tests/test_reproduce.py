@@ -35,8 +35,8 @@ def _parsed(rest: str, parser, model: str):
     argv = shlex.split(command)
     args = parser.parse_args(argv[argv.index("visedit") + 1:])
     assert args.model == model
-    if args.command == "train-vead":
-        assert args.layer is None
+    if args.command == "train-vead":  # the rule's layer, but for the adapter at the sweep's best layer
+        assert args.layer is None or out.endswith(f"/vead-layer{args.layer}"), out
     return out, args
 
 
@@ -132,6 +132,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             tag = {"route=joint": "-joint", "route=nearest": "-memory"}
             route = next((tag[s] for s in args.set if s in tag), "") if "memory=true" in args.set else ""
             route = "-late" if "route_layer=-1" in args.set else route
+            weights = str(args.weights or "")
+            route += "-" + weights.rsplit("vead-", 1)[1] if "/vead-layer" in weights else ""
             if args.split == "train":  # the late route's threshold, chosen on the train split
                 late_tune.add(next(s for s in args.set if s.startswith("route_min=")))
                 continue
@@ -141,7 +143,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert {c for c, _ in caption} == {"evaluate", "train-vead", "train-mend"}
     # many edits: five editors (VEAD also with its memory, routed by image, by image and question, or by both
     # read at the last layer with a threshold tuned on the train split) at T = 1, 10, 100, 500
-    editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend")
+    # and the memory on the adapter trained at the answer-memory sweep's best layer (2)
+    editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend", "vead-memory-layer2")
     assert sequential == {(e, t) for e in editors for t in (1, 10, 100, 500)}
     assert late_tune == {"route_min=0.7", "route_min=0.8", "route_min=0.9"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
