@@ -171,7 +171,8 @@ many_b() { many ft_l; many mend; }
 # ---- the second model: VEAD where the paper puts it, swept over the decoder (its ablations are sweep rows) ---
 if [[ $KEY == visedit-llava ]]; then
   sweep_out() {  # sweep_out [answer] LAYER...: one reduced-budget row per layer at the paper's placement
-    local layer tag prefix= suffix= extra=()  # answer: VEAD's memory reads the new answer (ours)
+    # answer: VEAD's memory reads the new answer (ours, the preset's); otherwise the edit sample (the paper's)
+    local layer tag prefix= suffix=-memory_readssample extra=(--set memory_reads=sample)
     if [[ $1 == answer ]]; then prefix=answer-; suffix=-memory_readsanswer; extra=(--set memory_reads=answer); shift; fi
     for layer in "$@"; do
       tag=layer$layer
