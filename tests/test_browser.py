@@ -218,6 +218,25 @@ def test_sources_do_not_mention_an_issue_number():
     assert not hits, hits
 
 
+def test_sources_have_no_inline_code_word_too_wide_for_a_phone():
+    """Inline code breaks only at spaces; one word of more than 40 monospace characters overflows a 390 px screen.
+
+    The browser check finds it too, but only with a built book and with the fonts of the machine it runs on; this
+    rule holds without either. Long commands belong in code blocks, which scroll.
+    """
+    import json
+
+    hits = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
+        texts = (["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+                 if path.suffix == ".ipynb" else [path.read_text()])
+        for t in texts:
+            t = re.sub(r"^(`{3,}).*?^\1", "", t, flags=re.S | re.M)  # fenced blocks (and directives) scroll or wrap
+            hits += [f"{path.name}: {w}" for m in re.finditer(r"`([^`\n]+)`", t) for w in m.group(1).split()
+                     if len(w) > 40]
+    assert not hits, hits
+
+
 def test_book_renderer_writes_the_figure_only(monkeypatch):
     """Under VISEDIT_BOOK=1 a figure's HTML holds neither plotly.js nor a CDN MathJax, and no fixed width."""
     import json
