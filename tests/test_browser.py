@@ -205,16 +205,20 @@ def test_no_built_page_mentions_an_issue_number():
     assert not hits, hits[:5]
 
 
-def test_sources_do_not_mention_an_issue_number():
-    """The same rule on the book's sources, so it holds without a build."""
+def _markdown_sources():
+    """(file name, text) of every markdown cell of the chapters and of every prose page: the book's sources."""
     import json
 
-    hits = []
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
         texts = (["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
                  if path.suffix == ".ipynb" else [path.read_text()])
-        hits += [f"{path.name}: {m.group(0)}" for t in texts for m in re.finditer(r"\bissues?\b.{0,30}", t, re.I)
-                 if ISSUE_NUMBER.search(m.group(0))]
+        yield from ((path.name, t) for t in texts)
+
+
+def test_sources_do_not_mention_an_issue_number():
+    """The same rule on the book's sources, so it holds without a build."""
+    hits = [f"{name}: {m.group(0)}" for name, t in _markdown_sources()
+            for m in re.finditer(r"\bissues?\b.{0,30}", t, re.I) if ISSUE_NUMBER.search(m.group(0))]
     assert not hits, hits
 
 
@@ -224,16 +228,10 @@ def test_sources_have_no_inline_code_word_too_wide_for_a_phone():
     The browser check finds it too, but only with a built book and with the fonts of the machine it runs on; this
     rule holds without either. Long commands belong in code blocks, which scroll.
     """
-    import json
-
     hits = []
-    for path in sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
-        texts = (["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
-                 if path.suffix == ".ipynb" else [path.read_text()])
-        for t in texts:
-            t = re.sub(r"^(`{3,}).*?^\1", "", t, flags=re.S | re.M)  # fenced blocks (and directives) scroll or wrap
-            hits += [f"{path.name}: {w}" for m in re.finditer(r"`([^`\n]+)`", t) for w in m.group(1).split()
-                     if len(w) > 40]
+    for name, t in _markdown_sources():
+        t = re.sub(r"^(`{3,}).*?^\1", "", t, flags=re.S | re.M)  # fenced blocks (and directives) scroll or wrap
+        hits += [f"{name}: {w}" for m in re.finditer(r"`([^`\n]+)`", t) for w in m.group(1).split() if len(w) > 40]
     assert not hits, hits
 
 
