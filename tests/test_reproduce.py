@@ -110,8 +110,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
                 caption.add((f"train-{m.group(1)}", None))
             if m := re.fullmatch(r".*/sequential/([\w-]+)-T(\d+)", done):
                 sequential.add((m.group(1), int(m.group(2))))
-            if m := re.fullmatch(r".*/sequential-tune/vead-late-min([\d.]+)-T100", done):
-                late_tune.add(f"route_min={m.group(1)}")
+            if m := re.fullmatch(r".*/sequential-tune/vead-late(-layer\d+)?-min([\d.]+)-T100", done):
+                late_tune.add(("vead" + (m.group(1) or ""), f"route_min={m.group(2)}"))
             continue
         out, args = _parsed(rest, parser, "visedit-llava")
         if args.command == "tune" and args.editor == "ft_l":
@@ -133,9 +133,10 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             route = next((tag[s] for s in args.set if s in tag), "") if "memory=true" in args.set else ""
             route = "-late" if "route_layer=-1" in args.set else route
             weights = str(args.weights or "")
-            route += "-" + weights.rsplit("vead-", 1)[1] if "/vead-layer" in weights else ""
-            if args.split == "train":  # the late route's threshold, chosen on the train split
-                late_tune.add(next(s for s in args.set if s.startswith("route_min=")))
+            adapter = "-" + weights.rsplit("vead-", 1)[1] if "/vead-layer" in weights else ""
+            route += adapter
+            if args.split == "train":  # the late route's threshold, chosen on the train split for each adapter
+                late_tune.add(("vead" + adapter, next(s for s in args.set if s.startswith("route_min="))))
                 continue
             sequential.add((args.editor + route, args.sequential))
     # E-IC: every editor evaluated on the caption split, MEND and VEAD trained on it
@@ -143,10 +144,12 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert {c for c, _ in caption} == {"evaluate", "train-vead", "train-mend"}
     # many edits: five editors (VEAD also with its memory, routed by image, by image and question, or by both
     # read at the last layer with a threshold tuned on the train split) at T = 1, 10, 100, 500
-    # and the memory on the adapter trained at the answer-memory sweep's best layer (2)
-    editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend", "vead-memory-layer2")
+    # and the memory on the adapter trained at the answer-memory sweep's best layer (2), routed by image and by
+    # the late route with its own tuned threshold
+    editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend", "vead-memory-layer2",
+               "vead-late-layer2")
     assert sequential == {(e, t) for e in editors for t in (1, 10, 100, 500)}
-    assert late_tune == {"route_min=0.7", "route_min=0.8", "route_min=0.9"}
+    assert late_tune == {(a, f"route_min={m}") for a in ("vead", "vead-layer2") for m in ("0.7", "0.8", "0.9")}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
     assert sorted(set(answer_layers)) == sorted(set(sweep_layers))  # the same layers with the answer memory
     assert im_image

@@ -130,20 +130,21 @@ fi
 # score, as a mean cosine, is below route_min: the smallest of 0.7, 0.8, 0.9 whose M-locality on the
 # unrelated probes reaches 0.90 after 100 edits of the *train* split (the eval split never chooses it)
 LATE=(--set memory=true --set route=joint --set route_layer=-1)
-late_tune() {
+late_tune() {  # late_tune [layerL]: tune the threshold for the shipped adapter (or the one trained at layer L)
+  local sfx=${1:+-$1} weights=vead${1:+-$1}
   for m in 0.7 0.8 0.9; do
-    step "$R/sequential-tune/vead-late-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
-      --weights "$T/vead" --sequential 100 --every 10 "${LATE[@]}" --set route_min=$m --json --fresh \
-      --out "$R/sequential-tune/vead-late-min$m-T100"
+    step "$R/sequential-tune/vead-late$sfx-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
+      --weights "$T/$weights" --sequential 100 --every 10 "${LATE[@]}" --set route_min=$m --json --fresh \
+      --out "$R/sequential-tune/vead-late$sfx-min$m-T100"
   done
 }
-late_min() {  # the tuned route_min (DRY: a placeholder)
+late_min() {  # late_min [layerL]: the tuned route_min (DRY: a placeholder)
   if [[ -n "${DRY:-}" ]]; then echo TUNED; return; fi
-  $PY - "$R/sequential-tune" <<'PY'
+  $PY - "$R/sequential-tune" "${1:+-$1}" <<'PY'
 import json, sys
 from pathlib import Path
 for m in ("0.7", "0.8", "0.9"):
-    s = json.loads((Path(sys.argv[1]) / f"vead-late-min{m}-T100" / "summary.json").read_text())
+    s = json.loads((Path(sys.argv[1]) / f"vead-late{sys.argv[2]}-min{m}-T100" / "summary.json").read_text())
     if s["unrelated"]["m_locality"]["token"] >= 0.90:
         print(m)
         break
@@ -156,6 +157,7 @@ many() {  # many EDITOR-TAG: every T for one editor
   [[ $tag == vead-memory* ]] && extra=(--set memory=true --set route=nearest)
   [[ $tag == vead-joint ]] && extra=(--set memory=true --set route=joint)
   [[ $tag == vead-late ]] && extra=("${LATE[@]}" --set route_min="$(late_min)")
+  [[ $tag == vead-late-layer* ]] && extra=("${LATE[@]}" --set route_min="$(late_min "${tag##*-}")")
   local weights=$editor
   [[ $tag == *-layer* ]] && weights=vead-${tag##*-}  # vead-memory-layerL: the adapter trained at layer L
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$weights")
@@ -252,6 +254,7 @@ PY
   lanes caption_a caption_b
   lanes many_a many_b
   many "vead-memory-layer$best"  # the memory on the adapter at the sweep's best layer
+  late_tune "layer$best"; many "vead-late-layer$best"  # and the late route on it, its threshold tuned for it
   echo "all results are in place under $R"
   exit 0
 fi
