@@ -153,13 +153,12 @@ else:
 PY
 }
 many() {  # many EDITOR-TAG: every T for one editor
-  local tag=$1 editor=${1%%-*} extra=()
+  local tag=$1 editor=${1%%-*} extra=() layer=
+  [[ $tag == *-layer* ]] && layer=${tag##*-}  # vead-memory-layerL: the adapter trained at layer L
   [[ $tag == vead-memory* ]] && extra=(--set memory=true --set route=nearest)
   [[ $tag == vead-joint ]] && extra=(--set memory=true --set route=joint)
-  [[ $tag == vead-late ]] && extra=("${LATE[@]}" --set route_min="$(late_min)")
-  [[ $tag == vead-late-layer* ]] && extra=("${LATE[@]}" --set route_min="$(late_min "${tag##*-}")")
-  local weights=$editor
-  [[ $tag == *-layer* ]] && weights=vead-${tag##*-}  # vead-memory-layerL: the adapter trained at layer L
+  [[ $tag == vead-late* ]] && extra=("${LATE[@]}" --set route_min="$(late_min $layer)")  # tuned for that adapter
+  local weights=$editor${layer:+-$layer}
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$weights")
   for n in 1 10 100 500; do
     local every=(); (( n >= 10 )) && every=(--every $((n / 10)))
