@@ -94,6 +94,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
     parser = build_parser()
     sweep_layers, answer_layers, caption, sequential, late_tune = [], [], set(), set(), set()
+    scoped_tune, scoped_eval = set(), set()
     im_image = False
     for line in lines[:-1]:
         verb, rest = line.split(None, 1)
@@ -110,8 +111,12 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
                 caption.add((f"train-{m.group(1)}", None))
             if m := re.fullmatch(r".*/sequential/([\w-]+)-T(\d+)", done):
                 sequential.add((m.group(1), int(m.group(2))))
-            if m := re.fullmatch(r".*/sequential-tune/vead-late(-layer\d+)?-min([\d.]+)-T100", done):
-                late_tune.add(("vead" + (m.group(1) or ""), f"route_min={m.group(2)}"))
+            if m := re.fullmatch(r".*/sequential-tune/(vead-late|vead-scoped)(-layer\d+)?-min([\d.]+)-T100", done):
+                late_tune.add((m.group(1) + (m.group(2) or ""), f"route_min={m.group(3)}"))
+            if m := re.fullmatch(r".*/scoped-tune/(route-min|refine-lr)([\d.]+)", done):
+                scoped_tune.add((m.group(1), m.group(2)))
+            if m := re.fullmatch(r".*/evaluate/(vead-scoped-layer\d+)", done):
+                scoped_eval.add(m.group(1))
             continue
         out, args = _parsed(rest, parser, "visedit-llava")
         if args.command == "tune" and args.editor == "ft_l":
@@ -128,15 +133,25 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             (answer_layers if answer else sweep_layers).extend(args.layers)
         if args.command in ("evaluate", "train-vead", "train-mend") and args.task == "caption":
             caption.add((args.command, getattr(args, "editor", None)))
+        if args.command == "evaluate" and args.sequential is None and "route=prompt" in args.set:
+            assert "/vead-layer2" in str(args.weights) and "route_layer=8" in args.set, rest
+            if args.split == "train":  # the scoped VEAD's settings, chosen on 100 train edits
+                assert args.limit == 100
+                kind = "refine-lr" if any(a.startswith("refine_lr=") for a in args.set) else "route-min"
+                value = next(a for a in args.set if a.startswith(kind.replace("-", "_") + "="))
+                scoped_tune.add((kind, value.split("=")[1]))
+            else:
+                assert {"refine_steps=50", "route_min=TUNED", "refine_lr=TUNED"} <= set(args.set), rest
+                scoped_eval.add(out.rstrip("/").rsplit("/", 1)[1])
         if args.command == "evaluate" and args.sequential is not None:
-            tag = {"route=joint": "-joint", "route=nearest": "-memory"}
+            tag = {"route=joint": "-joint", "route=nearest": "-memory", "route=prompt": "-scoped"}
             route = next((tag[s] for s in args.set if s in tag), "") if "memory=true" in args.set else ""
             route = "-late" if "route_layer=-1" in args.set else route
             weights = str(args.weights or "")
             adapter = "-" + weights.rsplit("vead-", 1)[1] if "/vead-layer" in weights else ""
             route += adapter
-            if args.split == "train":  # the late route's threshold, chosen on the train split for each adapter
-                late_tune.add(("vead" + adapter, next(s for s in args.set if s.startswith("route_min="))))
+            if args.split == "train":  # a route's threshold, chosen on the train split for each adapter
+                late_tune.add((args.editor + route, next(s for s in args.set if s.startswith("route_min="))))
                 continue
             sequential.add((args.editor + route, args.sequential))
     # E-IC: every editor evaluated on the caption split, MEND and VEAD trained on it
@@ -146,10 +161,15 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     # read at the last layer with a threshold tuned on the train split) at T = 1, 10, 100, 500
     # and the memory on the adapter trained at the answer-memory sweep's best layer (2), routed by image and by
     # the late route with its own tuned threshold
+    # and the memory scoped by the prompt route, each edit refined, with the settings chosen on single edits
     editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend", "vead-memory-layer2",
-               "vead-late-layer2")
+               "vead-late-layer2", "vead-scoped-layer2")
     assert sequential == {(e, t) for e in editors for t in (1, 10, 100, 500)}
-    assert late_tune == {(a, f"route_min={m}") for a in ("vead", "vead-layer2") for m in ("0.7", "0.8", "0.9")}
+    assert late_tune == {(a, f"route_min={m}") for a in ("vead-late", "vead-late-layer2", "vead-scoped-layer2")
+                         for m in ("0.7", "0.8", "0.9")}
+    assert scoped_tune == {("route-min", m) for m in ("0.5", "0.6", "0.7", "0.8")} | {("refine-lr", "0.05"),
+                                                                                       ("refine-lr", "0.2")}
+    assert scoped_eval == {"vead-scoped-layer2"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
     assert sorted(set(answer_layers)) == sorted(set(sweep_layers))  # the same layers with the answer memory
     assert im_image

@@ -591,7 +591,7 @@ def test_gate_routing_picks_the_edit_the_gate_opens_on_most(tiny_random, records
     assert torch.allclose(gate_scores(held.adapter, V, held.held_keys("im")), scores, atol=1e-5)
     assert held.last_route.item() == scores.argmax(-1).item()
     held.restore()
-    with pytest.raises(ValueError, match="route must be 'nearest', 'gate' or 'joint'"):
+    with pytest.raises(ValueError, match="route must be 'nearest', 'gate', 'joint' or 'prompt'"):
         VEADConfig(route="random")
 
 
@@ -674,7 +674,7 @@ def test_joint_route_reads_questions_at_a_later_layer_and_defers_below_route_min
     # one line for each bad setting
     with pytest.raises(ValueError, match="route_min must be a cosine in"):
         VEADConfig(route="joint", route_min=2)
-    with pytest.raises(ValueError, match="route_layer is a setting of the joint route"):
+    with pytest.raises(ValueError, match="route_layer is a setting of the joint and prompt routes"):
         VEADConfig(route="nearest", route_layer=1)
     early = _with_memory(editor, route="joint", route_layer=0)  # VEAD at layer 1's output: layers 2… follow
     with pytest.raises(ValueError, match=r"route_layer 0 must be a layer after VEAD's \(2…"):
@@ -871,3 +871,122 @@ def test_im_up_influence_opens_the_gate_where_the_influence_is_above_the_mean(ti
     assert parts["influence"]["im"] - parts["all"]["im"] == pytest.approx(float(up_infl - up_all), abs=1e-5)
     with pytest.raises(ValueError, match="im_up must be 'all' or 'influence'"):
         VEADConfig(im_up="some")
+
+
+def test_prompt_route_scopes_one_edit_to_prompts_near_its_own(tiny_random, records, editor):
+    """route: prompt keys each edit by its last prompt token's VEAD-off state at route_layer (oracle: a
+    plain traced pass); with route_min a *single* held edit is applied only where the input's prompt key
+    reaches it — an input below is bit for bit the unedited model's — while the edit's own prompt
+    (cosine 1) is edited; with several held edits each input takes the one nearest by that cosine."""
+    last = tiny_random.n_layers - 1
+    site = f"llm.layers.{last}"
+    req = EditRequest.from_record(records[1])
+    scoped = VEADEditor(tiny_random, VEADConfig(layer=1, route="prompt", route_layer=last, route_min=0.999),
+                        adapter=editor.adapter)
+    own = tiny_random.inputs([(req.image, req.prompt, req.target)])
+    other = tiny_random.inputs([(records[1].image, records[3].src, records[3].alt)])
+    before_own, before_other = tiny_random.logits(own), tiny_random.logits(other)
+    with torch.no_grad():
+        run = tiny_random.run(own, trace=[site])
+    with scoped.edit(req):
+        assert torch.allclose(scoped.memory.prompt_key[0], run.outputs[site][0, own.last_prompt[0]].float(), atol=1e-5)
+        edited_own = tiny_random.logits(own)
+        assert scoped.last_route.tolist() == [0]
+        assert torch.equal(tiny_random.logits(other), before_other)  # another question: left alone
+        assert scoped.last_route.tolist() == [-1]
+    assert not torch.allclose(edited_own, before_own)
+    # several held edits: argmax of the cosine between prompt keys (oracle from traced passes)
+    held = _with_memory(editor, route="prompt", route_layer=last)
+    reqs = [EditRequest.from_record(r) for r in records[1:4]]
+    held.apply_batch(reqs)
+    probes = [(records[2].image, records[2].src, records[2].alt),
+              (records[3].image, records[3].rephrase, records[3].alt),
+              (records[1].image_rephrase, records[1].src, records[1].alt)]
+    x = tiny_random.inputs(probes)
+    with held._off(), torch.no_grad():
+        states = tiny_random.run(x, trace=[site]).outputs[site]
+    keys = torch.stack([m.prompt_key[0] for m in held.bank])
+    want = [int(F.cosine_similarity(states[b, x.last_prompt[b]].float()[None], keys.float()).argmax())
+            for b in range(3)]
+    tiny_random.score_batch(probes)
+    assert held.last_route.tolist() == want
+    held.restore()
+    with pytest.raises(ValueError, match="route_min is a setting of the joint and prompt routes"):
+        VEADConfig(route="gate", route_min=0.5)
+
+
+def test_refine_fits_the_memory_to_the_edit_sample_and_restores_exactly(tiny_random, records, editor):
+    """refine_steps: the edit's memory rows are fitted by Adam to the edit sample's new-answer loss (oracle:
+    the teacher-forced loss of the edited model, lower than the unrefined edit's), VEAD's and the model's
+    weights untouched and without gradients left on them; the loss threshold stops it early; restore is
+    bit for bit; bad settings are refused in one line."""
+    from visedit.editing.base import target_loss
+
+    req = EditRequest.from_record(records[1])
+    x = tiny_random.inputs([(req.image, req.prompt, req.target)])
+    before = tiny_random.logits(x)
+    weights = {k: v.clone() for k, v in editor.adapter.state_dict().items()}
+    with torch.no_grad(), editor.edit(req):
+        plain = float(target_loss(tiny_random, x))
+    refined = VEADEditor(tiny_random, dataclasses.replace(editor.config, refine_steps=20, refine_lr=0.1,
+                                                          refine_loss=1e-6), adapter=editor.adapter)
+    with torch.no_grad(), refined.edit(req):
+        fitted = float(target_loss(tiny_random, x))
+        rows = refined.memory.states.clone()
+    assert fitted < plain - 0.1
+    assert not torch.equal(rows, answer_or_states(editor, req))
+    assert all(torch.equal(weights[k], v) for k, v in editor.adapter.state_dict().items())
+    assert all(p.grad is None for p in list(editor.adapter.parameters()) + list(tiny_random.model.parameters()))
+    assert torch.equal(tiny_random.logits(x), before)
+    memory = editor.remember(req)
+    loose = VEADEditor(tiny_random, dataclasses.replace(editor.config, refine_steps=20, refine_loss=1e6),
+                       adapter=editor.adapter)
+    assert loose.refine(memory, req) == 0 and torch.equal(memory.states, answer_or_states(editor, req))
+    with pytest.raises(ValueError, match="edit_each applies unrefined edits; with refine_steps apply edits one"):
+        with loose.edit_each([req]):
+            pass
+    assert live_hooks(tiny_random.model) == 0
+    for bad, msg in (({"refine_steps": -1}, "refine_steps must be an int >= 0"),
+                     ({"refine_lr": 0}, "refine_lr must be a number > 0"),
+                     ({"refine_loss": "a"}, "refine_loss must be a number > 0")):
+        with pytest.raises(ValueError, match=msg):
+            VEADConfig(**bad)
+
+
+def answer_or_states(editor, req):
+    """The unrefined memory rows of ``req`` (what the editor's cross-attention reads)."""
+    return editor.remember(req).states
+
+
+def test_route_cosines_are_the_prompt_keys_cosines_with_the_edits(tiny_random, records, editor, tmp_path):
+    """route_cosines: per record and probe, cos(prompt key of the probe, prompt key of the edit input), the
+    keys being last-prompt-token states at route_layer (oracle: traced passes); the table's edited share
+    counts the cosines at or above route_min; records without the second edition's probes and a VEAD
+    without the prompt route are refused in one line."""
+    from visedit.editing.vead.analysis import route_cosines
+
+    recs = load_world_split("train", DatasetSpec(seed=0, n_entities=6, edits_per_pair=1, image_size=48,
+                                                 edition=2), root=tmp_path)[:3]
+    last = tiny_random.n_layers - 1
+    scoped = VEADEditor(tiny_random, VEADConfig(layer=1, route="prompt", route_layer=last, route_min=0.5),
+                        adapter=editor.adapter)
+    got = route_cosines(scoped, recs)
+    site = f"llm.layers.{last}"
+
+    def key(image, question):
+        x = tiny_random.inputs([(image, question)])
+        with torch.no_grad():
+            return tiny_random.run(x, trace=[site]).outputs[site][0, x.last_prompt[0]].float()
+
+    for row, r in zip(got.rows, recs):
+        own = key(r.image, r.src)
+        for probe, (image, q) in {"t_generality": (r.image, r.rephrase), "i_locality": (r.image, r.extra["i_loc_q"]),
+                                  "m_locality": (r.m_loc, r.m_loc_q)}.items():
+            assert row[probe] == pytest.approx(float(F.cosine_similarity(own, key(image, q), dim=0)), abs=2e-4)
+    table = got.table()
+    share = np.mean([row["m_locality"] >= 0.5 for row in got.rows])
+    assert table.loc["m_locality", "edited share"] == pytest.approx(share)
+    with pytest.raises(ValueError, match="have no in-image or look-alike probe"):
+        route_cosines(scoped, records[:2])
+    with pytest.raises(ValueError, match="reads the prompt route's keys; this VEAD has route: 'nearest'"):
+        route_cosines(editor, recs)

@@ -128,23 +128,27 @@ fi
 # nearest image and question (vead-joint)
 # The late route (vead-late) reads both keys at the last layer and leaves an input unedited when its best
 # score, as a mean cosine, is below route_min: the smallest of 0.7, 0.8, 0.9 whose M-locality on the
-# unrelated probes reaches 0.90 after 100 edits of the *train* split (the eval split never chooses it)
+# unrelated probes reaches 0.90 after 100 edits of the *train* split (the eval split never chooses it).
+# The scoped memory (vead-scoped, the second model) is the prompt route with refined edits, its threshold
+# chosen by the same rule
 LATE=(--set memory=true --set route=joint --set route_layer=-1)
-late_tune() {  # late_tune [layerL]: tune the threshold for the shipped adapter (or the one trained at layer L)
-  local sfx=${1:+-$1} weights=vead${1:+-$1}
+route_tune() {  # route_tune NAME [layerL]: tune the route_min of NAME (vead-late or vead-scoped) for the shipped
+  # adapter (or the one trained at layer L)
+  local name=$1 sfx=${2:+-$2} weights=vead${2:+-$2} args=("${LATE[@]}")
+  [[ $name == vead-scoped ]] && args=(--set memory=true "${SCOPE[@]}" "${REFINE[@]}")
   for m in 0.7 0.8 0.9; do
-    step "$R/sequential-tune/vead-late$sfx-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
-      --weights "$T/$weights" --sequential 100 --every 10 "${LATE[@]}" --set route_min=$m --json --fresh \
-      --out "$R/sequential-tune/vead-late$sfx-min$m-T100"
+    step "$R/sequential-tune/$name$sfx-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
+      --weights "$T/$weights" --sequential 100 --every 10 "${args[@]}" --set route_min=$m --json --fresh \
+      --out "$R/sequential-tune/$name$sfx-min$m-T100"
   done
 }
-late_min() {  # late_min [layerL]: the tuned route_min (DRY: a placeholder)
+tuned_min() {  # tuned_min NAME [layerL]: NAME's tuned route_min (DRY: a placeholder)
   if [[ -n "${DRY:-}" ]]; then echo TUNED; return; fi
-  $PY - "$R/sequential-tune" "${1:+-$1}" <<'PY'
+  $PY - "$R/sequential-tune" "$1${2:+-$2}" <<'PY'
 import json, sys
 from pathlib import Path
 for m in ("0.7", "0.8", "0.9"):
-    s = json.loads((Path(sys.argv[1]) / f"vead-late{sys.argv[2]}-min{m}-T100" / "summary.json").read_text())
+    s = json.loads((Path(sys.argv[1]) / f"{sys.argv[2]}-min{m}-T100" / "summary.json").read_text())
     if s["unrelated"]["m_locality"]["token"] >= 0.90:
         print(m)
         break
@@ -152,12 +156,28 @@ else:
     print("0.9")
 PY
 }
+scoped_pick() {  # scoped_pick KIND VALUE...: route-min: the first value whose M-locality and in-image locality
+  # reach 0.95 on the train edits (else the last); refine-lr: the value with the best mean (DRY: a placeholder)
+  if [[ -n "${DRY:-}" ]]; then echo TUNED; return; fi
+  $PY - "$R/scoped-tune" "$@" <<'PY'
+import json, sys
+from pathlib import Path
+root, kind, values = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+runs = {v: json.loads((root / f"{kind}{v}" / "summary.json").read_text()) for v in values}
+if kind == "route-min":
+    print(next((v for v in values if min(runs[v]["m_locality"], runs[v]["i_locality"]) >= 0.95), values[-1]))
+else:
+    print(max(values, key=lambda v: runs[v]["mean"]))
+PY
+}
 many() {  # many EDITOR-TAG: every T for one editor
   local tag=$1 editor=${1%%-*} extra=() layer=
   [[ $tag == *-layer* ]] && layer=${tag##*-}  # vead-memory-layerL: the adapter trained at layer L
   [[ $tag == vead-memory* ]] && extra=(--set memory=true --set route=nearest)
   [[ $tag == vead-joint ]] && extra=(--set memory=true --set route=joint)
-  [[ $tag == vead-late* ]] && extra=("${LATE[@]}" --set route_min="$(late_min $layer)")  # tuned for that adapter
+  [[ $tag == vead-late* ]] && extra=("${LATE[@]}" --set route_min="$(tuned_min vead-late $layer)")  # for that adapter
+  [[ $tag == vead-scoped* ]] && extra=(--set memory=true "${SCOPE[@]}" "${REFINE[@]}" \
+    --set route_min="$(tuned_min vead-scoped $layer)")
   local weights=$editor${layer:+-$layer}
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$weights")
   for n in 1 10 100 500; do
@@ -166,7 +186,7 @@ many() {  # many EDITOR-TAG: every T for one editor
       "${every[@]}" "${extra[@]}" --json --fresh --out "$R/sequential/$tag-T$n"
   done
 }
-many_a() { many vead-memory; many vead-joint; late_tune; many vead-late; many vead; many ike; }
+many_a() { many vead-memory; many vead-joint; route_tune vead-late; many vead-late; many vead; many ike; }
 many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder (its ablations are sweep rows) ---
@@ -233,6 +253,27 @@ PY
     --out "$T/vead-layer$best"
   step "$R/evaluate/vead-layer$best" $PY -m visedit evaluate "${M[@]}" --editor vead --weights "$T/vead-layer$best" \
     --json --fresh --out "$R/evaluate/vead-layer$best"
+  # The same adapter scoped and refined (ours; settings of how an edit is applied, not trained): the prompt
+  # route applies an edit only to inputs whose last prompt token's state at the output of layer 8 (the first
+  # of the block whose attention contributes most) has a cosine >= route_min with the edit prompt's; each
+  # edit's memory rows are then fitted to its own sample (refine_steps). Chosen on 100 *train* edits:
+  # route_min, the smallest of 0.5-0.8 whose M-locality and in-image locality both reach 0.95;
+  # refine_lr, the better five-metric mean of 0.05 and 0.2 (50 steps)
+  SCOPE=(--set route=prompt --set route_layer=8)
+  for m in 0.5 0.6 0.7 0.8; do
+    step "$R/scoped-tune/route-min$m" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 --editor vead \
+      --weights "$T/vead-layer$best" "${SCOPE[@]}" --set route_min=$m --json --fresh --out "$R/scoped-tune/route-min$m"
+  done
+  scoped_min=$(scoped_pick route-min 0.5 0.6 0.7 0.8)
+  for lr in 0.05 0.2; do
+    step "$R/scoped-tune/refine-lr$lr" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 --editor vead \
+      --weights "$T/vead-layer$best" "${SCOPE[@]}" --set route_min="$scoped_min" --set refine_steps=50 \
+      --set refine_lr=$lr --json --fresh --out "$R/scoped-tune/refine-lr$lr"
+  done
+  REFINE=(--set refine_steps=50 --set refine_lr="$(scoped_pick refine-lr 0.05 0.2)")
+  SCOPED=("${SCOPE[@]}" --set route_min="$scoped_min" "${REFINE[@]}")
+  step "$R/evaluate/vead-scoped-layer$best" $PY -m visedit evaluate "${M[@]}" --editor vead \
+    --weights "$T/vead-layer$best" "${SCOPED[@]}" --json --fresh --out "$R/evaluate/vead-scoped-layer$best"
   # ---- E-IC, the caption edits (186 eval edits; the first model's words cannot say a caption): the
   # baselines with their E-VQA settings; MEND and VEAD trained on the caption train split, as the paper
   # trains one editor per dataset
@@ -253,7 +294,8 @@ PY
   lanes caption_a caption_b
   lanes many_a many_b
   many "vead-memory-layer$best"  # the memory on the adapter at the sweep's best layer
-  late_tune "layer$best"; many "vead-late-layer$best"  # and the late route on it, its threshold tuned for it
+  route_tune vead-late "layer$best"; many "vead-late-layer$best"  # the late route on it, its threshold tuned for it
+  route_tune vead-scoped "layer$best"; many "vead-scoped-layer$best"  # the prompt route, each edit refined
   echo "all results are in place under $R"
   exit 0
 fi

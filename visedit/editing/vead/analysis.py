@@ -1,5 +1,6 @@
 """Does the influence mapper look where the answer comes from? Its gate against the object mask and
-against the noise-perturbation map of the layers after l_e."""
+against the noise-perturbation map of the layers after l_e. And where the prompt route's keys put each
+probe of an edit (:func:`route_cosines`)."""
 
 from __future__ import annotations
 
@@ -222,3 +223,61 @@ def written_words(editor, image, question: str) -> WrittenWords:
     words = tuple(vllm.tokenizer.decode([int(i)]).strip() for i in best.indices)
     return WrittenWords(inputs.layout(0).grid, words,
                         tuple(round(float(c), 4) for c in best.values), tuple(round(float(c), 4) for c in change))
+
+
+#: the probes of a record, as (image, question) from the record: the edit's and the five the route must sort
+ROUTE_PROBES = {
+    "reliability": lambda r: (r.image, r.src),
+    "t_generality": lambda r: (r.image, r.rephrase),
+    "m_generality": lambda r: (r.image_rephrase, r.src),
+    "m_locality": lambda r: (r.m_loc, r.m_loc_q),
+    "i_locality": lambda r: (r.image, r.extra["i_loc_q"]),
+    "la_locality": lambda r: (r.extra["la_loc"], r.m_loc_q),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteCosines:
+    """Per record, the cosine of each probe's prompt key with the edit prompt's (see :func:`route_cosines`);
+    ``route_min``: the threshold the editor applies (None: none)."""
+
+    rows: tuple[dict, ...]
+    route_min: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self):
+        """Per probe: the mean cosine, its 10 % and 90 % quantiles, and the share of records at or above
+        ``route_min`` (where the edit is applied)."""
+        import pandas as pd
+
+        out = {}
+        for probe in [k for k in self.rows[0] if k != "index"]:
+            c = np.array([r[probe] for r in self.rows])
+            out[probe] = {"mean": c.mean(), "10 %": np.quantile(c, 0.1), "90 %": np.quantile(c, 0.9)}
+            if self.route_min is not None:
+                out[probe]["edited share"] = float((c >= self.route_min).mean())
+        return pd.DataFrame(out).T
+
+
+def route_cosines(editor, records: Sequence) -> RouteCosines:
+    """For each record (the world's second edition: it has the in-image and look-alike probes), the cosine
+    between the prompt key (:meth:`VEADEditor.prompt_key`) of each probe and of the edit's own input: the
+    quantity the prompt route compares with ``route_min``. The generality probes should lie above it, the
+    locality probes below."""
+    import torch.nn.functional as F
+
+    if editor.config.route not in ("prompt", "joint"):
+        raise ValueError(f"route_cosines() reads the prompt route's keys; this VEAD has route: "
+                         f"{editor.config.route!r} — load it with route='prompt' (and route_layer)")
+    missing = [i for i, r in enumerate(records) if "i_loc_q" not in r.extra or "la_loc" not in r.extra]
+    if missing:
+        raise ValueError(f"records {missing[:5]} have no in-image or look-alike probe: use records of the "
+                         "world's second edition (load_world_split with the model's dataset_spec)")
+    rows = []
+    for i, r in enumerate(records):
+        keys = {k: editor.prompt_key(*probe(r)) for k, probe in ROUTE_PROBES.items()}
+        own = keys.pop("reliability")
+        rows.append({"index": i, **{k: round(float(F.cosine_similarity(own, v, dim=0)), 4) for k, v in keys.items()}})
+    return RouteCosines(tuple(rows), editor.config.route_min)

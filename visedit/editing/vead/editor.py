@@ -90,11 +90,13 @@ class EditMemory:
     prompt_state: torch.Tensor
     visual: torch.Tensor | None = None  # (1, d): the mean of the edit sample's visual tokens (routing key)
     question: torch.Tensor | None = None  # (1, d): the mean of its question's states (the joint route's key)
+    prompt_key: torch.Tensor | None = None  # (1, d): its last prompt token's state (the prompt route's key)
 
 
 #: the settings of how a trained VEAD's edits are applied, not trained: a preset (or ``--set``) may change
 #: them on a loaded VEAD
-APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min")
+APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min", "refine_steps", "refine_lr",
+                  "refine_loss")
 
 
 def answer_rows(vllm, target_ids: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +221,10 @@ class VEADEditor(Editor):
         states, inputs, _ = self._layer_run(items)
         return states, inputs
 
-    def _layer_run(self, items) -> tuple[torch.Tensor, object, dict]:
-        """:meth:`layer_states`, and the keyword arguments layer l_e was called with (positions, masks)."""
-        inputs = self.vllm.inputs(items)
+    def _layer_run(self, items, *, eos: bool = False) -> tuple[torch.Tensor, object, dict]:
+        """:meth:`layer_states`, and the keyword arguments layer l_e was called with (positions, masks);
+        ``eos``: the targets end with the end-of-sequence token."""
+        inputs = self.vllm.inputs(items, add_eos=True) if eos else self.vllm.inputs(items)
         block = f"llm.layers.{self.layer}"
         with self._off():
             run = self.vllm.run(inputs, trace=[block], trace_inputs=True, trace_outputs=not self.at_input,
@@ -241,9 +244,48 @@ class VEADEditor(Editor):
         """One partial forward pass on the edit sample (image + prompt + new answer), stopped after l_e."""
         states, inputs, kwargs = self._layer_run([(request.image, request.prompt, request.target)])
         routed = self._route_states(states, kwargs)  # where the route reads its keys (l_e, or route_layer)
-        return EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs, kwargs),
-                          self._visual_key(routed, inputs.visual_spans[0]),
-                          self._question_key(routed, inputs.visual_spans[0], inputs.last_prompt[0]))
+        memory = EditMemory(*self._memory_rows(states, inputs), self._im_keys(states, inputs, kwargs),
+                            self._visual_key(routed, inputs.visual_spans[0]),
+                            self._question_key(routed, inputs.visual_spans[0], inputs.last_prompt[0]),
+                            routed[:, inputs.last_prompt[0]].clone())
+        if self.config.refine_steps:
+            self.refine(memory, request)
+        return memory
+
+    def refine(self, memory: EditMemory, request: EditRequest) -> int:
+        """Fit ``memory``'s rows to its edit sample (``refine_steps``, see :class:`VEADConfig`): Adam on the
+        new answer's cross-entropy (with ``eos`` its end token too) through VEAD and the layers after it,
+        VEAD's own weights untouched. Replaces ``memory.states``; returns the steps taken."""
+        import torch.nn.functional as F
+
+        from ...models.backbones import unembed
+
+        cfg = self.config
+        states, inputs, kwargs = self._layer_run([(request.image, request.prompt, request.target)], eos=cfg.eos)
+        if inputs.visual_spans[0] is None:
+            return 0  # a text-only edit: VEAD never acts on it
+        start, stop = inputs.visual_spans[0]
+        states = states.float()
+        positions = torch.tensor(inputs.target_positions[0], device=states.device) - 1
+        target = torch.tensor(inputs.target_ids[0], device=states.device)
+        rows = memory.states.detach().float().clone().requires_grad_(True)
+        mask, prompt = memory.mask.to(self.device), memory.prompt_state.float()
+        opt = torch.optim.Adam([rows], lr=cfg.refine_lr)
+        taken = 0
+        with self._off(), torch.enable_grad():  # also when the edit is applied under no_grad
+            for taken in range(1, cfg.refine_steps + 1):
+                new, _ = self.adapter(states[:, start:stop], rows, mask, prompt)
+                hidden = torch.cat([states[:, :start], new.to(states.dtype), states[:, stop:]], 1)
+                hidden = self.vllm.adapter.run_from(self.first_layer_after, hidden, kwargs)
+                loss = F.cross_entropy(unembed(self.vllm.adapter, hidden[0, positions]).float(), target)
+                if float(loss.detach()) < cfg.refine_loss:
+                    taken -= 1
+                    break
+                opt.zero_grad()
+                rows.grad, = torch.autograd.grad(loss, [rows])
+                opt.step()
+        memory.states = rows.detach().to(memory.states.dtype)
+        return taken
 
     @staticmethod
     def _visual_key(states: torch.Tensor, span) -> torch.Tensor:
@@ -257,6 +299,13 @@ class VEADEditor(Editor):
         answer left out."""
         start = span[1] if span is not None else 0
         return states[:, start:last_prompt + 1].mean(1)
+
+    def prompt_key(self, image, question: str) -> torch.Tensor:
+        """The prompt route's key of (``image``, ``question``), (d,): its last prompt token's VEAD-off state
+        at ``route_layer`` (route: prompt or joint; else where VEAD sits)."""
+        with torch.no_grad(), self._off():
+            states, inputs, kwargs = self._layer_run([(image, question)])
+            return self._route_states(states, kwargs)[0, inputs.last_prompt[0]].float()
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
@@ -287,6 +336,9 @@ class VEADEditor(Editor):
         ``requests[b]`` (batches must then have ``len(requests)`` rows, each with an image)."""
         if not requests:
             raise ValueError("edit_each needs at least one EditRequest")
+        if self.config.refine_steps:
+            raise ValueError("edit_each applies unrefined edits; with refine_steps apply edits one request at a "
+                             "time (edit / apply / apply_batch), or set refine_steps: 0")
         memory = self.remember_each(requests)  # before the hook is attached: VEAD off
         self.apply(requests[0])
         try:
@@ -312,7 +364,10 @@ class VEADEditor(Editor):
             span = inputs.visual_spans[b]
             memories.append(EditMemory(rows[b:b + 1, :n].clone(), mask[b:b + 1, :n].clone(),
                                        keys[b:b + 1].clone(), self._visual_key(routed[b:b + 1], span),
-                                       self._question_key(routed[b:b + 1], span, inputs.last_prompt[b])))
+                                       self._question_key(routed[b:b + 1], span, inputs.last_prompt[b]),
+                                       routed[b:b + 1, inputs.last_prompt[b]].clone()))
+            if self.config.refine_steps:
+                self.refine(memories[-1], requests[b])
         self._hold(memories)
 
     def _hold(self, memories: list[EditMemory]) -> None:
@@ -354,11 +409,13 @@ class VEADEditor(Editor):
 
     def held_keys(self, kind: str) -> torch.Tensor:
         """The routing keys of the held edits, stacked once per change of the memory: ``"visual"`` (K, d)
-        unit vectors, ``"im"`` (K, d) / (K, M, d) IM keys, or ``"joint"`` (:class:`.memory.JointKeys`)."""
+        unit vectors, ``"im"`` (K, d) / (K, M, d) IM keys, ``"joint"`` (:class:`.memory.JointKeys`) or
+        ``"prompt"`` (K, d) unit prompt keys."""
         from . import memory
 
         if kind not in self._keys_cache:
-            build = {"visual": memory.visual_keys, "im": memory.im_keys, "joint": memory.JointKeys.of}[kind]
+            build = {"visual": memory.visual_keys, "im": memory.im_keys, "joint": memory.JointKeys.of,
+                     "prompt": memory.prompt_keys}[kind]
             self._keys_cache[kind] = build(self.bank)
         return self._keys_cache[kind]
 
@@ -379,8 +436,8 @@ class VEADEditor(Editor):
             return hidden
         rows, cols = (t.to(hidden.device) for t in where)
         V = hidden[rows[:, None], cols].to(self.device)  # read beside VEAD, written back where hidden is
-        if len(self.bank) > 1:
-            return self._rewrite_routed(hidden, rows, cols, V)
+        if len(self.bank) > 1 or (self.config.route == "prompt" and self.config.route_min is not None):
+            return self._rewrite_routed(hidden, rows, cols, V)  # with route_min, the prompt route scopes one edit
         m = self.memory
         states, mask, prompt = m.states, m.mask.to(self.device), m.prompt_state
         if states.shape[0] > 1:  # one edit per input row
@@ -400,7 +457,7 @@ class VEADEditor(Editor):
         sits), or with ``route_layer`` those states run on to the output of that layer (a partial forward
         pass) with ``kwargs``, the keyword arguments (positions, masks) layer l_e was called with on the
         same pass."""
-        if self.config.route_layer is None or self.config.route != "joint":
+        if self.config.route_layer is None or self.config.route not in ("joint", "prompt"):
             return states
         return self._run_on(states, kwargs, self.later_layer(self.config.route_layer, "route_layer"))
 
@@ -408,7 +465,7 @@ class VEADEditor(Editor):
         """The joint route's keys of each image row: its visual tokens (R, N, d) and its question key (R, d) —
         the mean state from its last visual token to the end of its prompt (:meth:`VLLM.question_end`: an
         answer being scored or generated is left out) — where VEAD sits or, with ``route_layer``, at that
-        layer's output."""
+        layer's output. The prompt route's question key is the state at the prompt's last token instead."""
         ids = self._top.kwargs["model"]["input_ids"]
         mask = self._top.kwargs["model"].get("attention_mask")
         states = self._route_states(hidden, self._top.kwargs.get("layer", {}))
@@ -416,7 +473,9 @@ class VEADEditor(Editor):
         for r, c in zip(rows.tolist(), cols.tolist()):
             length = int(mask[r].sum()) if mask is not None else ids.shape[1]
             start = max(c) + 1
-            out.append(states[r, start:self.vllm.question_end(ids[r], length, start)].float().mean(0))
+            end = self.vllm.question_end(ids[r], length, start)
+            out.append(states[r, end - 1].float() if self.config.route == "prompt"
+                       else states[r, start:end].float().mean(0))
         rows_, cols_ = rows.to(states.device), cols.to(states.device)
         return states[rows_[:, None], cols_].to(self.device), torch.stack(out).to(self.device)
 
@@ -424,7 +483,7 @@ class VEADEditor(Editor):
         """Each row attends to the held edit :func:`.memory.route` picks, applied as a single edit is."""
         from .memory import route
 
-        joint = self.config.route == "joint"
+        joint = self.config.route in ("joint", "prompt")
         chosen = route(self, *self._joint_keys(hidden, rows, cols)) if joint else route(self, V)
         new = torch.empty_like(V, dtype=torch.float32)
         s = V.new_empty(V.shape[:2], dtype=torch.float32)

@@ -16,6 +16,12 @@ each input row with an image attends to *one* of them, picked by a routing rule:
   probe about another fact of an edited creature — differ in the question, not the image. With
   ``route_layer`` both keys are read at a later layer's output; with ``route_min`` an input whose
   best score (as a mean cosine, (cos_v + w · cos_q) / (1 + w)) falls short is routed to no edit (-1).
+- ``route: prompt`` — the edit whose prompt is nearest: the cosine of the input's last prompt token's state
+  with the edit prompt's, both VEAD-off and read at ``route_layer`` (uncentred: at a layer after the
+  question has read the image, prompts about different creatures or facts are already far apart). With
+  ``route_min`` an input below it is routed to no edit, and this holds for one held edit too: the route
+  then decides whether the single edit applies at all (another question about the edit image, another
+  creature), which the paper's VEAD leaves to its gate alone.
 
 The chosen edit is then applied exactly as a single edit is (so one held edit is the paper's VEAD).
 """
@@ -36,6 +42,14 @@ def visual_keys(memories: Sequence) -> torch.Tensor:
 def im_keys(memories: Sequence) -> torch.Tensor:
     """(K, d) prompt keys, or (K, M, d) image keys, of the held edits."""
     return torch.cat([m.prompt_state for m in memories]).float()
+
+
+def prompt_keys(memories: Sequence) -> torch.Tensor:
+    """(K, d) unit vectors: the last prompt token's state of each held edit (the prompt route's keys)."""
+    if any(m.prompt_key is None for m in memories):
+        raise ValueError("route: prompt needs every held edit's prompt key; apply edits one request at a time "
+                         "(apply / apply_batch), not with edit_each")
+    return torch.nn.functional.normalize(torch.cat([m.prompt_key for m in memories]).float(), dim=-1)
 
 
 def gate_scores(adapter, V: torch.Tensor, keys: torch.Tensor, *, budget: int = 20_000_000) -> torch.Tensor:
@@ -81,9 +95,16 @@ class JointKeys:
 
 def route(editor, V: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tensor:
     """(R,) the index of the held edit each row of visual tokens V (R, N, d) attends to (-1: none, with
-    ``route_min``); ``Q`` (R, d): the rows' question keys (the joint route only)."""
+    ``route_min``); ``Q`` (R, d): the rows' question keys (the joint and prompt routes only)."""
     if editor.config.route == "nearest":
         return nearest(V, editor.held_keys("visual"))
+    if editor.config.route == "prompt":
+        if Q is None:
+            raise ValueError("route: prompt needs the inputs' prompt keys")
+        best, chosen = (torch.nn.functional.normalize(Q.float(), dim=-1) @ editor.held_keys("prompt").T).max(-1)
+        if editor.config.route_min is not None:
+            chosen = torch.where(best >= editor.config.route_min, chosen, torch.full_like(chosen, -1))
+        return chosen
     if editor.config.route == "joint":
         if Q is None:
             raise ValueError("route: joint needs the inputs' question keys")
@@ -105,4 +126,4 @@ def nearest(V: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def held_bytes(memories: Sequence) -> int:
     """Bytes of the held edits' tensors."""
     return sum(t.numel() * t.element_size() for m in memories
-               for t in (m.states, m.mask, m.prompt_state, m.visual, m.question) if t is not None)
+               for t in (m.states, m.mask, m.prompt_state, m.visual, m.question, m.prompt_key) if t is not None)

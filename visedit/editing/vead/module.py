@@ -91,14 +91,26 @@ class VEADConfig(StrictConfig):
     ``"gate"`` — the edit whose influence-mapper gate opens most on the input (the largest s_j) — or
     ``"joint"`` — the edit nearest in image and question (centred cosines of the mean visual token and
     of the mean question state at l_e, the latter weighted by ``route_weight``; see :mod:`.memory`).
-    ``route_layer`` (joint route; None: where VEAD sits): read both keys at the output of this later
+    ``route: prompt`` — the edit whose prompt is nearest: the cosine of the input's last prompt token's state
+    with the edit prompt's (VEAD off), read at ``route_layer`` — after the question has selected its
+    creature, so that another question about the same image, or the same question about another
+    creature, lies far from the edit's. With ``route_min`` it also acts on a *single* held edit: the edit is
+    applied only to inputs whose prompt reaches the threshold (the paper's VEAD applies it to every image).
+    ``route_layer`` (joint and prompt routes; None: where VEAD sits): read both keys at the output of this later
     decoder layer instead (negative: counted from the end, -1 the last), running the VEAD-off states on
     through the layers in between (a partial forward pass per routed batch) — a question's state after
     more layers of context, where a paraphrase lies nearer its original than another question about the
-    same image, and visual tokens that have read one another. ``route_min`` (joint route;
+    same image, and visual tokens that have read one another. ``route_min`` (joint and prompt routes;
     None: always apply the chosen edit): apply it only where the route's score, as a mean of the two
-    cosines ((cos_v + w · cos_q) / (1 + w)), reaches this value — elsewhere the input is left as it is
+    cosines ((cos_v + w · cos_q) / (1 + w)), or the prompt route's cosine, reaches this value — elsewhere
+    the input is left as it is
     (as GRACE defers to the unedited model outside an edit's radius).
+    ``refine_steps`` (ours; 0: the paper's single partial forward pass): at edit time, refine the edit's
+    memory rows (what VEAD's cross-attention reads) by up to this many Adam steps at ``refine_lr`` on the
+    edit sample's own new-answer cross-entropy (its end token included with ``eos``), VEAD's weights fixed,
+    stopping once that loss is below ``refine_loss``: the learned rewrite as the start, the edit sample
+    as the one example (a trained rewrite that reaches most edits, fitted to the rest). Each step is a
+    forward and backward pass through the layers after VEAD.
     Settings of how an edit is *applied*, not trained: a trained VEAD is used with either.
     """
 
@@ -135,6 +147,9 @@ class VEADConfig(StrictConfig):
     route_weight: float = 1.0
     route_layer: int | None = None
     route_min: float | None = None
+    refine_steps: int = 0
+    refine_lr: float = 0.05
+    refine_loss: float = 0.05
     val_share: float = 0.1
     val_every: int = 250
     val_edits: int = 64
@@ -143,8 +158,8 @@ class VEADConfig(StrictConfig):
     def __post_init__(self) -> None:
         if self.at not in ("output", "input"):
             raise ValueError(f"VEADConfig.at must be 'output' or 'input', got {self.at!r}")
-        if self.route not in ("nearest", "gate", "joint"):
-            raise ValueError(f"VEADConfig.route must be 'nearest', 'gate' or 'joint', got {self.route!r}")
+        if self.route not in ("nearest", "gate", "joint", "prompt"):
+            raise ValueError(f"VEADConfig.route must be 'nearest', 'gate', 'joint' or 'prompt', got {self.route!r}")
         if isinstance(self.route_weight, bool) or not isinstance(self.route_weight, (int, float)) \
                 or not self.route_weight >= 0:
             raise ValueError(f"VEADConfig.route_weight must be a number >= 0, got {self.route_weight!r}")
@@ -157,9 +172,9 @@ class VEADConfig(StrictConfig):
                                            or not -1 <= self.route_min <= 1):
             raise ValueError(f"VEADConfig.route_min must be a cosine in [-1, 1] or null, got {self.route_min!r}")
         for name in ("route_layer", "route_min"):
-            if getattr(self, name) is not None and self.route != "joint":
-                raise ValueError(f"VEADConfig.{name} is a setting of the joint route; set route: joint, or "
-                                 f"{name}: null")
+            if getattr(self, name) is not None and self.route not in ("joint", "prompt"):
+                raise ValueError(f"VEADConfig.{name} is a setting of the joint and prompt routes; set route: "
+                                 f"joint or prompt, or {name}: null")
         if self.memory_reads not in ("sample", "answer"):
             raise ValueError(f"VEADConfig.memory_reads must be 'sample' or 'answer', got {self.memory_reads!r}")
         if self.im_up not in ("all", "influence"):
@@ -178,6 +193,12 @@ class VEADConfig(StrictConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"VEADConfig.{name} must be an int >= 0 (0: {paper}), got {v!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ValueError(f"VEADConfig.refine_steps must be an int >= 0 (0: off), got {self.refine_steps!r}")
+        for name in ("refine_lr", "refine_loss"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"VEADConfig.{name} must be a number > 0, got {v!r}")
         if not isinstance(self.hard_loc, int) or self.hard_loc < 0:
             raise ValueError(f"VEADConfig.hard_loc must be an int >= 0 (0: off), got {self.hard_loc!r}")
         if isinstance(self.w_iloc, bool) or not isinstance(self.w_iloc, (int, float)) or not self.w_iloc >= 0:
