@@ -28,6 +28,25 @@ def heldout_card(second):
     return model_card(second, seed=7, progress=False)
 
 
+def _committed_run(second, folder: Path, editor, rows: slice):
+    """A committed 504-edit run in ``folder``: one line per eval edit in order, the ``rows`` sample of them
+    recomputed live by ``editor`` (exactly equal), and the summary the lines' mean. Returns (lines, summary)."""
+    from visedit.editing.scoring import REGION_METRICS
+    from visedit.evaluation import METRICS, EvalSummary, score_edit
+    from visedit.world import load_world_split
+
+    lines = [json.loads(line) for line in (folder / "edits.jsonl").read_text().splitlines()]
+    records = load_world_split("eval", second.dataset_spec)
+    assert [r["index"] for r in lines] == list(range(len(records)))
+    for row in lines[rows]:
+        live = score_edit(editor, records[row["index"]])
+        assert live.token == row["token"] and live.exact == row["exact"], row["index"]
+    full = EvalSummary.load(folder / "summary.json")
+    for m in METRICS + REGION_METRICS:
+        assert full.token[m] == pytest.approx(sum(r["token"][m] for r in lines) / len(lines), abs=1e-4), m
+    return lines, full
+
+
 def test_card_thresholds_hold_on_a_heldout_sample(heldout_card):
     """The first model's four bars, on the second model's held-out sample."""
     card = heldout_card
@@ -83,23 +102,14 @@ def test_the_committed_vead_run_is_what_the_shipped_vead_scores(second):
     are never touched and an edit costs at most two forward passes. (The run's scores are reported in
     chapters 6 and 7; measured: reliability 0.515, M-Locality 0.765, in-image locality 0.517.)"""
     from visedit.editing import choose_edit_layer, get_editor, trained_dir
-    from visedit.editing.scoring import REGION_METRICS
-    from visedit.evaluation import METRICS, EvalSummary, score_edit
     from visedit.world import load_world_split
 
     folder = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "visedit-llava" / "evaluate" / "vead"
-    rows = [json.loads(line) for line in (folder / "edits.jsonl").read_text().splitlines()]
-    records = load_world_split("eval", second.dataset_spec)
-    assert [r["index"] for r in rows] == list(range(len(records))) and len(rows) >= 500
     editor = get_editor("vead", second)
     card = json.loads((trained_dir("vead", "visedit-llava") / "vead.json").read_text())
     assert editor.layer == card["layer"] == choose_edit_layer(second, load_world_split("train", second.dataset_spec))
-    for row in rows[::63][:8]:
-        live = score_edit(editor, records[row["index"]])
-        assert live.token == row["token"] and live.exact == row["exact"], row["index"]
-    full = EvalSummary.load(folder / "summary.json")
-    for m in METRICS + REGION_METRICS:
-        assert full.token[m] == pytest.approx(sum(r["token"][m] for r in rows) / len(rows), abs=1e-4), m
+    rows, full = _committed_run(second, folder, editor, slice(None, 8 * 63, 63))
+    assert len(rows) >= 500
     assert full.token["t_locality"] == 1.0 and full.edit_seconds_mean <= 2 * full.forward_seconds
 
 
@@ -110,8 +120,7 @@ def test_the_adapter_at_the_sweeps_best_layer_and_its_committed_run(second):
     mean. (Measured: reliability 0.850, mean 0.855, in-image locality 0.448, against 0.515, 0.668 and 0.517
     at the rule's layer 7 — the issue's targets, reliability 0.95 and in-image locality 0.95, are not met.)"""
     from visedit.editing import get_editor, trained_dir
-    from visedit.evaluation import METRICS, EvalSummary, score_edit
-    from visedit.world import load_world_split
+    from visedit.evaluation import EvalSummary
 
     results = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "visedit-llava"
     rows = [json.loads(p.read_text()) for p in (results / "sweep").glob("answer-layer*.json")]
@@ -119,16 +128,7 @@ def test_the_adapter_at_the_sweeps_best_layer_and_its_committed_run(second):
     weights = trained_dir("vead", "visedit-llava").parent / f"vead-layer{best}"
     editor = get_editor("vead", second, weights=weights)
     assert editor.layer == best == 2
-    folder = results / "evaluate" / f"vead-layer{best}"
-    lines = [json.loads(line) for line in (folder / "edits.jsonl").read_text().splitlines()]
-    records = load_world_split("eval", second.dataset_spec)
-    assert [r["index"] for r in lines] == list(range(len(records)))
-    for row in lines[::126][:4]:
-        live = score_edit(editor, records[row["index"]])
-        assert live.token == row["token"] and live.exact == row["exact"], row["index"]
-    full = EvalSummary.load(folder / "summary.json")
-    for m in METRICS:
-        assert full.token[m] == pytest.approx(sum(r["token"][m] for r in lines) / len(lines), abs=1e-4), m
+    _, full = _committed_run(second, results / "evaluate" / f"vead-layer{best}", editor, slice(None, 4 * 126, 126))
     rule = EvalSummary.load(results / "evaluate" / "vead" / "summary.json")
     assert full.mean > rule.mean  # the layer where the sweep edits best also edits better at the full budget
 
@@ -141,9 +141,7 @@ def test_the_scoped_refined_adapter_and_its_committed_run(second):
     (Measured: reliability 0.994 by both scores, T-gen 0.936, M-gen 0.959, M-loc 1.0; in-image locality
     0.921 — that target, 0.95, is not met — against 0.448 without the route.)"""
     from visedit.editing import get_editor, trained_dir
-    from visedit.editing.scoring import REGION_METRICS
-    from visedit.evaluation import METRICS, EvalSummary, score_edit
-    from visedit.world import load_world_split
+    from visedit.evaluation import EvalSummary
 
     results = ROOT / "notebooks" / "results" / "visedit-llava"
     tune = {p.name: EvalSummary.load(p / "summary.json") for p in (results / "scoped-tune").iterdir()}
@@ -158,14 +156,7 @@ def test_the_scoped_refined_adapter_and_its_committed_run(second):
     assert (str(config["route_min"]), str(config["refine_lr"]), config["refine_steps"]) == (route_min, lr, 50)
     editor = get_editor("vead", second, weights=trained_dir("vead", "visedit-llava").parent / "vead-layer2",
                         **{k: config[k] for k in ("route", "route_layer", "route_min", "refine_steps", "refine_lr")})
-    lines = [json.loads(line) for line in (folder / "edits.jsonl").read_text().splitlines()]
-    records = load_world_split("eval", second.dataset_spec)
-    assert [r["index"] for r in lines] == list(range(len(records)))
-    for row in lines[::168][:3]:
-        live = score_edit(editor, records[row["index"]])
-        assert live.token == row["token"] and live.exact == row["exact"], row["index"]
-    for m in METRICS + REGION_METRICS:
-        assert full.token[m] == pytest.approx(sum(r["token"][m] for r in lines) / len(lines), abs=1e-4), m
+    _committed_run(second, folder, editor, slice(None, 3 * 168, 168))
     targets = {"reliability": 0.95, "t_generality": 0.90, "m_generality": 0.90, "t_locality": 0.99, "m_locality": 0.95}
     assert all(full.token[m] >= t for m, t in targets.items()), full.token
     assert full.exact["reliability"] >= 0.95

@@ -98,20 +98,17 @@ def route(editor, V: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tenso
     ``route_min``); ``Q`` (R, d): the rows' question keys (the joint and prompt routes only)."""
     if editor.config.route == "nearest":
         return nearest(V, editor.held_keys("visual"))
-    if editor.config.route == "prompt":
+    if editor.config.route in ("joint", "prompt"):
         if Q is None:
-            raise ValueError("route: prompt needs the inputs' prompt keys")
-        best, chosen = (torch.nn.functional.normalize(Q.float(), dim=-1) @ editor.held_keys("prompt").T).max(-1)
+            raise ValueError(f"route: {editor.config.route} needs the inputs' question keys")
+        if editor.config.route == "prompt":  # a cosine
+            scores = torch.nn.functional.normalize(Q.float(), dim=-1) @ editor.held_keys("prompt").T
+        else:  # a mean of the two cosines
+            w = editor.config.route_weight
+            scores = editor.held_keys("joint").scores(V, Q, w) / (1 + w)
+        best, chosen = scores.max(-1)
         if editor.config.route_min is not None:
             chosen = torch.where(best >= editor.config.route_min, chosen, torch.full_like(chosen, -1))
-        return chosen
-    if editor.config.route == "joint":
-        if Q is None:
-            raise ValueError("route: joint needs the inputs' question keys")
-        w = editor.config.route_weight
-        best, chosen = editor.held_keys("joint").scores(V, Q, w).max(-1)
-        if editor.config.route_min is not None:
-            chosen = torch.where(best / (1 + w) >= editor.config.route_min, chosen, torch.full_like(chosen, -1))
         return chosen
     return gate_scores(editor.adapter, V, editor.held_keys("im")).argmax(-1)
 
