@@ -77,6 +77,10 @@ def test_evaluate_set_is_checked_before_the_model_loads(tiny_random_dir, tmp_pat
     assert "--set takes KEY=VALUE" in _one_error_line(capsys)
     assert main([*base, "--set", "route=[x"]) == 2
     assert "--set route=[x: the value is not valid YAML" in _one_error_line(capsys)
+    assert main([*base, "--set", "route=joint", "--set", "route_layer=2", "--set", "route_scope=DIR"]) == 2
+    assert "route_scope is a setting of the prompt route at a later layer" in _one_error_line(capsys)
+    assert main(["fit-scope", "--model", str(tiny_random_dir), "--layer", "2", "--dim", "0", "--out", str(tmp_path)]) == 2
+    assert "ScopeConfig.dim must be a positive int, got 0" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("name, setting, message", [

@@ -990,3 +990,61 @@ def test_route_cosines_are_the_prompt_keys_cosines_with_the_edits(tiny_random, r
         route_cosines(scoped, records[:2])
     with pytest.raises(ValueError, match="reads the prompt route's keys; this VEAD has route: 'nearest'"):
         route_cosines(editor, recs)
+
+
+def test_a_fitted_scope_maps_the_prompt_keys_the_route_compares(tiny_random, editor, tmp_path):
+    """fit_scope: the keys it fits on are the traced last-prompt-token states at its layer (oracle), the
+    hinge loss falls, the same seed gives the same scope bit for bit, and it is written atomically; with
+    route_scope the route compares P (k − c) (oracle: the saved centre and map) — route_cosines and the
+    held keys alike; a missing scope, one fitted at another layer and a scope without the prompt route
+    are refused in one line."""
+    from visedit.editing.vead.analysis import route_cosines
+    from visedit.editing.vead.scope import ScopeConfig, fit_scope, probe_keys
+
+    recs = load_world_split("train", DatasetSpec(seed=0, n_entities=6, edits_per_pair=1, image_size=48,
+                                                 edition=2), root=tmp_path / "data")[:6]
+    last = tiny_random.n_layers - 1
+    site = f"llm.layers.{last}"
+
+    def key(image, question):
+        x = tiny_random.inputs([(image, question)])
+        with torch.no_grad():
+            return tiny_random.run(x, trace=[site]).outputs[site][0, x.last_prompt[0]].float()
+
+    keys = probe_keys(tiny_random, recs[:2], layer=last, batch=4, progress=False)
+    assert torch.allclose(keys["i_locality"][1], key(recs[1].image, recs[1].extra["i_loc_q"]), atol=1e-5)
+    assert torch.allclose(keys["m_generality"][0], key(recs[0].image_rephrase, recs[0].src), atol=1e-5)
+    config = ScopeConfig(layer=last, dim=8, steps=40, lr=1e-2, batch=4, skip=1)
+    scope, info = fit_scope(tiny_random, recs, config, out=tmp_path / "scope", progress=False)
+    assert info["records"] == 5 and info["loss"] < info["first_loss"]
+    again, _ = fit_scope(tiny_random, recs, config, progress=False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in scope.state_dict().items())
+    assert sorted(p.name for p in (tmp_path / "scope").iterdir()) == ["scope.json", "scope.safetensors"]
+    scoped = VEADEditor(tiny_random, VEADConfig(layer=1, route="prompt", route_layer=last, route_min=0.5,
+                                                route_scope=str(tmp_path / "scope")), adapter=editor.adapter)
+    k = key(recs[2].image, recs[2].src)
+    w, c = scope.proj.weight.detach(), scope.centre
+    want = (k - c) @ w.T
+    assert torch.allclose(scoped.prompt_key(recs[2].image, recs[2].src), want, atol=1e-4)
+    row = route_cosines(scoped, recs[2:3]).rows[0]
+    other = (key(recs[2].image, recs[2].extra["i_loc_q"]) - c) @ w.T
+    assert row["i_locality"] == pytest.approx(float(F.cosine_similarity(want, other, dim=0)), abs=2e-4)
+    with scoped.edit(EditRequest.from_record(recs[2])):
+        assert torch.allclose(scoped.held_keys("prompt")[0], F.normalize(want, dim=0), atol=1e-4)
+    assert live_hooks(tiny_random.model) == 0
+    for cfg, err, msg in (
+            (dict(route_scope=str(tmp_path / "none")), FileNotFoundError, "is neither a folder with scope.safetensors"),
+            (dict(route_scope=str(tmp_path / "scope"), route_layer=last - 1), ValueError,
+             f"was fitted on keys at layer {last}, but the route reads layer {last - 1}: set route_layer={last}")):
+        bad = VEADEditor(tiny_random, VEADConfig(layer=0, route="prompt", **{"route_layer": last, **cfg}),
+                         adapter=editor.adapter)
+        with pytest.raises(err, match=msg):
+            bad.scope()
+    with pytest.raises(ValueError, match="route_scope is a setting of the prompt route at a later layer"):
+        VEADConfig(route="joint", route_layer=last, route_scope="x")
+    for bad, msg in (({"dim": 0}, "dim must be a positive int"), ({"neg_margin": 0.9}, "margins must satisfy"),
+                     ({"skip": -1}, "skip must be an int >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            ScopeConfig(layer=1, **bad)
+    with pytest.raises(ValueError, match="needs at least 2 train records after the first 5"):
+        fit_scope(tiny_random, recs, dataclasses.replace(config, skip=5), progress=False)

@@ -654,6 +654,19 @@ def _sweep_vead(args) -> int:
     return 0
 
 
+def _fit_scope(args) -> int:
+    from .editing.vead.scope import ScopeConfig, fit_scope
+    from .models import load_vllm
+    from .world import load_world_split
+
+    config = ScopeConfig(layer=args.layer, dim=args.dim, steps=args.steps, skip=args.skip, seed=args.seed)
+    vllm = load_vllm(args.model, device=args.device)
+    records = load_world_split("train", vllm.dataset_spec, progress=not args.json)
+    _, info = fit_scope(vllm, records, config, out=args.out, progress=not args.json)
+    print(json.dumps({"out": str(args.out), "layer": config.layer, **info}, indent=None if args.json else 1))
+    return 0
+
+
 def _tolerance(text: str) -> float | None:
     """``--ig-tolerance``: a positive number, or ``none`` for a fixed step count."""
     if text.strip().lower() == "none":
@@ -878,6 +891,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_sweep_vead)
+
+    p = sub.add_parser("fit-scope", help="fit a learned scope for VEAD's prompt route on the train split's probes "
+                       "(use it with --set route_scope=DIR)")
+    p.add_argument("--layer", type=int, required=True, help="the route's route_layer: where the prompt keys are read")
+    p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--dim", type=int, default=64, help="the scope's width (default 64)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--skip", type=int, default=100,
+                   help="leave out the first N train records (the edits route_min is tuned on; default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print only the JSON record")
+    p.set_defaults(func=_fit_scope)
 
     p = sub.add_parser("train-mend", help="train MEND's editor networks on the train split")
     p.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")

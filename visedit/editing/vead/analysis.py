@@ -261,6 +261,15 @@ class RouteCosines:
         return pd.DataFrame(out).T
 
 
+def require_region_probes(records: Sequence, verb: str) -> None:
+    """Refuse, in one line, records without the in-image and look-alike probes (the world's first edition);
+    ``verb``: what the message tells the user to do with second-edition records."""
+    missing = [i for i, r in enumerate(records) if "i_loc_q" not in r.extra or "la_loc" not in r.extra]
+    if missing:
+        raise ValueError(f"records {missing[:5]} have no in-image or look-alike probe: {verb} records of the "
+                         "world's second edition (load_world_split with the model's dataset_spec)")
+
+
 def route_cosines(editor, records: Sequence) -> RouteCosines:
     """For each record (the world's second edition: it has the in-image and look-alike probes), the cosine
     between the prompt key (:meth:`VEADEditor.prompt_key`) of each probe and of the edit's own input: the
@@ -271,10 +280,7 @@ def route_cosines(editor, records: Sequence) -> RouteCosines:
     if editor.config.route not in ("prompt", "joint"):
         raise ValueError(f"route_cosines() reads the prompt route's keys; this VEAD has route: "
                          f"{editor.config.route!r} — load it with route='prompt' (and route_layer)")
-    missing = [i for i, r in enumerate(records) if "i_loc_q" not in r.extra or "la_loc" not in r.extra]
-    if missing:
-        raise ValueError(f"records {missing[:5]} have no in-image or look-alike probe: use records of the "
-                         "world's second edition (load_world_split with the model's dataset_spec)")
+    require_region_probes(records, "use")
     rows = []
     for i, r in enumerate(records):
         keys = {k: editor.prompt_key(*probe(r)) for k, probe in ROUTE_PROBES.items()}

@@ -95,8 +95,8 @@ class EditMemory:
 
 #: the settings of how a trained VEAD's edits are applied, not trained: a preset (or ``--set``) may change
 #: them on a loaded VEAD
-APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min", "refine_steps", "refine_lr",
-                  "refine_loss")
+APPLY_SETTINGS = ("memory", "route", "route_weight", "route_layer", "route_min", "route_scope", "refine_steps",
+                  "refine_lr", "refine_loss")
 
 
 def answer_rows(vllm, target_ids: Sequence[Sequence[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +139,7 @@ class VEADEditor(Editor):
         self.memory: EditMemory | None = None
         self.bank: list[EditMemory] = []  # the held edits (the last one only, unless config.memory)
         self._keys_cache: dict[str, torch.Tensor] = {}
+        self._scope = None  # (setting, RouteScope) once route_scope is read
         self._bypass = False
         self._stack: contextlib.ExitStack | None = None
 
@@ -157,6 +158,8 @@ class VEADEditor(Editor):
         applied = {key: settings[key] for key in APPLY_SETTINGS if key in settings}
         if applied:
             editor.config = dataclasses.replace(editor.config, **applied)
+        if editor.config.route_scope is not None:
+            editor.scope()  # a missing or mismatched scope fails here, in one line, not at the first edit
         return editor
 
     @classmethod
@@ -302,10 +305,32 @@ class VEADEditor(Editor):
 
     def prompt_key(self, image, question: str) -> torch.Tensor:
         """The prompt route's key of (``image``, ``question``), (d,): its last prompt token's VEAD-off state
-        at ``route_layer`` (route: prompt or joint; else where VEAD sits)."""
+        at ``route_layer`` (route: prompt or joint; else where VEAD sits) — with ``route_scope``, in the
+        scope's space (dim,)."""
         with torch.no_grad(), self._off():
             states, inputs, kwargs = self._layer_run([(image, question)])
-            return self._route_states(states, kwargs)[0, inputs.last_prompt[0]].float()
+            return self.scoped(self._route_states(states, kwargs)[0, inputs.last_prompt[0]][None])[0]
+
+    def scope(self):
+        """The learned scope ``route_scope`` names (:mod:`.scope`), loaded once per setting; None without."""
+        if self.config.route_scope is None:
+            return None
+        name = (self.config.route_scope, self.config.route_layer)
+        if self._scope is None or self._scope[0] != name:
+            from .scope import load_scope
+
+            layer = self.later_layer(self.config.route_layer, "route_layer")
+            self._scope = (name, load_scope(self.config.route_scope, self.vllm, route_layer=layer).to(self.device))
+        return self._scope[1]
+
+    def scoped(self, keys: torch.Tensor) -> torch.Tensor:
+        """Prompt keys (K, d) in the space the prompt route compares them in: as they are (float), or with
+        ``route_scope`` mapped by the scope (K, dim)."""
+        scope = self.scope()
+        if scope is None:
+            return keys.float()
+        with torch.no_grad():
+            return scope(keys.to(self.device))
 
     def remember_each(self, requests: Sequence[EditRequest]) -> EditMemory:
         """Memories of several edits at once (B rows, right-padded): input row b gets edit b."""
@@ -415,7 +440,7 @@ class VEADEditor(Editor):
 
         if kind not in self._keys_cache:
             build = {"visual": memory.visual_keys, "im": memory.im_keys, "joint": memory.JointKeys.of,
-                     "prompt": memory.prompt_keys}[kind]
+                     "prompt": lambda bank: memory.prompt_keys(bank, self.scoped)}[kind]
             self._keys_cache[kind] = build(self.bank)
         return self._keys_cache[kind]
 

@@ -44,12 +44,14 @@ def im_keys(memories: Sequence) -> torch.Tensor:
     return torch.cat([m.prompt_state for m in memories]).float()
 
 
-def prompt_keys(memories: Sequence) -> torch.Tensor:
-    """(K, d) unit vectors: the last prompt token's state of each held edit (the prompt route's keys)."""
+def prompt_keys(memories: Sequence, space=None) -> torch.Tensor:
+    """(K, d) unit vectors: the last prompt token's state of each held edit (the prompt route's keys), or
+    with ``space`` (the editor's :meth:`scoped`) those keys mapped into the route's space first."""
     if any(m.prompt_key is None for m in memories):
         raise ValueError("route: prompt needs every held edit's prompt key; apply edits one request at a time "
                          "(apply / apply_batch), not with edit_each")
-    return torch.nn.functional.normalize(torch.cat([m.prompt_key for m in memories]).float(), dim=-1)
+    keys = torch.cat([m.prompt_key for m in memories]).float()
+    return torch.nn.functional.normalize(keys if space is None else space(keys), dim=-1)
 
 
 def gate_scores(adapter, V: torch.Tensor, keys: torch.Tensor, *, budget: int = 20_000_000) -> torch.Tensor:
@@ -102,7 +104,7 @@ def route(editor, V: torch.Tensor, Q: torch.Tensor | None = None) -> torch.Tenso
         if Q is None:
             raise ValueError(f"route: {editor.config.route} needs the inputs' question keys")
         if editor.config.route == "prompt":  # a cosine
-            scores = torch.nn.functional.normalize(Q.float(), dim=-1) @ editor.held_keys("prompt").T
+            scores = torch.nn.functional.normalize(editor.scoped(Q), dim=-1) @ editor.held_keys("prompt").T
         else:  # a mean of the two cosines
             w = editor.config.route_weight
             scores = editor.held_keys("joint").scores(V, Q, w) / (1 + w)

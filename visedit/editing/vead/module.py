@@ -105,6 +105,9 @@ class VEADConfig(StrictConfig):
     cosines ((cos_v + w · cos_q) / (1 + w)), or the prompt route's cosine, reaches this value — elsewhere
     the input is left as it is
     (as GRACE defers to the unedited model outside an edit's radius).
+    ``route_scope`` (prompt route with ``route_layer``; None: raw cosines): compare the prompt keys in a
+    learned scope's space instead — a linear map of the centred key fitted on the train split's probes
+    (:mod:`.scope`, ``python -m visedit fit-scope``): a folder, or the name of one shipped for the model.
     ``refine_steps`` (ours; 0: the paper's single partial forward pass): at edit time, refine the edit's
     memory rows (what VEAD's cross-attention reads) by up to this many Adam steps at ``refine_lr`` on the
     edit sample's own new-answer cross-entropy (its end token included with ``eos``), VEAD's weights fixed,
@@ -147,6 +150,7 @@ class VEADConfig(StrictConfig):
     route_weight: float = 1.0
     route_layer: int | None = None
     route_min: float | None = None
+    route_scope: str | None = None
     refine_steps: int = 0
     refine_lr: float = 0.05
     refine_loss: float = 0.05
@@ -175,6 +179,14 @@ class VEADConfig(StrictConfig):
             if getattr(self, name) is not None and self.route not in ("joint", "prompt"):
                 raise ValueError(f"VEADConfig.{name} is a setting of the joint and prompt routes; set route: "
                                  f"joint or prompt, or {name}: null")
+        if self.route_scope is not None:
+            if not isinstance(self.route_scope, str) or not self.route_scope:
+                raise ValueError(f"VEADConfig.route_scope must be a folder from fit-scope (or a shipped scope's "
+                                 f"name) or null, got {self.route_scope!r}")
+            if self.route != "prompt" or self.route_layer is None:
+                raise ValueError("VEADConfig.route_scope is a setting of the prompt route at a later layer; set "
+                                 "route: prompt and route_layer (the layer the scope was fitted at), or "
+                                 "route_scope: null")
         if self.memory_reads not in ("sample", "answer"):
             raise ValueError(f"VEADConfig.memory_reads must be 'sample' or 'answer', got {self.memory_reads!r}")
         if self.im_up not in ("all", "influence"):
