@@ -94,7 +94,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
     parser = build_parser()
     sweep_layers, answer_layers, caption, sequential, late_tune = [], [], set(), set(), set()
-    scoped_tune, scoped_eval = set(), set()
+    scoped_tune, scoped_eval, learned_tune, learned_eval, scope = set(), set(), set(), set(), set()
     im_image = False
     for line in lines[:-1]:
         verb, rest = line.split(None, 1)
@@ -113,10 +113,12 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
                 sequential.add((m.group(1), int(m.group(2))))
             if m := re.fullmatch(r".*/sequential-tune/(vead-late|vead-scoped)(-layer\d+)?-min([\d.]+)-T100", done):
                 late_tune.add((m.group(1) + (m.group(2) or ""), f"route_min={m.group(3)}"))
-            if m := re.fullmatch(r".*/scoped-tune/(route-min|refine-lr)([\d.]+)", done):
-                scoped_tune.add((m.group(1), m.group(2)))
-            if m := re.fullmatch(r".*/evaluate/(vead-scoped-layer\d+)", done):
-                scoped_eval.add(m.group(1))
+            if m := re.fullmatch(r".*/scoped-tune/(learned-)?(route-min|refine-lr)([\d.]+)", done):
+                (learned_tune if m.group(1) else scoped_tune).add((m.group(2), m.group(3)))
+            if m := re.fullmatch(r".*/evaluate/vead-(scoped|learned)-(layer\d+)", done):
+                (learned_eval if m.group(1) == "learned" else scoped_eval).add(f"vead-scoped-{m.group(2)}")
+            if m := re.fullmatch(r".*/trained/visedit-llava/(scope-layer\d+)", done):
+                scope.add(m.group(1))
             continue
         out, args = _parsed(rest, parser, "visedit-llava")
         if args.command == "tune" and args.editor == "ft_l":
@@ -170,12 +172,39 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert scoped_tune == {("route-min", m) for m in ("0.5", "0.6", "0.7", "0.8")} | {("refine-lr", "0.05"),
                                                                                        ("refine-lr", "0.2")}
     assert scoped_eval == {"vead-scoped-layer2"}
+    # the same route through the learned scope, its threshold and step size chosen on the same train edits
+    assert learned_tune == scoped_tune and learned_eval == scoped_eval and scope == {"scope-layer8"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
     assert sorted(set(answer_layers)) == sorted(set(sweep_layers))  # the same layers with the answer memory
     assert im_image
     committed = {f"./{p.relative_to(ROOT)}" for p in (ROOT / "notebooks/results/visedit-llava/sweep").glob("*.json")}
     assert committed <= {line.split(None, 1)[1].strip() for line in lines if line.startswith("done ")}
     assert 7 in sweep_layers and 7 in answer_layers  # the rule's l_e (the study's contributions) is swept
+
+
+def test_the_learned_scope_is_fitted_before_the_runs_that_read_it(tmp_path):
+    """A staged run of the second model: fit-scope writes the scope at the route's layer (8, the first 100
+    train edits left out) before any evaluation reads it, and every evaluation with route_scope reads that
+    folder, on the same train edits (the threshold and the step size) or on the eval split (the chosen
+    settings)."""
+    lines = _dry(MODEL="visedit-llava", STAGE=str(tmp_path), WORK=str(tmp_path / "work"))
+    parser = build_parser()
+    fitted, learned = None, []
+    for line in (line for line in lines if line.startswith("run ") and ("fit-scope" in line or "route_scope" in line)):
+        out, args = _parsed(line.split(None, 1)[1], parser, "visedit-llava")
+        if args.command == "fit-scope":
+            assert args.layer == 8 and args.skip == 100
+            assert out == f"{tmp_path}/visedit/editing/trained/visedit-llava/scope-layer8"
+            fitted = out
+        if args.command == "evaluate" and any(a.startswith("route_scope=") for a in args.set):
+            assert fitted is not None and f"route_scope={fitted}" in args.set and "route_layer=8" in args.set
+            route_min = next(a for a in args.set if a.startswith("route_min="))
+            learned.append((args.split, route_min, out.rsplit("/", 1)[1]))
+    tuned = [f"learned-route-min{m}" for m in ("0.5", "0.6", "0.7", "0.8")]
+    tuned += [f"learned-refine-lr{v}" for v in ("0.05", "0.2")]
+    assert [name for split, _, name in learned if split == "train"] == tuned
+    chosen = [(m, name) for split, m, name in learned if split != "train"]
+    assert chosen == [("route_min=TUNED", "vead-learned-layerBEST")]
 
 
 def test_the_blip2_models_run_stops_after_its_evaluations(tmp_path):
