@@ -111,7 +111,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
                 caption.add((f"train-{m.group(1)}", None))
             if m := re.fullmatch(r".*/sequential/([\w-]+)-T(\d+)", done):
                 sequential.add((m.group(1), int(m.group(2))))
-            if m := re.fullmatch(r".*/sequential-tune/(vead-late|vead-scoped)(-layer\d+)?-min([\d.]+)-T100", done):
+            tuned = r".*/sequential-tune/(vead-late|vead-scoped|vead-learned)(-layer\d+)?-min([\d.]+)-T100"
+            if m := re.fullmatch(tuned, done):
                 late_tune.add((m.group(1) + (m.group(2) or ""), f"route_min={m.group(3)}"))
             if m := re.fullmatch(r".*/scoped-tune/(learned-)?(route-min|refine-lr)([\d.]+)", done):
                 (learned_tune if m.group(1) else scoped_tune).add((m.group(2), m.group(3)))
@@ -149,6 +150,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             tag = {"route=joint": "-joint", "route=nearest": "-memory", "route=prompt": "-scoped"}
             route = next((tag[s] for s in args.set if s in tag), "") if "memory=true" in args.set else ""
             route = "-late" if "route_layer=-1" in args.set else route
+            route = "-learned" if any(s.startswith("route_scope=") for s in args.set) else route
             weights = str(args.weights or "")
             adapter = "-" + weights.rsplit("vead-", 1)[1] if "/vead-layer" in weights else ""
             route += adapter
@@ -163,12 +165,13 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     # read at the last layer with a threshold tuned on the train split) at T = 1, 10, 100, 500
     # and the memory on the adapter trained at the answer-memory sweep's best layer (2), routed by image and by
     # the late route with its own tuned threshold
-    # and the memory scoped by the prompt route, each edit refined, with the settings chosen on single edits
+    # and the memory scoped by the prompt route, each edit refined, with the settings chosen on single edits,
+    # on raw keys and through the learned scope
     editors = ("vead-memory", "vead-joint", "vead-late", "vead", "ike", "ft_l", "mend", "vead-memory-layer2",
-               "vead-late-layer2", "vead-scoped-layer2")
+               "vead-late-layer2", "vead-scoped-layer2", "vead-learned-layer2")
     assert sequential == {(e, t) for e in editors for t in (1, 10, 100, 500)}
-    assert late_tune == {(a, f"route_min={m}") for a in ("vead-late", "vead-late-layer2", "vead-scoped-layer2")
-                         for m in ("0.7", "0.8", "0.9")}
+    assert late_tune == {(a, f"route_min={m}") for m in ("0.7", "0.8", "0.9")
+                         for a in ("vead-late", "vead-late-layer2", "vead-scoped-layer2", "vead-learned-layer2")}
     assert scoped_tune == {("route-min", m) for m in ("0.5", "0.6", "0.7", "0.8")} | {("refine-lr", "0.05"),
                                                                                        ("refine-lr", "0.2")}
     assert scoped_eval == {"vead-scoped-layer2"}
@@ -186,10 +189,10 @@ def test_the_learned_scope_is_fitted_before_the_runs_that_read_it(tmp_path):
     """A staged run of the second model: fit-scope writes the scope at the route's layer (8, the first 100
     train edits left out) before any evaluation reads it, and every evaluation with route_scope reads that
     folder, on the same train edits (the threshold and the step size) or on the eval split (the chosen
-    settings)."""
+    settings); the memory through the scope has its threshold chosen on train, then runs T = 1 … 500."""
     lines = _dry(MODEL="visedit-llava", STAGE=str(tmp_path), WORK=str(tmp_path / "work"))
     parser = build_parser()
-    fitted, learned = None, []
+    fitted, learned, memory = None, [], []
     for line in (line for line in lines if line.startswith("run ") and ("fit-scope" in line or "route_scope" in line)):
         out, args = _parsed(line.split(None, 1)[1], parser, "visedit-llava")
         if args.command == "fit-scope":
@@ -199,12 +202,18 @@ def test_the_learned_scope_is_fitted_before_the_runs_that_read_it(tmp_path):
         if args.command == "evaluate" and any(a.startswith("route_scope=") for a in args.set):
             assert fitted is not None and f"route_scope={fitted}" in args.set and "route_layer=8" in args.set
             route_min = next(a for a in args.set if a.startswith("route_min="))
+            if args.sequential is not None:  # the learned memory: its threshold on train, then T = 1 … 500
+                memory.append((args.split, route_min, out.rsplit("/", 1)[1]))
+                continue
             learned.append((args.split, route_min, out.rsplit("/", 1)[1]))
     tuned = [f"learned-route-min{m}" for m in ("0.5", "0.6", "0.7", "0.8")]
     tuned += [f"learned-refine-lr{v}" for v in ("0.05", "0.2")]
     assert [name for split, _, name in learned if split == "train"] == tuned
     chosen = [(m, name) for split, m, name in learned if split != "train"]
     assert chosen == [("route_min=TUNED", "vead-learned-layerBEST")]
+    tag = "vead-learned-layerBEST"
+    assert memory == [("train", f"route_min={m}", f"{tag}-min{m}-T100") for m in ("0.7", "0.8", "0.9")] \
+        + [("eval", "route_min=TUNED", f"{tag}-T{n}") for n in (1, 10, 100, 500)]
 
 
 def test_the_blip2_models_run_stops_after_its_evaluations(tmp_path):

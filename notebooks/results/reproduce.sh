@@ -130,12 +130,13 @@ fi
 # score, as a mean cosine, is below route_min: the smallest of 0.7, 0.8, 0.9 whose M-locality on the
 # unrelated probes reaches 0.90 after 100 edits of the *train* split (the eval split never chooses it).
 # The scoped memory (vead-scoped, the second model) is the prompt route with refined edits, its threshold
-# chosen by the same rule
+# chosen by the same rule; the learned memory (vead-learned) the same through the learned scope
 LATE=(--set memory=true --set route=joint --set route_layer=-1)
 route_tune() {  # route_tune NAME [layerL]: tune the route_min of NAME (vead-late or vead-scoped) for the shipped
   # adapter (or the one trained at layer L)
   local name=$1 sfx=${2:+-$2} weights=vead${2:+-$2} args=("${LATE[@]}")
   [[ $name == vead-scoped ]] && args=(--set memory=true "${SCOPE[@]}" "${REFINE[@]}")
+  [[ $name == vead-learned ]] && args=(--set memory=true "${LEARNED[@]}" "${LEARNED_REFINE[@]}")
   for m in 0.7 0.8 0.9; do
     step "$R/sequential-tune/$name$sfx-min$m-T100" $PY -m visedit evaluate "${M[@]}" --split train --editor vead \
       --weights "$T/$weights" --sequential 100 --every 10 "${args[@]}" --set route_min=$m --json --fresh \
@@ -183,6 +184,8 @@ many() {  # many EDITOR-TAG: every T for one editor
   [[ $tag == vead-late* ]] && extra=("${LATE[@]}" --set route_min="$(tuned_min vead-late $layer)")  # for that adapter
   [[ $tag == vead-scoped* ]] && extra=(--set memory=true "${SCOPE[@]}" "${REFINE[@]}" \
     --set route_min="$(tuned_min vead-scoped $layer)")
+  [[ $tag == vead-learned* ]] && extra=(--set memory=true "${LEARNED[@]}" "${LEARNED_REFINE[@]}" \
+    --set route_min="$(tuned_min vead-learned $layer)")
   local weights=$editor${layer:+-$layer}
   [[ $editor == mend || $editor == vead ]] && extra+=(--weights "$T/$weights")
   for n in 1 10 100 500; do
@@ -295,10 +298,10 @@ PY
       --editor vead --weights "$T/vead-layer$best" "${LEARNED[@]}" --set route_min="$learned_min" \
       --set refine_steps=50 --set refine_lr=$lr --json --fresh --out "$R/scoped-tune/learned-refine-lr$lr"
   done
+  LEARNED_REFINE=(--set refine_steps=50 --set refine_lr="$(scoped_pick learned-refine-lr 0.05 0.2)")
   step "$R/evaluate/vead-learned-layer$best" $PY -m visedit evaluate "${M[@]}" --editor vead \
-    --weights "$T/vead-layer$best" "${LEARNED[@]}" --set route_min="$learned_min" --set refine_steps=50 \
-    --set refine_lr="$(scoped_pick learned-refine-lr 0.05 0.2)" --json --fresh \
-    --out "$R/evaluate/vead-learned-layer$best"
+    --weights "$T/vead-layer$best" "${LEARNED[@]}" --set route_min="$learned_min" "${LEARNED_REFINE[@]}" \
+    --json --fresh --out "$R/evaluate/vead-learned-layer$best"
   # ---- E-IC, the caption edits (186 eval edits; the first model's words cannot say a caption): the
   # baselines with their E-VQA settings; MEND and VEAD trained on the caption train split, as the paper
   # trains one editor per dataset
@@ -321,6 +324,7 @@ PY
   many "vead-memory-layer$best"  # the memory on the adapter at the sweep's best layer
   route_tune vead-late "layer$best"; many "vead-late-layer$best"  # the late route on it, its threshold tuned for it
   route_tune vead-scoped "layer$best"; many "vead-scoped-layer$best"  # the prompt route, each edit refined
+  route_tune vead-learned "layer$best"; many "vead-learned-layer$best"  # the same through the learned scope
   echo "all results are in place under $R"
   exit 0
 fi

@@ -21,7 +21,9 @@ each input row with an image attends to *one* of them, picked by a routing rule:
   question has read the image, prompts about different creatures or facts are already far apart). With
   ``route_min`` an input below it is routed to no edit, and this holds for one held edit too: the route
   then decides whether the single edit applies at all (another question about the edit image, another
-  creature), which the paper's VEAD leaves to its gate alone.
+  creature), which the paper's VEAD leaves to its gate alone. With ``route_scope`` both keys are first mapped
+  by a learned scope (:mod:`.scope`): on raw keys the same question about the creature on the left and on
+  the right lie at a cosine near 1.
 
 The chosen edit is then applied exactly as a single edit is (so one held edit is the paper's VEAD).
 """
