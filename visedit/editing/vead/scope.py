@@ -133,18 +133,18 @@ def fit_scope(vllm, records: Sequence, config: ScopeConfig, *, out: str | Path |
         scope.proj.weight.copy_(torch.randn(config.dim, d, generator=g) / d ** 0.5)
     opt = torch.optim.Adam(scope.parameters(), lr=config.lr)
     n = len(records)
-    losses = []
+    first_loss = None
     for _ in range(config.steps):
         rows = torch.randint(0, n, (min(config.batch, n),), generator=g)
         loss = scope_loss(scope, keys, rows, config)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        first_loss = float(loss.detach()) if first_loss is None else first_loss
     scope.eval()
     with torch.no_grad():
         final = float(scope_loss(scope, keys, torch.arange(n), config))
-    info = {"records": n, "loss": round(final, 6), "first_loss": round(losses[0], 6),
+    info = {"records": n, "loss": round(final, 6), "first_loss": round(first_loss, 6),
             "wall_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
     if out is not None:
         save_trained(out, "scope", {"centre": scope.centre, "proj.weight": scope.proj.weight},
