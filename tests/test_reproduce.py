@@ -89,13 +89,14 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     """MODEL=visedit-llava: results under results/visedit-llava/, trained editors under
     trained/visedit-llava/, every command on that model, VEAD's layer left to the rule, FT-L's grid over
     its twelve layers, and a sweep of at least five layers at the paper's placement, with the paper's memory and
-    with the answer memory, plus the image-reading IM at the rule's layer (l_e = 7)."""
+    with the answer memory, plus the image-reading IM and two rewrites of ours (token_mlp, slots) at the rule's
+    layer (l_e = 7)."""
     lines = _dry(MODEL="visedit-llava", WORK=str(tmp_path))
     assert lines[-1] == "all results are in place under ./notebooks/results/visedit-llava"
     parser = build_parser()
     sweep_layers, answer_layers, caption, sequential, late_tune = [], [], set(), set(), set()
     scoped_tune, scoped_eval, learned_tune, learned_eval, scope = set(), set(), set(), set(), set()
-    im_image = False
+    im_image, rewrites = False, set()
     for line in lines[:-1]:
         verb, rest = line.split(None, 1)
         if verb == "done":  # a committed result: its path, no command
@@ -104,6 +105,8 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
             if row:  # a committed sweep row counts as run
                 (answer_layers if row.group(1) else sweep_layers).append(int(row.group(2)))
             im_image |= bool(re.fullmatch(r".*/sweep/im-image-answer-layer7\.json", rest.strip()))
+            if m := re.fullmatch(r".*/sweep/(token-mlp|slots)-answer-layer7\.json", rest.strip()):
+                rewrites.add(m.group(1))
             done = rest.strip()
             if m := re.fullmatch(r".*/evaluate-caption/(\w+)", done):
                 caption.add(("evaluate", m.group(1)))
@@ -127,10 +130,15 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
         if args.command == "sweep-vead":
             assert args.at == "output"
             answer = "memory_reads=answer" in args.set
-            assert ("-memory_readsanswer.json" in out) == answer, out
+            assert ("-memory_readsanswer" in out) == answer, out
             if args.im_reads == "image":  # ours, beside the paper's IM: at the rule's layer, answer memory
                 assert answer and args.layers == [7] and "/sweep/layer7-im-image-" in out, out
                 im_image = True
+                continue
+            rewrite = [s for s in args.set if s.startswith(("token_mlp=", "slots="))]
+            if rewrite:  # ours, beside the paper's linear rewrite: at the rule's layer, answer memory
+                assert answer and args.layers == [7] and rewrite in (["token_mlp=192"], ["slots=8"]), rest
+                rewrites.add("token-mlp" if rewrite[0].startswith("token_mlp") else "slots")
                 continue
             assert args.im_reads == "prompt"
             (answer_layers if answer else sweep_layers).extend(args.layers)
@@ -179,7 +187,7 @@ def test_the_second_models_run_writes_its_own_tree_and_lets_the_rule_place_vead(
     assert learned_tune == scoped_tune and learned_eval == scoped_eval and scope == {"scope-layer8"}
     assert len(set(sweep_layers)) >= 5 and max(sweep_layers) >= 10 and min(sweep_layers) == 0
     assert sorted(set(answer_layers)) == sorted(set(sweep_layers))  # the same layers with the answer memory
-    assert im_image
+    assert im_image and rewrites == {"token-mlp", "slots"}
     committed = {f"./{p.relative_to(ROOT)}" for p in (ROOT / "notebooks/results/visedit-llava/sweep").glob("*.json")}
     assert committed <= {line.split(None, 1)[1].strip() for line in lines if line.startswith("done ")}
     assert 7 in sweep_layers and 7 in answer_layers  # the rule's l_e (the study's contributions) is swept

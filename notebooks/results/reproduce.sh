@@ -239,6 +239,19 @@ if [[ $KEY == visedit-llava ]]; then
   else
     echo "done    $R/sweep/im-image-answer-layer$rule.json"
   fi
+  # at the rule's layer, two rewrites of ours beside the paper's linear map, with the same answer memory: each
+  # visual token's rewrite an MLP of the token and what it read (token_mlp), or its own mix of 8 directions (slots)
+  for variant in "token-mlp token_mlp=192 token_mlp192" "slots slots=8 slots8"; do
+    read -r name setting suffix <<<"$variant"
+    row=layer$rule-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer-$suffix
+    if [[ -e $R/sweep/$name-answer-layer$rule.json ]]; then
+      echo "done    $R/sweep/$name-answer-layer$rule.json"; continue
+    fi
+    step "$W/sweep/$row.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads prompt --limit 600 \
+      --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
+      --set eos=false --set memory_reads=answer --set "$setting" --out "$W/sweep" --layers "$rule"
+    [[ -n "${DRY:-}" ]] || cp "$W/sweep/$row.json" "$R/sweep/$name-answer-layer$rule.json"
+  done
   # what a visual-token editor could do at each of six layers: a free change of the visual tokens, optimised
   # per edit (8 edits, 200 Adam steps at lr 0.2; 60 steps at lr 0.05 reached layer 7's new answers on 7 of
   # 16 edits, these settings on all 8)
