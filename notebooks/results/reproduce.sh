@@ -199,10 +199,15 @@ many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder (its ablations are sweep rows) ---
 if [[ $KEY == visedit-llava ]]; then
-  sweep_out() {  # sweep_out [answer] LAYER...: one reduced-budget row per layer at the paper's placement
+  sweep_out() {  # sweep_out [answer] [NAME:KEY=VALUE] LAYER...: one reduced-budget row per layer at the paper's
+    # placement
     # answer: VEAD's memory reads the new answer (ours, the preset's); otherwise the edit sample (the paper's)
+    # NAME:KEY=VALUE: one more setting (--set KEY=VALUE), its rows committed as NAME-….json
     local layer tag prefix= suffix=-memory_readssample extra=(--set memory_reads=sample)
     if [[ $1 == answer ]]; then prefix=answer-; suffix=-memory_readsanswer; extra=(--set memory_reads=answer); shift; fi
+    if [[ $1 == *:*=* ]]; then
+      prefix=${1%%:*}-$prefix; suffix+=-${1#*:}; suffix=${suffix/=/}; extra+=(--set "${1#*:}"); shift
+    fi
     for layer in "$@"; do
       tag=layer$layer
       if [[ -e $R/sweep/$prefix$tag.json ]]; then echo "done    $R/sweep/$prefix$tag.json"; continue; fi
@@ -241,17 +246,8 @@ if [[ $KEY == visedit-llava ]]; then
   fi
   # at the rule's layer, two rewrites of ours beside the paper's linear map, with the same answer memory: each
   # visual token's rewrite an MLP of the token and what it read (token_mlp), or its own mix of 8 directions (slots)
-  for variant in "token-mlp token_mlp=192 token_mlp192" "slots slots=8 slots8"; do
-    read -r name setting suffix <<<"$variant"
-    row=layer$rule-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer-$suffix
-    if [[ -e $R/sweep/$name-answer-layer$rule.json ]]; then
-      echo "done    $R/sweep/$name-answer-layer$rule.json"; continue
-    fi
-    step "$W/sweep/$row.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads prompt --limit 600 \
-      --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
-      --set eos=false --set memory_reads=answer --set "$setting" --out "$W/sweep" --layers "$rule"
-    [[ -n "${DRY:-}" ]] || cp "$W/sweep/$row.json" "$R/sweep/$name-answer-layer$rule.json"
-  done
+  sweep_out answer token-mlp:token_mlp=192 "$rule"
+  sweep_out answer slots:slots=8 "$rule"
   # what a visual-token editor could do at each of six layers: a free change of the visual tokens, optimised
   # per edit (8 edits, 200 Adam steps at lr 0.2; 60 steps at lr 0.05 reached layer 7's new answers on 7 of
   # 16 edits, these settings on all 8)
