@@ -169,6 +169,26 @@ def selectivity_figure(sel, *, title: str | None = None):
     return fig
 
 
+def image_swap_figure(swap, *, edits: dict[int, float] | None = None, title: str | None = None):
+    """After how many layers the answer no longer follows a swapped image (an
+    :class:`~visedit.attribution.swap.ImageSwap`): the shares that follow the partner image and that keep
+    their own answer, against the number of layers run before the swap. ``edits`` (layer → a score, e.g. a
+    VEAD sweep's reliability at the output of that layer) is drawn at the depth where that editor writes."""
+    import plotly.graph_objects as go
+
+    depth = list(range(len(swap.follow)))
+    fig = go.Figure([go.Scatter(x=depth, y=list(swap.follow), name="follow the swapped image", mode="lines+markers"),
+                     go.Scatter(x=depth, y=list(swap.keep), name="keep their own answer", mode="lines+markers")])
+    if edits:
+        layers = sorted(edits)
+        fig.add_trace(go.Scatter(x=[l + 1 for l in layers], y=[edits[l] for l in layers], mode="markers",
+                                 marker=dict(symbol="diamond", size=10), name="editor at the output of layer k − 1"))
+    fig.update_layout(title=title or f"Swapping the image after k layers (n = {swap.n} pairs)", height=360,
+                      xaxis_title="layers run on the record's own image before the swap (k)",
+                      yaxis_title="share of answers", yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
 def read_depth_figure(rows: Sequence[dict]):
     """The study's summary: for each recipe, the relative depth of the attention-contribution peak and the
     early layers' share of the contribution (``rows``: dicts with ``recipe``, ``attention_peak_relative_depth``
