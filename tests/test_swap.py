@@ -59,6 +59,11 @@ def test_shares_match_a_hooked_forward_pass_and_the_ends_are_exact(tiny_random, 
     assert swap.keep == tuple(round(k / swap.n, 4) for k in keep)
     assert swap.after_layer(0) == swap.follow[1] and swap.half_depth == next(
         k for k, f in enumerate(swap.follow) if f < 0.5)
+    if swap.edit_layer is not None:  # the last layer whose output still decides half: the next one's does not
+        assert swap.after_layer(swap.edit_layer) >= 0.5 > swap.follow[swap.edit_layer + 2]
+    made = ImageSwap((1.0, 0.8, 0.6, 0.4, 0.0), (0.0, 0.1, 0.3, 0.5, 1.0), 5, 5, 0)
+    assert (made.half_depth, made.edit_layer) == (3, 1)  # layer 1's output: 0.6 follow; layer 2's: 0.4
+    assert ImageSwap((1.0, 0.4, 0.0), (0.0, 0.5, 1.0), 5, 5, 0).edit_layer is None
     assert image_swap(tiny_random, records, seed=3, progress=False) == swap  # the seed fixes the partners
     assert ImageSwap.from_dict(json.loads(json.dumps(swap.to_dict()))) == swap
     assert [t.name for t in swap.plot().data][:2] == ["follow the swapped image", "keep their own answer"]

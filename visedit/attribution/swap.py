@@ -59,8 +59,15 @@ class ImageSwap:
         the model needs to take most of its answer from the image."""
         return next(k for k, f in enumerate(self.follow) if f < 0.5)
 
+    @property
+    def edit_layer(self) -> int | None:
+        """A causal counterpart of the paper's rule: the last layer at whose output a swapped image still
+        decides at least half the answers (``half_depth − 2``), where an editor of the visual tokens writes
+        while the model still takes its answer from them; None when fewer than half follow after layer 0."""
+        return self.half_depth - 2 if self.half_depth >= 2 else None
+
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "half_depth": self.half_depth}
+        return {**dataclasses.asdict(self), "half_depth": self.half_depth, "edit_layer": self.edit_layer}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageSwap":
