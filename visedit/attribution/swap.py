@@ -80,10 +80,6 @@ class ImageSwap:
         return image_swap_figure(self, **kwargs)
 
 
-def _first_answer(run, position: int) -> int:
-    return int(run.logits[0, position].argmax())
-
-
 def image_swap(vllm: VLLM, records: Sequence, *, seed: int = 0, tries: int = 20,
                progress: bool = True) -> ImageSwap:
     """Swap each record's visual tokens for a partner image's at every depth (see the module docstring).
@@ -111,7 +107,7 @@ def image_swap(vllm: VLLM, records: Sequence, *, seed: int = 0, tries: int = 20,
             start, stop = a_in.visual_spans[0]
             T = a_in.last_prompt[0]
             a_run = vllm.run(a_in, trace=names, trace_inputs=True)
-            a_tok = _first_answer(a_run, T)
+            a_tok = int(a_run.logits[0, T].argmax())
             for _ in range(tries):
                 j = rng.randrange(len(records) - 1)
                 j += j >= i  # any record but this one
@@ -119,19 +115,16 @@ def image_swap(vllm: VLLM, records: Sequence, *, seed: int = 0, tries: int = 20,
                 if b_in.visual_spans[0] != (start, stop) or b_in.last_prompt[0] != T:
                     continue
                 b_run = vllm.run(b_in, trace=names, trace_inputs=True)
-                b_tok = _first_answer(b_run, T)
+                b_tok = int(b_run.logits[0, T].argmax())
                 if b_tok != a_tok:
                     break
             else:
                 continue
             pairs.append((i, j))
-            for k in range(L + 1):
-                if k == 0:
-                    h = a_run.inputs[names[0]].clone()
-                    h[:, start:stop] = b_run.inputs[names[0]][:, start:stop]
-                else:
-                    h = a_run.outputs[names[k - 1]].clone()
-                    h[:, start:stop] = b_run.outputs[names[k - 1]][:, start:stop]
+            for k in range(L + 1):  # depth 0: layer 0's input; depth k: layer k − 1's output
+                ours, theirs = (a_run.inputs, b_run.inputs) if k == 0 else (a_run.outputs, b_run.outputs)
+                h = ours[names[max(k - 1, 0)]].clone()
+                h[:, start:stop] = theirs[names[max(k - 1, 0)]][:, start:stop]
                 if k < L:  # at k = L no layer is left to run: h is the last layer's output
                     h = vllm.adapter.run_from(k, h, a_run.kwargs[names[k]])
                 tok = int(unembed(vllm.adapter, h[0, T]).argmax())
