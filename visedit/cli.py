@@ -37,6 +37,16 @@ def _train_tiny(args) -> int:
     return 0
 
 
+def _train_late(args) -> int:
+    from .models.late import LateConfig, train_late
+
+    cfg = LateConfig.from_dict(dict(_set_items(args)))
+    record = train_late(args.out, args.model, cfg, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "wall_seconds": record["wall_seconds"], "loss": record["loss"],
+                      "kl": record["log"][-1]["kl"]}, indent=1))
+    return 0
+
+
 def _train_recipe(args) -> int:
     from .models.recipe import recipe_config, train_recipe
 
@@ -707,6 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --recipe llava: run the contrastive encoder stage alone and write the frozen "
                    "encoder to OUT (for --encoder-from)")
     p.set_defaults(func=_train_tiny)
+
+    p = sub.add_parser("train-late", help="tune a scene model so that its answer follows its image tokens up to "
+                       "depth K (interchange-intervention fine-tuning; seeded)")
+    p.add_argument("--model", default="visedit-llava", help="the scene model to tune (default visedit-llava)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new; written atomically)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a LateConfig setting: depth (default 7), steps (1200), batch (12), lr (2e-4), seed, "
+                   "threads (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_late)
 
     p = sub.add_parser("model-card", help="measure a model's accuracy on fresh renderings of the world")
     p.add_argument("--model", default=None, help=MODEL_HELP)
