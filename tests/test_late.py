@@ -4,6 +4,7 @@ keeps the vision tower and writes a loadable model, one line for each bad input.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from visedit.models import load_vllm
 from visedit.models.late import LateConfig, interchange_kl, train_late
+
+RESULTS = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "visedit-late"
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,71 @@ def test_bad_input_is_one_line(second, tmp_path):
         with pytest.raises(ValueError, match=message):
             LateConfig.from_dict(bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_swap_and_sweep_figure_draws_each_editor_where_it_writes():
+    from types import SimpleNamespace
+
+    from visedit.viz.figures import swaps_and_sweeps_figure
+
+    fig = swaps_and_sweeps_figure({"a": dict(swap=SimpleNamespace(follow=[1.0, 0.5, 0.0]), edits={1: 0.4, 0: 0.9},
+                                             rule=1),
+                                   "b": dict(swap=SimpleNamespace(follow=[1.0, 0.9, 0.0]), edits={}, rule=None)})
+    assert [list(t.x) for t in fig.data] == [[0, 1, 2], [1, 2], [0, 1, 2], []]
+    assert list(fig.data[1].y) == [0.9, 0.4] and fig.data[0].line.color == fig.data[1].marker.color
+    assert [s.x0 for s in fig.layout.shapes] == [2]  # the rule's layer 1 writes where a swap after 2 layers does
+
+
+@pytest.fixture(scope="module")
+def late():
+    return load_vllm("visedit-late")
+
+
+def test_the_shipped_late_model_is_the_tuning_of_the_shipped_second(second, late):
+    import dataclasses
+
+    from visedit.models.vllm import EMBEDDED_MODELS
+
+    folder = EMBEDDED_MODELS["visedit-late"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 30 * 2**20
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    record = json.loads((folder / "training.json").read_text())
+    assert record["config"] == dataclasses.asdict(LateConfig()) and record["source"] == "visedit-llava"
+    assert record["source_fingerprint"] == second.fingerprint == late.info["tuned"]["fingerprint"]
+    assert len(record["log"]) == 1200 // 25 and record["log"][-1]["step"] == 1200
+
+
+def test_the_shipped_late_model_decides_late(second, late):
+    """The image swap on 32 eval questions spread over the split: the tuned model follows a swapped image up
+    to its 8th layer (0.75 of the answers at the output of layer 6, where the second model follows it on
+    0.22; fewer than half from the output of layer 7 on); and the paper's rule, recomputed live, picks the
+    layer the committed contributions report names."""
+    from visedit.attribution import image_swap
+    from visedit.editing.vead.editor import choose_edit_layer
+    from visedit.world import load_world_split, spread
+
+    sample = spread(load_world_split("eval", late.dataset_spec), 32)
+    mine, theirs = image_swap(late, sample, progress=False), image_swap(second, sample, progress=False)
+    assert mine.half_depth == 8 and mine.edit_layer == 6 and mine.after_layer(6) >= 0.7
+    assert theirs.half_depth <= 4 and theirs.after_layer(6) <= 0.25 and mine.after_layer(7) < 0.5
+    committed = json.loads((RESULTS / "contributions.json").read_text())
+    assert "--model visedit-late" in committed["command"]
+    assert choose_edit_layer(late, load_world_split("train", late.dataset_spec)) == committed["choose_edit_layer"] == 7
+
+
+def test_the_committed_sweep_is_of_the_shipped_late_model_and_best_at_the_rule_s_layer(late):
+    """The layer sweep chapter 8 shows (late.sh): six layers over the twelve, every row trained and scored on
+    the shipped tuned model with the second model's sweep settings; its best five-metric mean is at the
+    paper's rule's layer (7), where VEAD edits the second model far less often (reliability 0.500)."""
+    rows = {}
+    for path in sorted((RESULTS / "sweep").glob("answer-layer*.json")):
+        row = json.loads(path.read_text())
+        assert row["settings"]["model"] == "visedit-late" and row["settings"]["model_fingerprint"] == late.fingerprint
+        assert row["n"] == 100 and row["settings"]["config"]["memory_reads"] == "answer"
+        rows[row["layer"]] = row
+    assert sorted(rows) == [0, 2, 4, 6, 7, 10]
+    second = json.loads((RESULTS.parent / "visedit-llava" / "sweep" / "answer-layer7.json").read_text())
+    same = ("steps", "lr", "w_loc", "w_im", "memory_reads", "at", "im_reads", "eos", "hard_loc", "seed", "sigma")
+    assert all(rows[7]["settings"]["config"][k] == second["settings"]["config"][k] for k in same)
+    assert max(rows, key=lambda l: rows[l]["mean"]) == 7
+    assert rows[7]["reliability"] > second["reliability"] + 0.2

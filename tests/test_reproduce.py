@@ -260,3 +260,34 @@ def test_an_interrupted_evaluation_is_resumed_not_taken_as_done(tmp_path):
     assert run(finished) == [f"done    {finished}"]
     fresh = run(tmp_path / "missing")
     assert fresh[:2] == [f"run     {tmp_path / 'missing'}: echo evaluate --fresh --out X ", "evaluate --fresh --out X"]
+
+
+def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tmp_path):
+    """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
+    elsewhere, its contributions and six sweep rows run on the shipped tuned model, each command parses."""
+    script = ROOT / "notebooks" / "results" / "late.sh"
+
+    def dry(**env):
+        done = subprocess.run(["bash", str(script)], env={**os.environ, "DRY": "1", **env}, capture_output=True,
+                              text=True, check=True)
+        return done.stdout.splitlines()
+
+    lines = dry()
+    assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
+    declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
+    results = ROOT / "notebooks" / "results" / "visedit-late"
+    committed = {str(p.relative_to(ROOT)) for p in [results / "contributions.json", *results.glob("sweep/*.json")]}
+    assert declared == committed | {"visedit/models/embedded_late"}
+    staged = dry(STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
+    assert staged[0] == "done    visedit/models/embedded_late"
+    runs = [s for s in staged if s.startswith("run ")]
+    assert len(runs) == 1 + 6 and len(runs) == len(staged) - 2
+    parser, layers = build_parser(), []
+    for line in runs:
+        out, command = line[len("run "):].strip().split(": ", 1)
+        argv = shlex.split(command)
+        args = parser.parse_args(argv[argv.index("visedit") + 1:])
+        assert args.model == "visedit-late" and out.startswith(str(tmp_path))
+        if args.command == "sweep-vead":
+            layers += args.layers
+    assert sorted(layers) == [0, 2, 4, 6, 7, 10]

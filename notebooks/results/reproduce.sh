@@ -61,20 +61,6 @@ to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to 
   "$@" > "$file.part" && mv "$file.part" "$file"
 }
 
-lanes() {  # lanes FN_A FN_B: two independent lists of steps; with JOBS=2 side by side, one thread each
-  if [[ ${JOBS:-1} == 2 && -z ${DRY:-} ]]; then
-    (export OMP_NUM_THREADS=1; "$1") & local a=$!
-    (export OMP_NUM_THREADS=1; "$2") & local b=$!
-    local ra=0 rb=0
-    wait $a || ra=$?
-    wait $b || rb=$?
-    if (( ra || rb )); then echo "a lane failed ($1: exit $ra, $2: exit $rb)" >&2; exit 1; fi
-  else
-    "$1"
-    "$2"
-  fi
-}
-
 check_tune() {  # the preset must hold tune's best setting
   [[ -n "${DRY:-}" ]] && return
   $PY - "$R/tune/$1.json" "$1" "$KEY" <<'EOF'

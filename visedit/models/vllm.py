@@ -26,14 +26,17 @@ from .devices import execution_device, is_dispatched, parameter_values
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 #: The embedded teaching models by name: the first (one creature per image, word-level vocabulary), the
 #: second, made LLaVA's way (scenes, frozen contrastive encoder, byte-level BPE, 12 layers), and a BLIP-2
-#: made the same way on the second's frozen encoder (a Q-Former of 32 queries, a Llama decoder).
+#: made the same way on the second's frozen encoder (a Q-Former of 32 queries, a Llama decoder), and the
+#: second tuned to decide late (its answer follows its image tokens up to depth 7; ``train-late``).
 EMBEDDED_MODELS = {"visedit-tiny": EMBEDDED_DIR, "visedit-llava": Path(__file__).parent / "embedded_llava",
-                   "visedit-blip2": Path(__file__).parent / "embedded_blip2"}
+                   "visedit-blip2": Path(__file__).parent / "embedded_blip2",
+                   "visedit-late": Path(__file__).parent / "embedded_late"}
 #: How each embedded model is rebuilt when its folder is missing.
 _REBUILD = {"visedit-tiny": "python -m visedit train-tiny --out {path}",
             "visedit-llava": "python -m visedit train-tiny --recipe llava --out {path}",
             "visedit-blip2": "python -m visedit train-tiny --recipe blip2 --encoder-from "
-                             "visedit/models/embedded_encoder --out {path}"}
+                             "visedit/models/embedded_encoder --out {path}",
+            "visedit-late": "python -m visedit train-late --model visedit-llava --out {path}"}
 #: LLaVA-1.5's conversation frame. ``{image}`` becomes the processor's image token (or nothing).
 DEFAULT_TEMPLATE = PromptFrame().template
 
