@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "notebooks" / "results" / "reproduce.sh"
 
 
-def _dry(**env) -> list[str]:
-    done = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "DRY": "1", **env}, capture_output=True,
+def _dry(script=SCRIPT, **env) -> list[str]:
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "DRY": "1", **env}, capture_output=True,
                           text=True, check=True)
     return done.stdout.splitlines()
 
@@ -266,19 +266,13 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
     """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
     elsewhere, its contributions and six sweep rows run on the shipped tuned model, each command parses."""
     script = ROOT / "notebooks" / "results" / "late.sh"
-
-    def dry(**env):
-        done = subprocess.run(["bash", str(script)], env={**os.environ, "DRY": "1", **env}, capture_output=True,
-                              text=True, check=True)
-        return done.stdout.splitlines()
-
-    lines = dry()
+    lines = _dry(script)
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
     declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
     results = ROOT / "notebooks" / "results" / "visedit-late"
     committed = {str(p.relative_to(ROOT)) for p in [results / "contributions.json", *results.glob("sweep/*.json")]}
     assert declared == committed | {"visedit/models/embedded_late"}
-    staged = dry(STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
+    staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
     assert staged[0] == "done    visedit/models/embedded_late"
     runs = [s for s in staged if s.startswith("run ")]
     assert len(runs) == 1 + 6 and len(runs) == len(staged) - 2

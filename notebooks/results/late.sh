@@ -27,26 +27,13 @@ step "$R/contributions.json" $PY -m visedit contributions "${M[@]}" --json --lim
 rule=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["choose_edit_layer"])' "$R/contributions.json" \
   2>/dev/null || echo 7)
 
-sweep_out() {  # sweep_out LAYER...: one reduced-budget row per layer (VEAD's memory reads the new answer)
-  local layer file
-  for layer in "$@"; do
-    file=layer$layer-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer.json
-    if [[ -e $R/sweep/answer-layer$layer.json ]]; then echo "done    $R/sweep/answer-layer$layer.json"; continue; fi
-    step "$W/sweep/$file" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads prompt --limit 600 \
-      --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
-      --set eos=false --set memory_reads=answer --out "$W/sweep" --layers "$layer"
-    [[ -n "${DRY:-}" ]] && continue
-    mkdir -p "$R/sweep"
-    cp "$W/sweep/$file" "$R/sweep/answer-layer$layer.json"
-  done
-}
 lane_a=("$rule")
 lane_b=()
 for layer in 0 2 4 6 10; do  # the rule's layer and five more spread over the twelve, in lanes of similar length
   [[ $layer == "$rule" ]] && continue
   if [[ $layer == 10 || $layer == 4 || $layer == 6 ]]; then lane_b+=("$layer"); else lane_a+=("$layer"); fi
 done
-sweep_a() { sweep_out "${lane_a[@]}"; }
-sweep_b() { sweep_out "${lane_b[@]}"; }
+sweep_a() { sweep_out answer "${lane_a[@]}"; }  # the settings of the second model's answer rows
+sweep_b() { sweep_out answer "${lane_b[@]}"; }
 lanes sweep_a sweep_b
 echo "all results are in place under $R"

@@ -185,26 +185,6 @@ many_b() { many ft_l; many mend; }
 
 # ---- the second model: VEAD where the paper puts it, swept over the decoder (its ablations are sweep rows) ---
 if [[ $KEY == visedit-llava ]]; then
-  sweep_out() {  # sweep_out [answer] [NAME:KEY=VALUE] LAYER...: one reduced-budget row per layer at the paper's
-    # placement
-    # answer: VEAD's memory reads the new answer (ours, the preset's); otherwise the edit sample (the paper's)
-    # NAME:KEY=VALUE: one more setting (--set KEY=VALUE), its rows committed as NAME-….json
-    local layer tag prefix= suffix=-memory_readssample extra=(--set memory_reads=sample)
-    if [[ $1 == answer ]]; then prefix=answer-; suffix=-memory_readsanswer; extra=(--set memory_reads=answer); shift; fi
-    if [[ $1 == *:*=* ]]; then
-      prefix=${1%%:*}-$prefix; suffix+=-${1#*:}; suffix=${suffix/=/}; extra+=(--set "${1#*:}"); shift
-    fi
-    for layer in "$@"; do
-      tag=layer$layer
-      if [[ -e $R/sweep/$prefix$tag.json ]]; then echo "done    $R/sweep/$prefix$tag.json"; continue; fi
-      step "$W/sweep/$tag-w_loc3-w_im0.1-lr0.003-eosFalse$suffix.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output \
-        --im-reads prompt --limit 600 --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 \
-        --set w_im=0.1 --set lr=0.003 --set eos=false "${extra[@]}" --out "$W/sweep" --layers "$layer"
-      [[ -n "${DRY:-}" ]] && continue
-      mkdir -p "$R/sweep"
-      cp "$W/sweep/$tag-w_loc3-w_im0.1-lr0.003-eosFalse$suffix.json" "$R/sweep/$prefix$tag.json"
-    done
-  }
   # the rule's l_e is the shipped VEAD's layer (before it is trained: the rule's choice in the committed
   # contributions of the study); the sweep adds it to six layers spread over the twelve
   rule=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"]["layer"])' "$T/vead/vead.json" \

@@ -32,7 +32,7 @@ from ..fit import Every, fit
 from ..hooks import edit_output
 from ..io import atomic_path
 from ..world import make_world
-from ..world.scene import render_scene
+from .recipe import draw_scenes, scene_turns
 
 #: Seed stream of the tuning's draws (apart from the recipes' streams).
 LATE_STREAM = 40
@@ -118,8 +118,6 @@ def train_late(out: str | os.PathLike, model="visedit-llava", cfg: LateConfig = 
     if not cfg.depth < vllm.n_layers:
         raise ValueError(f"LateConfig.depth must be below the model's {vllm.n_layers} layers (swaps go in at "
                          f"depths 1…depth), got {cfg.depth}")
-    from .recipe import scene_turns
-
     source, fingerprint = vllm.name, vllm.fingerprint
     world = make_world(vllm.info.get("world_seed", 0), n_entities=vllm.info.get("n_entities", 70))
     size = vllm.info.get("image_size", 80)
@@ -127,17 +125,9 @@ def train_late(out: str | os.PathLike, model="visedit-llava", cfg: LateConfig = 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model_ = vllm.model
 
-    def scenes(rng: np.random.Generator) -> list:
-        out_ = []
-        for _ in range(cfg.batch):
-            k = int(rng.integers(1, 5))
-            ents = [world.entities[i] for i in rng.choice(len(world), k, replace=False)]
-            out_.append(render_scene(ents, seed=rng, size=size))
-        return out_
-
     def loss_at(step: int):
         rng, py = np.random.default_rng([cfg.seed, LATE_STREAM, step]), random.Random(f"late-{cfg.seed}-{step}")
-        a_sc, b_sc = scenes(rng), scenes(rng)
+        a_sc, b_sc = (draw_scenes(world, rng, cfg.batch, size=size) for _ in range(2))
         qa = [scene_turns(s, py, 1)[0] for s in a_sc]
         a_in = vllm.inputs([(s.image, q, a) for s, (q, a) in zip(a_sc, qa)], add_eos=True)
         prompt = vllm.inputs([(s.image, q) for s, (q, _) in zip(a_sc, qa)])

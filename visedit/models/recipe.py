@@ -634,12 +634,17 @@ class _Batcher:
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def scenes(self, rng: np.random.Generator, n: int) -> list:
-        out = []
-        for _ in range(n):
-            k = int(rng.integers(1, self.cfg.max_creatures + 1))
-            ents = [self.world.entities[i] for i in rng.choice(len(self.world), k, replace=False)]
-            out.append(render_scene(ents, seed=rng, size=self.cfg.image_size))
-        return out
+        return draw_scenes(self.world, rng, n, max_creatures=self.cfg.max_creatures, size=self.cfg.image_size)
+
+
+def draw_scenes(world: World, rng: np.random.Generator, n: int, *, max_creatures: int = 4, size: int = 80) -> list:
+    """``n`` scenes of 1 to ``max_creatures`` distinct creatures of ``world``, drawn and rendered from ``rng``."""
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, max_creatures + 1))
+        ents = [world.entities[i] for i in rng.choice(len(world), k, replace=False)]
+        out.append(render_scene(ents, seed=rng, size=size))
+    return out
 
 
 def selector_last_templates() -> dict[str, tuple[str, ...]]:
