@@ -138,7 +138,8 @@ def train_late(out: str | os.PathLike, model="visedit-llava", cfg: LateConfig = 
                              "one size at different positions")
         logits = model_(**a_in.tensors, use_cache=False).logits.float()
         ce = [F.cross_entropy(logits[b, torch.tensor(a_in.target_positions[b]) - 1],
-                              torch.tensor(a_in.target_ids[b]), reduction="sum") for b in range(cfg.batch)]
+                              torch.tensor(a_in.target_ids[b], device=logits.device), reduction="sum")
+              for b in range(cfg.batch)]
         lm = torch.stack(ce).sum() / sum(len(t) for t in a_in.target_ids)
         k = int(rng.integers(1, cfg.depth + 1))
         kl = interchange_kl(vllm, prompt, b_in, k, span)

@@ -313,7 +313,7 @@ class VEAD(nn.Module):
         v = self.w_v(mem).view(H.shape[0], -1, h, m // h).transpose(1, 2)
         if H.shape[0] != B:
             k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        attn_mask = mask.bool()[:, None, None, :].expand(B, 1, 1, -1)
+        attn_mask = mask.to(q.device).bool()[:, None, None, :].expand(B, 1, 1, -1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, m)
         if self.w_tok is not None:
             o = F.gelu(self.w_mix(o) + self.w_tok(self.ln1(V)))

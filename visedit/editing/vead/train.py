@@ -227,10 +227,10 @@ def step_loss(vead: VEAD, cache: Cache, batch: Sequence[CachedRecord], config: V
     edit_rows = torch.arange(len(batch)).repeat_interleave(n_rows) * n_rows
     if config.memory_reads == "answer":  # each record's new answer, as token embeddings, for all its rows
         answers = [r.answer for r in batch]
-        lengths = torch.tensor([a.shape[0] for a in answers])
+        lengths = torch.tensor([a.shape[0] for a in answers], device=states.device)
         per = edit_rows // n_rows
         memory = _pad(answers, int(lengths.max()))[per]
-        memory_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None])[per]
+        memory_mask = (torch.arange(int(lengths.max()), device=states.device)[None] < lengths[:, None])[per]
     else:
         memory, memory_mask = states[edit_rows], mask[edit_rows]
     start, stop = batch[0].span
