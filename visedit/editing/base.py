@@ -335,15 +335,20 @@ def trained_dir(stem: str, model=None) -> Path:
     return TRAINED_ROOT / key / stem if key else TRAINED_ROOT / stem
 
 
+#: Embedded models tuned from another one: where they have no preset of their own, they take that model's.
+TUNED_FROM = {"visedit-late": "visedit-llava"}
+
+
 def load_preset(name: str, path: str | Path | None = None, *, model=None) -> dict:
     """The YAML preset of editor ``name``, or the file at ``path``. ``model`` (a :class:`VLLM` or a name):
-    an embedded model's own preset (``presets/<model>/<name>.yaml``) when it has one, else
-    ``presets/<name>.yaml``."""
+    an embedded model's own preset (``presets/<model>/<name>.yaml``) when it has one, else that of the model
+    it was tuned from (:data:`TUNED_FROM`), else ``presets/<name>.yaml``."""
     from ..io import load_yaml
 
     key = _model_key(model)
-    own = PRESET_DIR / key / f"{name}.yaml" if key else None
-    file = Path(path) if path is not None else own if own is not None and own.exists() else PRESET_DIR / f"{name}.yaml"
+    mine = [PRESET_DIR / k / f"{name}.yaml" for k in (key, TUNED_FROM.get(key)) if k]
+    own = next((f for f in mine if f.exists()), None)
+    file = Path(path) if path is not None else own if own is not None else PRESET_DIR / f"{name}.yaml"
     if not file.exists():
         if path is not None:
             raise FileNotFoundError(f"preset file not found: {file}")
