@@ -264,24 +264,33 @@ def test_an_interrupted_evaluation_is_resumed_not_taken_as_done(tmp_path):
 
 def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tmp_path):
     """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
-    elsewhere, its contributions and six sweep rows run on the shipped tuned model, each command parses."""
+    elsewhere, its contributions, six sweep rows, VEAD at the rule's layer (trained, evaluated, its learned
+    scope fitted and tuned) and the five baselines run on the shipped tuned model, and each command parses."""
     script = ROOT / "notebooks" / "results" / "late.sh"
     lines = _dry(script)
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
     declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
     results = ROOT / "notebooks" / "results" / "visedit-late"
-    committed = {str(p.relative_to(ROOT)) for p in [results / "contributions.json", *results.glob("sweep/*.json")]}
-    assert declared == committed | {"visedit/models/embedded_late"}
+    committed = {str(p.relative_to(ROOT)) for pattern in ("contributions.json", "sweep/*.json", "tune/*.json",
+                                                          "evaluate/*", "scoped-tune/*") for p in results.glob(pattern)}
+    trained = {f"visedit/editing/trained/visedit-late/{name}" for name in ("vead", "scope-layer8", "mend")}
+    assert declared == committed | trained | {"visedit/models/embedded_late"}
     staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
     assert staged[0] == "done    visedit/models/embedded_late"
     runs = [s for s in staged if s.startswith("run ")]
-    assert len(runs) == 1 + 6 and len(runs) == len(staged) - 2
-    parser, layers = build_parser(), []
+    assert len(runs) == 1 + 6 + 10 + 9 and len(runs) == len(staged) - 2
+    parser, layers, commands = build_parser(), [], []
     for line in runs:
         out, command = line[len("run "):].strip().split(": ", 1)
         argv = shlex.split(command)
         args = parser.parse_args(argv[argv.index("visedit") + 1:])
         assert args.model == "visedit-late" and out.startswith(str(tmp_path))
+        commands.append(args.command)
         if args.command == "sweep-vead":
             layers += args.layers
+        if args.command == "train-vead":  # the second model's preset at the rule's layer (the committed one's)
+            assert args.layer == 7 and args.config.endswith("presets/visedit-llava/vead.yaml")
+        if args.command == "evaluate" and args.editor == "vead":
+            assert args.preset.endswith("presets/visedit-llava/vead.yaml") and str(args.weights).startswith(str(tmp_path))
     assert sorted(layers) == [0, 2, 4, 6, 7, 10]
+    assert commands.count("evaluate") == 2 + 6 + 5 and commands.count("tune") == 3

@@ -2,7 +2,12 @@
 # The late-deciding model (visedit-late): the second teaching model tuned so that its answer keeps following
 # its image tokens up to depth 7 (train-late), and what chapter 8 shows of it: its contribution profile with
 # the paper's rule for l_e, and VEAD's reduced-budget layer sweep with the settings of the second model's
-# answer-memory rows (results/visedit-llava/sweep/answer-layer*.json), at the rule's layer and five more.
+# answer-memory rows (results/visedit-llava/sweep/answer-layer*.json), at the rule's layer and five more;
+# then the 504-edit evaluations: the baselines retuned on this model's train split (tune grids as in
+# reproduce.sh), MEND trained on it, and VEAD trained at the rule's layer with the second model's preset,
+# as the paper has it and with the learned scope of the second model's scoped editor (prompt route at
+# layer 8, route_min and refine_lr chosen on 100 train edits by reproduce.sh's rules). With JOBS=2 these take
+# about 65 minutes: VEAD's lane (its training 35 min on one thread) beside the baselines' (57 min).
 #
 #   JOBS=2 bash notebooks/results/late.sh    # everything missing; the sweep in two lanes of one thread each
 #   DRY=1 bash notebooks/results/late.sh     # print the commands only
@@ -10,13 +15,17 @@
 #
 # The model ships in visedit/models/embedded_late (its first step is then skipped); delete that folder to
 # retrain it: 1200 steps on one thread, 32 minutes on a 2-core machine beside another one-thread job.
-# Resumable: a result that exists is skipped. Run it alone: the machine has two cores.
+# Resumable: a result that exists is skipped. Run it alone: the machine has two cores. Tuning does not change
+# the presets: when tune's best differs from presets/visedit-late, the script stops and says so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 R=${STAGE:-.}/notebooks/results/visedit-late
 W=${WORK:-.reproduce}/visedit-late
 M=(--model visedit-late)
+KEY=visedit-late
+T=${STAGE:-.}/visedit/editing/trained/visedit-late
+LLAVA=visedit/editing/presets/visedit-llava   # the second model's VEAD preset (layer: the rule's, given below)
 
 source notebooks/results/steps.sh
 
@@ -36,4 +45,37 @@ done
 sweep_a() { sweep_out answer "${lane_a[@]}"; }  # the settings of the second model's answer rows
 sweep_b() { sweep_out answer "${lane_b[@]}"; }
 lanes sweep_a sweep_b
+
+baselines() {  # FT-L, FT-V and IKE retuned here (the presets in presets/visedit-late must hold tune's best), MEND
+  tune_baselines '[0, 3, 6, 9, 11]'
+  local e
+  for e in none ft_l ft_v ike; do
+    step "$R/evaluate/$e" $PY -m visedit evaluate "${M[@]}" --editor $e --json --fresh --out "$R/evaluate/$e"
+  done
+  step "$T/mend" $PY -m visedit train-mend "${M[@]}" --json --out "$T/mend"
+  step "$R/evaluate/mend" $PY -m visedit evaluate "${M[@]}" --editor mend --weights "$T/mend" --json --fresh \
+    --out "$R/evaluate/mend"
+}
+vead_at_rule() {  # VEAD at the rule's layer; the paper's editor, then through the learned scope with refinement
+  local V=(--editor vead --preset $LLAVA/vead.yaml --weights "$T/vead")
+  step "$T/vead" env OMP_NUM_THREADS=1 $PY -m visedit train-vead "${M[@]}" --config $LLAVA/vead.yaml --layer "$rule" \
+    --json --out "$T/vead"
+  step "$R/evaluate/vead" $PY -m visedit evaluate "${M[@]}" "${V[@]}" --json --fresh --out "$R/evaluate/vead"
+  step "$T/scope-layer8" $PY -m visedit fit-scope "${M[@]}" --layer 8 --json --out "$T/scope-layer8"
+  local LEARNED=(--set route=prompt --set route_layer=8 --set route_scope="$T/scope-layer8") m lr
+  for m in 0.5 0.6 0.7 0.8; do
+    step "$R/scoped-tune/learned-route-min$m" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
+      "${LEARNED[@]}" --set route_min=$m --json --fresh --out "$R/scoped-tune/learned-route-min$m"
+  done
+  local learned_min; learned_min=$(scoped_pick learned-route-min 0.5 0.6 0.7 0.8)
+  for lr in 0.05 0.2; do
+    step "$R/scoped-tune/learned-refine-lr$lr" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
+      "${LEARNED[@]}" --set route_min="$learned_min" --set refine_steps=50 --set refine_lr=$lr --json --fresh \
+      --out "$R/scoped-tune/learned-refine-lr$lr"
+  done
+  step "$R/evaluate/vead-learned" $PY -m visedit evaluate "${M[@]}" "${V[@]}" "${LEARNED[@]}" \
+    --set route_min="$learned_min" --set refine_steps=50 \
+    --set refine_lr="$(scoped_pick learned-refine-lr 0.05 0.2)" --json --fresh --out "$R/evaluate/vead-learned"
+}
+lanes vead_at_rule baselines
 echo "all results are in place under $R"

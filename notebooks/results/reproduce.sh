@@ -55,35 +55,8 @@ fi
 
 source notebooks/results/steps.sh
 
-to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to FILE
-  local file=$1; shift
-  mkdir -p "$(dirname "$file")"
-  "$@" > "$file.part" && mv "$file.part" "$file"
-}
-
-check_tune() {  # the preset must hold tune's best setting
-  [[ -n "${DRY:-}" ]] && return
-  $PY - "$R/tune/$1.json" "$1" "$KEY" <<'EOF'
-import json, sys
-from visedit.editing import load_preset
-model = sys.argv[3] or None
-best, preset = json.load(open(sys.argv[1]))["best"], load_preset(sys.argv[2], model=model)
-differs = {k: (v, preset.get(k)) for k, v in best.items() if preset.get(k) != v}
-if differs:
-    where = f"{model}/" if model else ""
-    sys.exit(f"tune's best for {sys.argv[2]} differs from its preset (best, preset): {differs}; "
-             f"edit (or create) visedit/editing/presets/{where}{sys.argv[2]}.yaml, then run this script again")
-EOF
-}
-
 # ---- baseline settings, chosen on 40 train edits (a few minutes each) ---------------------------------
-step "$R/tune/ft_l.json" to_file "$R/tune/ft_l.json" $PY -m visedit tune "${M[@]}" --json --editor ft_l \
-  --grid "{\"layer\": $FTL_LAYERS, \"lr\": [1e-3, 3e-4]}"
-step "$R/tune/ft_v.json" to_file "$R/tune/ft_v.json" $PY -m visedit tune "${M[@]}" --json --editor ft_v \
-  --grid '{"lr": [1e-2, 1e-3, 1e-4], "vision_layers": [0, 1]}'
-step "$R/tune/ike.json" to_file "$R/tune/ike.json" $PY -m visedit tune "${M[@]}" --json --editor ike \
-  --grid '{"n_demos": [0, 2, 4, 8]}'
-for e in ft_l ft_v ike; do check_tune $e; done
+tune_baselines "$FTL_LAYERS"
 
 # ---- the 504-edit evaluations (2–3 min each) of the baselines, MEND (trained in 6 min) and VEAD (47 min)
 for e in none ft_l ft_v ike; do
@@ -141,25 +114,6 @@ for m in ("0.7", "0.8", "0.9"):
         break
 else:
     print("0.9")
-PY
-}
-scoped_pick() {  # scoped_pick KIND VALUE...: route-min: the first value whose M-locality and in-image locality
-  # reach 0.95 on the train edits (else the last); learned-route-min: the value with the best mean of all seven
-  # probes (the five metrics, in-image and look-alike locality); *refine-lr: the value with the best five-metric
-  # mean (DRY: a placeholder)
-  if [[ -n "${DRY:-}" ]]; then echo TUNED; return; fi
-  $PY - "$R/scoped-tune" "$@" <<'PY'
-import json, sys
-from pathlib import Path
-root, kind, values = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-runs = {v: json.loads((root / f"{kind}{v}" / "summary.json").read_text()) for v in values}
-if kind == "route-min":
-    print(next((v for v in values if min(runs[v]["m_locality"], runs[v]["i_locality"]) >= 0.95), values[-1]))
-elif kind == "learned-route-min":
-    probes = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality", "i_locality", "la_locality")
-    print(max(values, key=lambda v: sum(runs[v][p] for p in probes)))
-else:
-    print(max(values, key=lambda v: runs[v]["mean"]))
 PY
 }
 many() {  # many EDITOR-TAG: every T for one editor
