@@ -291,6 +291,7 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
         if args.command == "train-vead":  # the second model's preset at the rule's layer (the committed one's)
             assert args.layer == 7 and args.config.endswith("presets/visedit-llava/vead.yaml")
         if args.command == "evaluate" and args.editor == "vead":
-            assert args.preset.endswith("presets/visedit-llava/vead.yaml") and str(args.weights).startswith(str(tmp_path))
+            assert args.preset.endswith("presets/visedit-llava/vead.yaml")
+            assert str(args.weights).startswith(str(tmp_path))
     assert sorted(layers) == [0, 2, 4, 6, 7, 10]
     assert commands.count("evaluate") == 2 + 6 + 5 and commands.count("tune") == 3
