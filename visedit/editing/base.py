@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -335,18 +336,18 @@ def trained_dir(stem: str, model=None) -> Path:
     return TRAINED_ROOT / key / stem if key else TRAINED_ROOT / stem
 
 
-#: Embedded models tuned from another one: where they have no preset of their own, they take that model's.
-TUNED_FROM = {"visedit-late": "visedit-llava"}
-
-
 def load_preset(name: str, path: str | Path | None = None, *, model=None) -> dict:
     """The YAML preset of editor ``name``, or the file at ``path``. ``model`` (a :class:`VLLM` or a name):
     an embedded model's own preset (``presets/<model>/<name>.yaml``) when it has one, else that of the model
-    it was tuned from (:data:`TUNED_FROM`), else ``presets/<name>.yaml``."""
+    it was tuned from (the ``tuned`` entry of its ``visedit.json``, written by ``train-late``), else
+    ``presets/<name>.yaml``."""
     from ..io import load_yaml
+    from ..models.vllm import EMBEDDED_MODELS
 
     key = _model_key(model)
-    mine = [PRESET_DIR / k / f"{name}.yaml" for k in (key, TUNED_FROM.get(key)) if k]
+    info = EMBEDDED_MODELS[key] / "visedit.json" if key else None
+    source = json.loads(info.read_text()).get("tuned", {}).get("from") if info and info.exists() else None
+    mine = [PRESET_DIR / k / f"{name}.yaml" for k in (key, source) if k]
     own = next((f for f in mine if f.exists()), None)
     file = Path(path) if path is not None else own if own is not None else PRESET_DIR / f"{name}.yaml"
     if not file.exists():
