@@ -94,7 +94,7 @@ def test_the_swap_and_sweep_figure_draws_each_editor_where_it_writes():
     fig = swaps_and_sweeps_figure({"a": dict(swap=SimpleNamespace(follow=[1.0, 0.5, 0.0]), edits={1: 0.4, 0: 0.9},
                                              rule=1),
                                    "b": dict(swap=SimpleNamespace(follow=[1.0, 0.9, 0.0]), edits={}, rule=None)})
-    assert [list(t.x) for t in fig.data] == [[0, 1, 2], [1, 2], [0, 1, 2], []]
+    assert [list(t.x) for t in fig.data] == [[0, 1, 2], [1, 2], [0, 1, 2]]  # b has no sweep: no diamonds
     assert list(fig.data[1].y) == [0.9, 0.4] and fig.data[0].line.color == fig.data[1].marker.color
     assert [s.x0 for s in fig.layout.shapes] == [2]  # the rule's layer 1 writes where a swap after 2 layers does
 

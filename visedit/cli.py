@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 MODEL_HELP = ("a checkpoint folder, or an embedded model's name: visedit-tiny (the default), visedit-llava "
-              "(the second teaching model) or visedit-blip2 (a BLIP-2 on the second's frozen encoder)")
+              "(the second teaching model), visedit-late (the second tuned to decide late) or visedit-blip2 "
+              "(a BLIP-2 on the second's frozen encoder)")
 
 
 def _train_tiny(args) -> int:

@@ -194,7 +194,7 @@ def swaps_and_sweeps_figure(models: dict, *, title: str = "Where the answer stop
     """Several models' image swaps beside their editor sweeps: per model (``name → dict(swap=ImageSwap,
     edits={layer: score}, rule=layer or None)``) the share of answers that follow a swapped image after k
     layers (line), each sweep row drawn at the depth where its editor writes (k = layer + 1, diamonds, same
-    colour), and the rule's layer as a dotted line there."""
+    colour; none without ``edits``), and the rule's layer as a dotted line there."""
     import plotly.graph_objects as go
     from plotly.colors import DEFAULT_PLOTLY_COLORS as colours
 
@@ -205,9 +205,10 @@ def swaps_and_sweeps_figure(models: dict, *, title: str = "Where the answer stop
                                  line=dict(color=colour), name=f"{name}: follow the swapped image"))
         edits = m.get("edits") or {}
         layers = sorted(edits)
-        fig.add_trace(go.Scatter(x=[l + 1 for l in layers], y=[edits[l] for l in layers], mode="markers",
-                                 marker=dict(symbol="diamond", size=11, color=colour),
-                                 name=f"{name}: editor at the output of layer k − 1"))
+        if layers:
+            fig.add_trace(go.Scatter(x=[l + 1 for l in layers], y=[edits[l] for l in layers], mode="markers",
+                                     marker=dict(symbol="diamond", size=11, color=colour),
+                                     name=f"{name}: editor at the output of layer k − 1"))
         if m.get("rule") is not None:
             fig.add_vline(x=m["rule"] + 1, line=dict(color=colour, dash="dot"))
     fig.update_layout(title=title, height=400, yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.3),
