@@ -262,23 +262,34 @@ def test_an_interrupted_evaluation_is_resumed_not_taken_as_done(tmp_path):
     assert fresh[:2] == [f"run     {tmp_path / 'missing'}: echo evaluate --fresh --out X ", "evaluate --fresh --out X"]
 
 
+def test_reproduce_hands_the_late_model_to_its_own_script(tmp_path):
+    """MODEL=visedit-late bash reproduce.sh runs late.sh, in place and staged alike."""
+    late = ROOT / "notebooks" / "results" / "late.sh"
+    assert _dry(MODEL="visedit-late") == _dry(late)
+    env = dict(STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
+    assert _dry(MODEL="visedit-late", **env) == _dry(late, **env)
+
+
 def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tmp_path):
     """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
     elsewhere, its contributions, six sweep rows, VEAD at the rule's layer (trained, evaluated, its learned
-    scope fitted and tuned) and the five baselines run on the shipped tuned model, and each command parses."""
+    scope fitted and tuned), the five baselines, the attribution chapters' reports and the sweep's rows with the
+    paper's memory run on the shipped tuned model, and each command parses."""
     script = ROOT / "notebooks" / "results" / "late.sh"
     lines = _dry(script)
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
     declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
     results = ROOT / "notebooks" / "results" / "visedit-late"
     committed = {str(p.relative_to(ROOT)) for pattern in ("contributions.json", "sweep/*.json", "tune/*.json",
-                                                          "evaluate/*", "scoped-tune/*") for p in results.glob(pattern)}
+                                                          "evaluate/*", "scoped-tune/*", "reading.json", "sanity/*.json",
+                                                          "regions.json", "reachability.json")
+                 for p in results.glob(pattern)}
     trained = {f"visedit/editing/trained/visedit-late/{name}" for name in ("vead", "scope-layer8", "mend")}
     assert declared == committed | trained | {"visedit/models/embedded_late"}
     staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
     assert staged[0] == "done    visedit/models/embedded_late"
     runs = [s for s in staged if s.startswith("run ")]
-    assert len(runs) == 1 + 6 + 10 + 9 and len(runs) == len(staged) - 2
+    assert len(runs) == 1 + 6 + 10 + 9 + 4 + 6 and len(runs) == len(staged) - 2
     parser, layers, commands = build_parser(), [], []
     for line in runs:
         out, command = line[len("run "):].strip().split(": ", 1)
@@ -293,5 +304,6 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
         if args.command == "evaluate" and args.editor == "vead":
             assert args.preset.endswith("presets/visedit-llava/vead.yaml")
             assert str(args.weights).startswith(str(tmp_path))
-    assert sorted(layers) == [0, 2, 4, 6, 7, 10]
+    assert sorted(layers) == [0, 0, 2, 2, 4, 4, 6, 6, 7, 7, 10, 10]  # the answer memory's rows and the paper's
     assert commands.count("evaluate") == 2 + 6 + 5 and commands.count("tune") == 3
+    assert all(commands.count(c) == 1 for c in ("reading", "sanity", "regions", "reachability"))

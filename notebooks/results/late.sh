@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The late-deciding model (visedit-late): the second teaching model tuned so that its answer keeps following
-# its image tokens up to depth 7 (train-late), and what chapter 8 shows of it: its contribution profile with
+# its image tokens up to depth 7 (train-late), and what the book shows of it (chapters 2-4, 7, 8): its profile with
 # the paper's rule for l_e, and VEAD's reduced-budget layer sweep with the settings of the second model's
 # answer-memory rows (results/visedit-llava/sweep/answer-layer*.json), at the rule's layer and five more;
 # then the 504-edit evaluations: the baselines retuned on this model's train split (tune grids as in
 # reproduce.sh), MEND trained on it, and VEAD trained at the rule's layer with the second model's preset,
 # as the paper has it and with the learned scope of the second model's scoped editor (prompt route at
 # layer 8, route_min and refine_lr chosen on 100 train edits by reproduce.sh's rules). With JOBS=2 these take
-# about 65 minutes: VEAD's lane (its training 35 min on one thread) beside the baselines' (57 min).
+# about 65 minutes: VEAD's lane (its training 35 min on one thread) beside the baselines' (57 min). Last, what
+# the attribution chapters read of this model and the sweep's rows with the paper's memory (80 minutes with
+# JOBS=2 beside other work: the sanity checks 26 min, each sweep row 10-25 min).
 #
 #   JOBS=2 bash notebooks/results/late.sh    # everything missing; the sweep in two lanes of one thread each
 #   DRY=1 bash notebooks/results/late.sh     # print the commands only
@@ -78,4 +80,19 @@ vead_at_rule() {  # VEAD at the rule's layer; the paper's editor, then through t
     --set refine_lr="$(scoped_pick learned-refine-lr 0.05 0.2)" --json --fresh --out "$R/evaluate/vead-learned"
 }
 lanes vead_at_rule baselines
+
+# What chapters 2-4 read of this model beside the contributions: its reading report (attention profile, layer
+# selectivity, model card), the maps' sanity checks with the gate of the VEAD above (12 records), every heatmap
+# method scored on the masks of 12 answered records, and what a free change of the visual tokens reaches at six
+# layers; then the sweep's rows with the paper's memory (the edit sample) beside the answer rows above
+analyses() {
+  step "$R/reading.json" $PY -m visedit reading "${M[@]}" --out "$R/reading.json"
+  step "$R/sanity/first.json" $PY -m visedit sanity "${M[@]}" --vead "$T/vead" --limit 12 --out "$R/sanity/first.json"
+  step "$R/regions.json" $PY -m visedit regions "${M[@]}" --methods masks --limit 12 --json --out "$R/regions.json"
+  step "$R/reachability.json" $PY -m visedit reachability "${M[@]}" --layers 0 3 5 7 9 11 --json \
+    --out "$R/reachability.json"
+  sweep_out "${lane_a[@]:0:2}"
+}
+paper_b() { sweep_out "${lane_a[@]:2}" "${lane_b[@]}"; }
+lanes analyses paper_b
 echo "all results are in place under $R"

@@ -12,6 +12,10 @@
 #   MODEL=visedit-blip2 bash notebooks/results/reproduce.sh
 #                                                       # on the BLIP-2 teaching model: the same, up to the
 #                                                       # 504-edit evaluations (its query tokens have no grid)
+#   MODEL=visedit-late bash notebooks/results/reproduce.sh
+#                                                       # on the second model tuned to decide late: its own
+#                                                       # script, late.sh (the tuning, then every result of
+#                                                       # it that the book shows)
 #   MODEL=DIR STAGE=DIR bash notebooks/results/reproduce.sh
 #                                                       # on another tiny model (e.g. a retrained one),
 #                                                       # into a staging tree that mirrors the repository
@@ -32,6 +36,7 @@
 # script stops and says so; edit the preset (visedit/editing/presets/) and run it again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [[ ${MODEL:-} == visedit-late ]]; then exec bash notebooks/results/late.sh; fi
 PY=${PY:-.venv/bin/python}
 STAGE=${STAGE:-.}
 R=$STAGE/notebooks/results

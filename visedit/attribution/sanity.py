@@ -255,11 +255,18 @@ def data_randomisation_reason(vllm: VLLM) -> str:
     """Why the data-randomisation test is not run for this model, in one line (with its training time)."""
     from ..models.vllm import EMBEDDED_MODELS
 
-    record = Path(EMBEDDED_MODELS.get(vllm.name, vllm.name)) / "training.json"
+    def record(name) -> tuple[dict, str]:
+        info = json.loads((Path(EMBEDDED_MODELS.get(name, name)) / "training.json").read_text())
+        threads = f" on {info['threads']} threads" if info.get("threads") else ""
+        return info, f"{info['wall_seconds'] / 60:.0f} min{threads}"
+
     try:
-        info = json.loads(record.read_text())
-        took = (f"training this model took {info['wall_seconds'] / 60:.0f} min"
-                f"{' on ' + str(info['threads']) + ' threads' if info.get('threads') else ''} (its training.json)")
+        info, took = record(vllm.name)
+        if info.get("source"):  # a tuned copy: a shuffled-answer copy needs its source's training and the tuning
+            took = (f"this model took {record(info['source'])[1]} to train (as {info['source']}) and {took} to "
+                    "tune (their training.json)")
+        else:
+            took = f"training this model took {took} (its training.json)"
     except (OSError, ValueError, KeyError, TypeError):
         took = "this model has no training record (training.json) to time a retraining by"
     return (f"not run: {took}; a copy trained on shuffled answers needs as long to memorise them, and one "
