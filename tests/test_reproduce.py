@@ -273,8 +273,9 @@ def test_reproduce_hands_the_late_model_to_its_own_script(tmp_path):
 def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tmp_path):
     """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
     elsewhere, its contributions, six sweep rows, VEAD at the rule's layer (trained, evaluated, its learned
-    scope fitted and tuned), the five baselines, the attribution chapters' reports and the sweep's rows with the
-    paper's memory run on the shipped tuned model, and each command parses."""
+    scope fitted and tuned), the five baselines, the attribution chapters' reports, the sweep's rows with the
+    paper's memory and three variants at the rule's layer run on the shipped tuned model, and each command
+    parses."""
     script = ROOT / "notebooks" / "results" / "late.sh"
     lines = _dry(script)
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
@@ -289,7 +290,7 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
     staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
     assert staged[0] == "done    visedit/models/embedded_late"
     runs = [s for s in staged if s.startswith("run ")]
-    assert len(runs) == 1 + 6 + 10 + 9 + 4 + 6 and len(runs) == len(staged) - 2
+    assert len(runs) == 1 + 6 + 10 + 9 + 4 + 6 + 3 and len(runs) == len(staged) - 2
     parser, layers, commands = build_parser(), [], []
     for line in runs:
         out, command = line[len("run "):].strip().split(": ", 1)
@@ -304,6 +305,6 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
         if args.command == "evaluate" and args.editor == "vead":
             assert args.preset.endswith("presets/visedit-llava/vead.yaml")
             assert str(args.weights).startswith(str(tmp_path))
-    assert sorted(layers) == [0, 0, 2, 2, 4, 4, 6, 6, 7, 7, 10, 10]  # the answer memory's rows and the paper's
+    assert sorted(layers) == [0, 0, 2, 2, 4, 4, 6, 6, 7, 7, 7, 7, 7, 10, 10]  # answer and paper rows; 3 variants
     assert commands.count("evaluate") == 2 + 6 + 5 and commands.count("tune") == 3
     assert all(commands.count(c) == 1 for c in ("reading", "sanity", "regions", "reachability"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The late-deciding model (visedit-late): the second teaching model tuned so that its answer keeps following
-# its image tokens up to depth 7 (train-late), and what the book shows of it (chapters 2-4, 7, 8): its profile with
+# its image tokens up to depth 7 (train-late), and what the book shows of it (chapters 2-5, 7, 8): its profile with
 # the paper's rule for l_e, and VEAD's reduced-budget layer sweep with the settings of the second model's
 # answer-memory rows (results/visedit-llava/sweep/answer-layer*.json), at the rule's layer and five more;
 # then the 504-edit evaluations: the baselines retuned on this model's train split (tune grids as in
@@ -9,7 +9,8 @@
 # layer 8, route_min and refine_lr chosen on 100 train edits by reproduce.sh's rules). With JOBS=2 these take
 # about 65 minutes: VEAD's lane (its training 35 min on one thread) beside the baselines' (57 min). Last, what
 # the attribution chapters read of this model and the sweep's rows with the paper's memory (80 minutes with
-# JOBS=2 beside other work: the sanity checks 26 min, each sweep row 10-25 min).
+# JOBS=2 beside other work: the sanity checks 26 min, each sweep row 10-25 min); then chapter 5's three variants
+# at the rule's layer (25 minutes with JOBS=2).
 #
 #   JOBS=2 bash notebooks/results/late.sh    # everything missing; the sweep in two lanes of one thread each
 #   DRY=1 bash notebooks/results/late.sh     # print the commands only
@@ -95,4 +96,13 @@ analyses() {
 }
 paper_b() { sweep_out "${lane_a[@]:2}" "${lane_b[@]}"; }
 lanes analyses paper_b
+# ---- for chapter 5 -------------------------------------------------------------------------------------------
+# At the rule's layer, with the same answer memory: the IM reading the edit image's visual tokens instead of the
+# prompt, and two rewrites of ours beside the paper's linear map (as reproduce.sh's rows of the second model)
+variants() {
+  im_image_row "$rule"
+  sweep_out answer token-mlp:token_mlp=192 "$rule"
+}
+slots() { sweep_out answer slots:slots=8 "$rule"; }
+lanes variants slots
 echo "all results are in place under $R"

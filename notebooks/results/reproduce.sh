@@ -160,15 +160,7 @@ if [[ $KEY == visedit-llava ]]; then
   lanes answer_a answer_b
   # at the rule's layer, the IM reading the edit image's visual tokens instead of the prompt (ours, the option
   # the first model's preset uses), with the same answer memory
-  imi=layer$rule-im-image-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer
-  if [[ ! -e $R/sweep/im-image-answer-layer$rule.json ]]; then
-    step "$W/sweep/$imi.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads image --limit 600 \
-      --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
-      --set eos=false --set memory_reads=answer --out "$W/sweep" --layers "$rule"
-    [[ -n "${DRY:-}" ]] || cp "$W/sweep/$imi.json" "$R/sweep/im-image-answer-layer$rule.json"
-  else
-    echo "done    $R/sweep/im-image-answer-layer$rule.json"
-  fi
+  im_image_row "$rule"
   # at the rule's layer, two rewrites of ours beside the paper's linear map, with the same answer memory: each
   # visual token's rewrite an MLP of the token and what it read (token_mlp), or its own mix of 8 directions (slots)
   sweep_out answer token-mlp:token_mlp=192 "$rule"

@@ -56,6 +56,20 @@ sweep_out() {  # sweep_out [answer] [NAME:KEY=VALUE] LAYER...: one reduced-budge
   done
 }
 
+im_image_row() {  # im_image_row LAYER: the answer-memory sweep row at the output of LAYER with the IM reading the edit
+  # image's visual tokens instead of the prompt (ours, the option the first model's preset uses), committed to
+  # R/sweep/im-image-answer-layerLAYER.json
+  local imi=layer$1-im-image-w_loc3-w_im0.1-lr0.003-eosFalse-memory_readsanswer
+  if [[ -e $R/sweep/im-image-answer-layer$1.json ]]; then
+    echo "done    $R/sweep/im-image-answer-layer$1.json"
+    return
+  fi
+  step "$W/sweep/$imi.json" $PY -m visedit sweep-vead "${M[@]}" --json --at output --im-reads image --limit 600 \
+    --steps 1000 --eval-limit 100 --decay-share 0 --set hard_loc=0 --set w_loc=3 --set w_im=0.1 --set lr=0.003 \
+    --set eos=false --set memory_reads=answer --out "$W/sweep" --layers "$1"
+  [[ -n "${DRY:-}" ]] || cp "$W/sweep/$imi.json" "$R/sweep/im-image-answer-layer$1.json"
+}
+
 to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to FILE
   local file=$1; shift
   mkdir -p "$(dirname "$file")"
