@@ -251,7 +251,8 @@ def test_a_tuned_model_s_data_randomisation_reason_counts_its_source_s_training(
     from visedit.attribution.sanity import data_randomisation_reason
     from visedit.models.vllm import EMBEDDED_MODELS
 
-    took = {n: json.loads((EMBEDDED_MODELS[n] / "training.json").read_text()) for n in ("visedit-llava", "visedit-late")}
+    names = ("visedit-llava", "visedit-late")
+    took = {n: json.loads((EMBEDDED_MODELS[n] / "training.json").read_text()) for n in names}
     minutes = {n: f"{r['wall_seconds'] / 60:.0f} min on {r['threads']} threads" for n, r in took.items()}
     assert data_randomisation_reason(late).startswith(
         f"not run: this model took {minutes['visedit-llava']} to train (as visedit-llava) and "

@@ -281,10 +281,9 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
     declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
     results = ROOT / "notebooks" / "results" / "visedit-late"
-    committed = {str(p.relative_to(ROOT)) for pattern in ("contributions.json", "sweep/*.json", "tune/*.json",
-                                                          "evaluate/*", "scoped-tune/*", "reading.json", "sanity/*.json",
-                                                          "regions.json", "reachability.json")
-                 for p in results.glob(pattern)}
+    patterns = ("contributions.json", "sweep/*.json", "tune/*.json", "evaluate/*", "scoped-tune/*", "reading.json",
+                "sanity/*.json", "regions.json", "reachability.json")
+    committed = {str(p.relative_to(ROOT)) for pattern in patterns for p in results.glob(pattern)}
     trained = {f"visedit/editing/trained/visedit-late/{name}" for name in ("vead", "scope-layer8", "mend")}
     assert declared == committed | trained | {"visedit/models/embedded_late"}
     staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
