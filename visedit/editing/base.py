@@ -22,7 +22,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -342,11 +341,10 @@ def load_preset(name: str, path: str | Path | None = None, *, model=None) -> dic
     it was tuned from (the ``tuned`` entry of its ``visedit.json``, written by ``train-late``), else
     ``presets/<name>.yaml``."""
     from ..io import load_yaml
-    from ..models.vllm import EMBEDDED_MODELS
+    from ..models.vllm import info_of
 
     key = _model_key(model)
-    info = EMBEDDED_MODELS[key] / "visedit.json" if key else None
-    source = json.loads(info.read_text()).get("tuned", {}).get("from") if info and info.exists() else None
+    source = info_of(key).get("tuned", {}).get("from") if key else None
     mine = [PRESET_DIR / k / f"{name}.yaml" for k in (key, source) if k]
     own = next((f for f in mine if f.exists()), None)
     file = Path(path) if path is not None else own if own is not None else PRESET_DIR / f"{name}.yaml"

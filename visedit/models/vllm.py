@@ -542,8 +542,7 @@ def load_vllm(path_or_id: str | os.PathLike | None = None, *, dtype: torch.dtype
         raise FileNotFoundError(f"cannot load a checkpoint from {source!r}: {first} — pass a "
                                 "local folder with config.json, weights and processor files (or a hub id that "
                                 "is already downloaded; this machine cannot download)") from err
-    info_file = path / "visedit.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info = info_of(path)
     if path == EMBEDDED_DIR:
         info = {"edition": 1, "recipe": "first", **info}
     frame = PromptFrame(**info["frame"]) if "frame" in info else None  # the frame the model was trained in
@@ -559,16 +558,22 @@ def _spec_from_info(info: dict):
     return DatasetSpec()
 
 
-def dataset_spec_of(path_or_id: str | os.PathLike | None = None):
-    """:attr:`VLLM.dataset_spec` of a model without loading it (from its folder's ``visedit.json``): the
-    world's edit dataset it is measured on. A folder without one (a real checkpoint) gets the first
-    edition's."""
+def info_of(path_or_id: str | os.PathLike | None = None) -> dict:
+    """What visedit knows of a model beyond its config, without loading it: its folder's ``visedit.json``
+    (an embedded model's name or a folder; ``{}`` for a folder without one, such as a real checkpoint)."""
     if path_or_id is None or (isinstance(path_or_id, str) and path_or_id in EMBEDDED_MODELS):
         path = EMBEDDED_MODELS[path_or_id or "visedit-tiny"]
     else:
         path = Path(path_or_id)
     info_file = path / "visedit.json"
-    return _spec_from_info(json.loads(info_file.read_text()) if info_file.exists() else {})
+    return json.loads(info_file.read_text()) if info_file.exists() else {}
+
+
+def dataset_spec_of(path_or_id: str | os.PathLike | None = None):
+    """:attr:`VLLM.dataset_spec` of a model without loading it (from its folder's ``visedit.json``): the
+    world's edit dataset it is measured on. A folder without one (a real checkpoint) gets the first
+    edition's."""
+    return _spec_from_info(info_of(path_or_id))
 
 
 def _check_map(source: str, device_map: dict, local_files_only: bool) -> None:
