@@ -274,29 +274,33 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
     """notebooks/results/late.sh: in place, every committed result of the tuned model is a done step; staged
     elsewhere, its contributions, six sweep rows, VEAD at the rule's layer (trained, evaluated, its learned
     scope fitted and tuned), the five baselines, the attribution chapters' reports, the sweep's rows with the
-    paper's memory and three variants at the rule's layer run on the shipped tuned model, and each command
-    parses."""
+    paper's memory, three variants at the rule's layer, the prompt route on raw keys (tuned, then on every eval
+    edit) and the caption edits (four baselines, MEND and VEAD trained on the caption split) run on the shipped
+    tuned model, and each command parses."""
     script = ROOT / "notebooks" / "results" / "late.sh"
     lines = _dry(script)
     assert lines[-1].startswith("all results are in place") and all(s.startswith("done ") for s in lines[:-1])
     declared = {os.path.normpath(s.split(None, 1)[1]) for s in lines[:-1]}
     results = ROOT / "notebooks" / "results" / "visedit-late"
     patterns = ("contributions.json", "sweep/*.json", "tune/*.json", "evaluate/*", "scoped-tune/*", "reading.json",
-                "sanity/*.json", "regions.json", "reachability.json")
+                "sanity/*.json", "regions.json", "reachability.json", "evaluate-caption/*")
     committed = {str(p.relative_to(ROOT)) for pattern in patterns for p in results.glob(pattern)}
-    trained = {f"visedit/editing/trained/visedit-late/{name}" for name in ("vead", "scope-layer8", "mend")}
+    trained = {f"visedit/editing/trained/visedit-late/{name}"
+               for name in ("vead", "scope-layer8", "mend", "mend-caption", "vead-caption")}
     assert declared == committed | trained | {"visedit/models/embedded_late"}
     staged = _dry(script, STAGE=str(tmp_path), WORK=str(tmp_path / "w"))
     assert staged[0] == "done    visedit/models/embedded_late"
     runs = [s for s in staged if s.startswith("run ")]
-    assert len(runs) == 1 + 6 + 10 + 9 + 4 + 6 + 3 and len(runs) == len(staged) - 2
-    parser, layers, commands = build_parser(), [], []
+    assert len(runs) == 1 + 6 + 10 + 9 + 4 + 6 + 3 + 7 + 8 and len(runs) == len(staged) - 2
+    parser, layers, commands, captions = build_parser(), [], [], []
     for line in runs:
         out, command = line[len("run "):].strip().split(": ", 1)
         argv = shlex.split(command)
         args = parser.parse_args(argv[argv.index("visedit") + 1:])
         assert args.model == "visedit-late" and out.startswith(str(tmp_path))
         commands.append(args.command)
+        if getattr(args, "task", None) == "caption":
+            captions.append(args.command)
         if args.command == "sweep-vead":
             layers += args.layers
         if args.command == "train-vead":  # the second model's preset at the rule's layer (the committed one's)
@@ -305,5 +309,6 @@ def test_the_late_model_s_script_declares_its_results_and_each_command_parses(tm
             assert args.preset.endswith("presets/visedit-llava/vead.yaml")
             assert str(args.weights).startswith(str(tmp_path))
     assert sorted(layers) == [0, 0, 2, 2, 4, 4, 6, 6, 7, 7, 7, 7, 7, 10, 10]  # answer and paper rows; 3 variants
-    assert commands.count("evaluate") == 2 + 6 + 5 and commands.count("tune") == 3
+    assert commands.count("evaluate") == 2 + 6 + 5 + 7 + 6 and commands.count("tune") == 3
+    assert sorted(captions) == ["evaluate"] * 6 + ["train-mend", "train-vead"]
     assert all(commands.count(c) == 1 for c in ("reading", "sanity", "regions", "reachability"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The late-deciding model (visedit-late): the second teaching model tuned so that its answer keeps following
-# its image tokens up to depth 7 (train-late), and what the book shows of it (chapters 2-5, 7, 8): its profile with
+# its image tokens up to depth 7 (train-late), and what the book shows of it (chapters 2-8): its profile with
 # the paper's rule for l_e, and VEAD's reduced-budget layer sweep with the settings of the second model's
 # answer-memory rows (results/visedit-llava/sweep/answer-layer*.json), at the rule's layer and five more;
 # then the 504-edit evaluations: the baselines retuned on this model's train split (tune grids as in
@@ -10,7 +10,9 @@
 # about 65 minutes: VEAD's lane (its training 35 min on one thread) beside the baselines' (57 min). Last, what
 # the attribution chapters read of this model and the sweep's rows with the paper's memory (80 minutes with
 # JOBS=2 beside other work: the sanity checks 26 min, each sweep row 10-25 min); then chapter 5's three variants
-# at the rule's layer (25 minutes with JOBS=2).
+# at the rule's layer (25 minutes with JOBS=2); last, chapter 6's shipped VEAD through the prompt route on raw
+# keys and the caption edits (E-IC: the baselines, MEND and VEAD trained on the caption split; 80 minutes with
+# JOBS=2 beside other work).
 #
 #   JOBS=2 bash notebooks/results/late.sh    # everything missing; the sweep in two lanes of one thread each
 #   DRY=1 bash notebooks/results/late.sh     # print the commands only
@@ -59,26 +61,33 @@ baselines() {  # FT-L, FT-V and IKE retuned here (the presets in presets/visedit
   step "$R/evaluate/mend" $PY -m visedit evaluate "${M[@]}" --editor mend --weights "$T/mend" --json --fresh \
     --out "$R/evaluate/mend"
 }
+# scoped_runs PREFIX OUT ROUTE...: the shipped VEAD applied through the route ROUTE (--set options); its threshold
+# tried on 100 train edits (scoped-tune/PREFIXroute-min*) and chosen by scoped_pick's rule for that kind, then
+# the refinement's step size (PREFIXrefine-lr*), then every eval edit with both choices (evaluate/OUT)
+scoped_runs() {
+  local prefix=$1 out=$2 m lr chosen; shift 2
+  local V=(--editor vead --preset $LLAVA/vead.yaml --weights "$T/vead")
+  for m in 0.5 0.6 0.7 0.8; do
+    step "$R/scoped-tune/${prefix}route-min$m" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
+      "$@" --set route_min=$m --json --fresh --out "$R/scoped-tune/${prefix}route-min$m"
+  done
+  chosen=$(scoped_pick "${prefix}route-min" 0.5 0.6 0.7 0.8)
+  for lr in 0.05 0.2; do
+    step "$R/scoped-tune/${prefix}refine-lr$lr" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
+      "$@" --set route_min="$chosen" --set refine_steps=50 --set refine_lr=$lr --json --fresh \
+      --out "$R/scoped-tune/${prefix}refine-lr$lr"
+  done
+  step "$R/evaluate/$out" $PY -m visedit evaluate "${M[@]}" "${V[@]}" "$@" --set route_min="$chosen" \
+    --set refine_steps=50 --set refine_lr="$(scoped_pick "${prefix}refine-lr" 0.05 0.2)" --json --fresh \
+    --out "$R/evaluate/$out"
+}
 vead_at_rule() {  # VEAD at the rule's layer; the paper's editor, then through the learned scope with refinement
   local V=(--editor vead --preset $LLAVA/vead.yaml --weights "$T/vead")
   step "$T/vead" env OMP_NUM_THREADS=1 $PY -m visedit train-vead "${M[@]}" --config $LLAVA/vead.yaml --layer "$rule" \
     --json --out "$T/vead"
   step "$R/evaluate/vead" $PY -m visedit evaluate "${M[@]}" "${V[@]}" --json --fresh --out "$R/evaluate/vead"
   step "$T/scope-layer8" $PY -m visedit fit-scope "${M[@]}" --layer 8 --json --out "$T/scope-layer8"
-  local LEARNED=(--set route=prompt --set route_layer=8 --set route_scope="$T/scope-layer8") m lr
-  for m in 0.5 0.6 0.7 0.8; do
-    step "$R/scoped-tune/learned-route-min$m" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
-      "${LEARNED[@]}" --set route_min=$m --json --fresh --out "$R/scoped-tune/learned-route-min$m"
-  done
-  local learned_min; learned_min=$(scoped_pick learned-route-min 0.5 0.6 0.7 0.8)
-  for lr in 0.05 0.2; do
-    step "$R/scoped-tune/learned-refine-lr$lr" $PY -m visedit evaluate "${M[@]}" --split train --limit 100 "${V[@]}" \
-      "${LEARNED[@]}" --set route_min="$learned_min" --set refine_steps=50 --set refine_lr=$lr --json --fresh \
-      --out "$R/scoped-tune/learned-refine-lr$lr"
-  done
-  step "$R/evaluate/vead-learned" $PY -m visedit evaluate "${M[@]}" "${V[@]}" "${LEARNED[@]}" \
-    --set route_min="$learned_min" --set refine_steps=50 \
-    --set refine_lr="$(scoped_pick learned-refine-lr 0.05 0.2)" --json --fresh --out "$R/evaluate/vead-learned"
+  scoped_runs learned- vead-learned --set route=prompt --set route_layer=8 --set route_scope="$T/scope-layer8"
 }
 lanes vead_at_rule baselines
 
@@ -105,4 +114,26 @@ variants() {
 }
 slots() { sweep_out answer slots:slots=8 "$rule"; }
 lanes variants slots
+# ---- for chapter 6 ----------------------------------------------------------------------------------------
+# The shipped VEAD through the prompt route alone (chapter 6's first scoped editor), by reproduce.sh's rules
+scoped() { scoped_runs "" vead-scoped --set route=prompt --set route_layer=8; }
+# E-IC, the caption edits: the baselines with their E-VQA settings, MEND and VEAD trained on the caption split
+caption() {
+  local e
+  for e in none ft_l ft_v ike; do
+    step "$R/evaluate-caption/$e" $PY -m visedit evaluate "${M[@]}" --task caption --editor $e --json --fresh \
+      --out "$R/evaluate-caption/$e"
+  done
+  step "$T/mend-caption" $PY -m visedit train-mend "${M[@]}" --task caption --json --out "$T/mend-caption"
+  step "$R/evaluate-caption/mend" $PY -m visedit evaluate "${M[@]}" --task caption --editor mend \
+    --weights "$T/mend-caption" --json --fresh --out "$R/evaluate-caption/mend"
+}
+caption_vead() {
+  step "$T/vead-caption" env OMP_NUM_THREADS=1 $PY -m visedit train-vead "${M[@]}" --config $LLAVA/vead.yaml \
+    --layer "$rule" --task caption --json --out "$T/vead-caption"
+  step "$R/evaluate-caption/vead" $PY -m visedit evaluate "${M[@]}" --task caption --editor vead \
+    --preset $LLAVA/vead.yaml --weights "$T/vead-caption" --json --fresh --out "$R/evaluate-caption/vead"
+}
+scoped_and_captions() { scoped; caption; }
+lanes scoped_and_captions caption_vead
 echo "all results are in place under $R"
