@@ -307,7 +307,8 @@ def test_the_attribution_chapters_reports_are_of_the_shipped_late_model(late):
 
 def test_a_tuned_model_s_data_randomisation_reason_counts_its_source_s_training(second, late):
     """The sanity checks skip data randomisation with the time a shuffled-answer copy would need: for a tuned
-    copy, its source's training and then the tuning, each from its own training.json."""
+    copy, its source's training and then the tuning, each from its own training.json; the committed report of the
+    book's model gives the same reason."""
     from visedit.attribution.sanity import data_randomisation_reason
     from visedit.models.vllm import EMBEDDED_MODELS
 
@@ -319,3 +320,5 @@ def test_a_tuned_model_s_data_randomisation_reason_counts_its_source_s_training(
         f"{minutes['visedit-late']} to tune (their training.json); ")
     assert data_randomisation_reason(second).startswith(
         f"not run: training this model took {minutes['visedit-llava']} (its training.json); ")
+    committed = json.loads((RESULTS / "sanity" / "first.json").read_text())  # the book's model's report says so too
+    assert committed["data_randomisation"] == data_randomisation_reason(late)
