@@ -117,23 +117,13 @@ lanes variants slots
 # ---- for chapter 6 ----------------------------------------------------------------------------------------
 # The shipped VEAD through the prompt route alone (chapter 6's first scoped editor), by reproduce.sh's rules
 scoped() { scoped_runs "" vead-scoped --set route=prompt --set route_layer=8; }
-# E-IC, the caption edits: the baselines with their E-VQA settings, MEND and VEAD trained on the caption split
-caption() {
-  local e
-  for e in none ft_l ft_v ike; do
-    step "$R/evaluate-caption/$e" $PY -m visedit evaluate "${M[@]}" --task caption --editor $e --json --fresh \
-      --out "$R/evaluate-caption/$e"
-  done
-  step "$T/mend-caption" $PY -m visedit train-mend "${M[@]}" --task caption --json --out "$T/mend-caption"
-  step "$R/evaluate-caption/mend" $PY -m visedit evaluate "${M[@]}" --task caption --editor mend \
-    --weights "$T/mend-caption" --json --fresh --out "$R/evaluate-caption/mend"
-}
+# E-IC, the caption edits (steps.sh: the baselines and MEND), and VEAD trained on the caption split at the rule's layer
 caption_vead() {
   step "$T/vead-caption" env OMP_NUM_THREADS=1 $PY -m visedit train-vead "${M[@]}" --config $LLAVA/vead.yaml \
     --layer "$rule" --task caption --json --out "$T/vead-caption"
   step "$R/evaluate-caption/vead" $PY -m visedit evaluate "${M[@]}" --task caption --editor vead \
     --preset $LLAVA/vead.yaml --weights "$T/vead-caption" --json --fresh --out "$R/evaluate-caption/vead"
 }
-scoped_and_captions() { scoped; caption; }
+scoped_and_captions() { scoped; caption_baselines; caption_mend; }
 lanes scoped_and_captions caption_vead
 echo "all results are in place under $R"

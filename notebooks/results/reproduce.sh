@@ -231,21 +231,13 @@ PY
   # ---- E-IC, the caption edits (186 eval edits; the first model's words cannot say a caption): the
   # baselines with their E-VQA settings; MEND and VEAD trained on the caption train split, as the paper
   # trains one editor per dataset
-  for e in none ft_l ft_v ike; do
-    step "$R/evaluate-caption/$e" $PY -m visedit evaluate "${M[@]}" --task caption --editor $e --json --fresh \
-      --out "$R/evaluate-caption/$e"
-  done
-  caption_a() {
-    step "$T/mend-caption" $PY -m visedit train-mend "${M[@]}" --task caption --json --out "$T/mend-caption"
-    step "$R/evaluate-caption/mend" $PY -m visedit evaluate "${M[@]}" --task caption --editor mend \
-      --weights "$T/mend-caption" --json --fresh --out "$R/evaluate-caption/mend"
-  }
+  caption_baselines
   caption_b() {
     step "$T/vead-caption" $PY -m visedit train-vead "${M[@]}" --task caption --json --out "$T/vead-caption"
     step "$R/evaluate-caption/vead" $PY -m visedit evaluate "${M[@]}" --task caption --editor vead \
       --weights "$T/vead-caption" --json --fresh --out "$R/evaluate-caption/vead"
   }
-  lanes caption_a caption_b
+  lanes caption_mend caption_b
   lanes many_a many_b
   many "vead-memory-layer$best"  # the memory on the adapter at the sweep's best layer
   route_tune vead-late "layer$best"; many "vead-late-layer$best"  # the late route on it, its threshold tuned for it

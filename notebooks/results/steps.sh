@@ -70,6 +70,20 @@ im_image_row() {  # im_image_row LAYER: the answer-memory sweep row at the outpu
   [[ -n "${DRY:-}" ]] || cp "$W/sweep/$imi.json" "$R/sweep/im-image-answer-layer$1.json"
 }
 
+caption_baselines() {  # E-IC, the caption edits: the baselines with their E-VQA settings on every caption eval edit
+  local e
+  for e in none ft_l ft_v ike; do
+    step "$R/evaluate-caption/$e" $PY -m visedit evaluate "${M[@]}" --task caption --editor $e --json --fresh \
+      --out "$R/evaluate-caption/$e"
+  done
+}
+
+caption_mend() {  # E-IC: MEND trained on the caption train split (one editor per dataset, as the paper), evaluated
+  step "$T/mend-caption" $PY -m visedit train-mend "${M[@]}" --task caption --json --out "$T/mend-caption"
+  step "$R/evaluate-caption/mend" $PY -m visedit evaluate "${M[@]}" --task caption --editor mend \
+    --weights "$T/mend-caption" --json --fresh --out "$R/evaluate-caption/mend"
+}
+
 to_file() {  # to_file FILE COMMAND...: stdout of COMMAND written atomically to FILE
   local file=$1; shift
   mkdir -p "$(dirname "$file")"
